@@ -1,0 +1,296 @@
+"""The whole pipeline's configuration: one pydantic v2 schema, YAML presets, ``--set`` overrides.
+
+Every model forbids unknown keys, so a typo fails at load time with the key's path and the valid
+choices, before any work starts. The same schema is the Prefect flow's parameter, so the Prefect UI
+renders it as a validated form (ranges from ``Field`` constraints become JSON-schema bounds).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from compression.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    kind: Literal["voc", "cifar10", "imagefolder"] = "voc"
+    root: Path = Field(Path("data/digits-voc/VOCdevkit"), description="VOCdevkit folder, CIFAR folder or ImageFolder root")
+    builtin: Literal["digits-voc", "digits-cls"] | None = Field(
+        "digits-voc", description="generate this built-in dataset at `root` when it does not exist yet"
+    )
+    classes: Literal["digits", "voc"] | list[str] = Field(
+        "digits", description="class names (without background): a preset name or an explicit list"
+    )
+    train_sets: list[str] = Field(["2007:train"], description="VOC year:split lists combined for training")
+    val_sets: list[str] = ["2007:val"]
+    test_sets: list[str] = ["2007:test"]
+    hflip: bool = Field(False, description="horizontal-flip augmentation (off for digits: a flipped 2 is no 2)")
+    batch_size: int = Field(32, ge=1, le=4096)
+    eval_batch_size: int = Field(64, ge=1, le=4096)
+    num_workers: int = Field(0, ge=0, le=64)
+    max_images: int | None = Field(None, ge=1, description="use only the first N images of each split (smoke tests)")
+    seed: int = Field(0, description="seed of the built-in dataset generator")
+
+
+class ModelConfig(_Strict):
+    name: Literal["ssd300_vgg16", "ssd_vgg_lite", "vgg16_cifar"] = "ssd_vgg_lite"
+    width_mult: float | None = Field(None, gt=0, le=1, description="channel width multiplier (lite/cifar models)")
+    image_size: int | None = Field(None, ge=32, le=1024, description="input size (lite/cifar models)")
+    weights: Path | None = Field(None, description="local weights file (.safetensors or a weights-only state dict)")
+
+
+class OptimConfig(_Strict):
+    epochs: int = Field(10, ge=0, le=10_000)
+    lr: float = Field(0.01, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0, le=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(None, gt=0)
+
+
+class PretrainConfig(OptimConfig):
+    checkpoint: Path | None = Field(None, description="start from this base checkpoint instead of training")
+
+
+class SparsityConfig(OptimConfig):
+    epochs: int = Field(5, ge=0, le=10_000)
+    l1_lambda: float = Field(1e-4, ge=0, description="λ of the L1 penalty over the phase's conv weights")
+    alpha_grid: list[float] = Field(
+        [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0],
+        min_length=1,
+        description="candidate global multipliers α of the per-layer threshold τ_l = α·mean|W_l|",
+    )
+    max_drop: float = Field(0.01, ge=0, le=1, description="largest validation mAP/accuracy drop allowed for α")
+
+    @field_validator("alpha_grid")
+    @classmethod
+    def _positive_alphas(cls, grid: list[float]) -> list[float]:
+        bad = [a for a in grid if a <= 0]
+        if bad:
+            raise ValueError(f"every α must be > 0, got {bad}")
+        return sorted(grid)
+
+
+class SelectionConfig(_Strict):
+    criterion: Literal["seed", "taylor", "l1_norm", "bn_scale", "random"] = "seed"
+    gamma: float = Field(0.9, gt=0, le=1, description="a filter is removed when s_out or s_in reaches γ")
+    min_channels: int = Field(4, ge=1, description="never keep fewer filters than this in a layer")
+    round_to: int = Field(1, ge=1, description="round kept filter counts to a multiple of this")
+    prune_ratio: float | None = Field(
+        None, gt=0, le=1, description="ranking criteria: fraction of the phase's filters to remove"
+    )
+    target_flops_ratio: float | None = Field(
+        None, gt=1, description="ranking criteria: remove filters until FLOPs shrink by this factor"
+    )
+    taylor_batches: int = Field(10, ge=1, description="batches over which Taylor scores are accumulated")
+    taylor_step_filters: int = Field(8, ge=1, description="filters removed per Taylor step")
+    taylor_finetune_batches: int = Field(20, ge=0, description="fine-tuning batches between Taylor steps")
+    seed: int = 0
+
+
+class RetrainConfig(OptimConfig):
+    pass
+
+
+class DistillConfig(OptimConfig):
+    enabled: bool = True
+    temperature: float = Field(4.0, gt=0, le=100)
+    kd_weight: float = Field(0.5, ge=0, le=1, description="a: weight of the KL term on class logits")
+    box_weight: float = Field(0.5, ge=0, description="b: weight of the teacher-bounded regression loss")
+    margin: float = Field(0.0, ge=0, description="m: teacher-bounded regression margin")
+    hint_weight: float = Field(0.0, ge=0, description="c: weight of the hint (feature) loss; 0 disables it")
+    hint_layer: str | None = Field(None, description="student/teacher feature map for the hint loss")
+
+
+class PhaseConfig(_Strict):
+    name: str
+    layers: list[str] = Field(min_length=1, description="layers pruned in this phase (paper names or module paths)")
+
+
+class StagesConfig(_Strict):
+    pretrain: PretrainConfig = PretrainConfig()
+    sparsity: SparsityConfig = SparsityConfig()
+    selection: SelectionConfig = SelectionConfig()
+    retrain: RetrainConfig = RetrainConfig(epochs=5)
+    distill: DistillConfig = DistillConfig(epochs=5)
+    phases: list[PhaseConfig] | None = Field(None, description="empty: the model's default phases")
+
+
+class TrackingConfig(_Strict):
+    mlflow_uri: str | None = Field(None, description="empty: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    experiment: str = "prunepipe"
+    registered_model: str | None = Field("prunepipe-{model}", description="Model Registry name; empty: skip")
+    alias: str = "champion"
+    log_model: bool = Field(True, description="log the final model with mlflow.pytorch")
+
+
+class ComputeConfig(_Strict):
+    use_gpu: bool = False
+    num_workers: int = Field(2, ge=1, le=1024, description="Ray Train workers per training stage")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    threads_per_worker: int | None = Field(None, ge=1, description="torch threads per worker (default: cpus)")
+    ray_address: str | None = Field(None, description="empty: $RAY_ADDRESS, else a local Ray for the run")
+    max_failures: int = Field(1, ge=0, le=100)
+    storage_path: Path | None = Field(None, description="Ray Train storage (default: <workdir>/ray)")
+    amp_bf16: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    fast_ssd: bool = Field(True, description="batched SSD loss / post-processing instead of torchvision's loops")
+
+
+class PipelineConfig(_Strict):
+    name: str = "default"
+    seed: int = 0
+    workdir: Path = Field(Path("runs"), description="where checkpoints and run outputs go")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    stages: StagesConfig = StagesConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    compute: ComputeConfig = ComputeConfig()
+
+    @model_validator(mode="after")
+    def _data_fits_model(self) -> PipelineConfig:
+        from compression.models import model_task  # local: keep config import-light
+
+        task = model_task(self.model.name)
+        if task == "detection" and self.data.kind != "voc":
+            raise ValueError(f"model {self.model.name!r} is a detector and needs data.kind 'voc', got {self.data.kind!r}")
+        if task == "classification" and self.data.kind == "voc":
+            raise ValueError(f"model {self.model.name!r} is a classifier and needs data.kind 'cifar10' or 'imagefolder'")
+        return self
+
+    def config_hash(self) -> str:
+        """Stable digest of every setting (caching keys, MLflow tags)."""
+        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: Path | str | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a YAML preset (a path, or a name in configs/) and apply ``key.path=value`` overrides."""
+    source = "defaults"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        file = resolve_preset(path)
+        source = str(file)
+        try:
+            loaded = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{file}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{file}: the top level must be a mapping of settings, got {type(loaded).__name__}")
+        raw = loaded
+    for item in overrides or []:
+        apply_override(raw, item)
+    return validate_config(raw, source)
+
+
+def resolve_preset(path: Path | str) -> Path:
+    file = Path(path)
+    if not file.exists() and not file.suffix and (CONFIG_DIR / f"{file}.yaml").exists():
+        file = CONFIG_DIR / f"{file}.yaml"
+    if not file.is_file():
+        presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"{file}: config file not found (presets: {', '.join(presets)})")
+    return file
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """``a.b.c=value``: value parsed as YAML (so 3 is an int, [1,2] a list, null is None)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. stages.retrain.epochs=3")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(f"{source}: {describe_error(err)}") from None
+
+
+def describe_error(err: dict[str, Any]) -> str:
+    loc = [str(p) for p in err.get("loc", ())]
+    key = ".".join(loc) or "(top level)"
+    if err.get("type") == "extra_forbidden":
+        valid = _valid_keys(loc[:-1])
+        return f"unknown key '{key}' (valid keys here: {', '.join(valid)})"
+    msg = err.get("msg", "invalid value")
+    if "input" in err and err.get("type") != "missing":
+        got = err["input"]
+        if not isinstance(got, dict):
+            return f"key '{key}': {msg} (got {got!r})"
+    return f"key '{key}': {msg}"
+
+
+def _valid_keys(loc: list[str]) -> list[str]:
+    """Field names of the model at ``loc`` (walking the schema, list indices skipped)."""
+    model: Any = PipelineConfig
+    for part in loc:
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        model = _model_in(field.annotation)
+        if model is None:
+            return []
+    return sorted(model.model_fields)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def class_names(cfg: DataConfig) -> list[str]:
+    """Class names without background, from the preset name or the explicit list."""
+    if isinstance(cfg.classes, list):
+        return list(cfg.classes)
+    if cfg.classes == "voc":
+        from compression.data.voc import VOC_CLASSES
+
+        return list(VOC_CLASSES)
+    from compression.data.digits import DIGIT_CLASSES
+
+    return list(DIGIT_CLASSES)

@@ -1,0 +1,67 @@
+"""DataLoaders from the pipeline config: the one place that maps config to datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from compression.config import DataConfig, class_names
+from compression.errors import DataError
+
+SPLITS = ("train", "val", "test")
+
+
+def ensure_builtin_data(cfg: DataConfig) -> Path:
+    """Generate the built-in dataset at ``cfg.root`` if it is configured and not there yet."""
+    root = Path(cfg.root)
+    if cfg.builtin is None or root.exists():
+        return root
+    if cfg.builtin == "digits-voc":
+        from compression.data.digits import write_digits_voc
+
+        if root.name != "VOCdevkit":
+            raise DataError(f"data.root {root}: the built-in digits-voc set is a VOCdevkit folder, name it .../VOCdevkit")
+        return write_digits_voc(root.parent, seed=cfg.seed)
+    from compression.data.digits import write_digits_cls
+
+    return write_digits_cls(root, seed=cfg.seed)
+
+
+def build_dataset(cfg: DataConfig, split: str, train: bool, image_size: int) -> Dataset:
+    """The dataset of ``split`` ('train', 'val' or 'test'); ``train`` switches augmentation on."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r} (valid: {', '.join(SPLITS)})")
+    if cfg.kind == "voc":
+        from compression.data.transforms import eval_transforms, ssd_train_transforms
+        from compression.data.voc import VOCDetection
+
+        sets = {"train": cfg.train_sets, "val": cfg.val_sets, "test": cfg.test_sets}[split]
+        transforms = ssd_train_transforms(image_size, hflip=cfg.hflip) if train else eval_transforms()
+        dataset: Dataset = VOCDetection(cfg.root, sets, class_names(cfg), transforms=transforms)
+    else:
+        from compression.data.classification import build_classification_dataset
+
+        dataset = build_classification_dataset(cfg.kind, Path(cfg.root), split, train_aug=train, hflip=cfg.hflip)
+    if cfg.max_images is not None and len(dataset) > cfg.max_images:  # type: ignore[arg-type]
+        dataset = Subset(dataset, range(cfg.max_images))
+    return dataset
+
+
+def build_loader(cfg: DataConfig, split: str, train: bool, image_size: int, seed: int = 0,
+                 batch_size: int | None = None) -> DataLoader:
+    from compression.data.voc import collate_detection
+
+    dataset = build_dataset(cfg, split, train, image_size)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size or (cfg.batch_size if train else cfg.eval_batch_size),
+        shuffle=train,
+        drop_last=train and len(dataset) > (batch_size or cfg.batch_size),  # type: ignore[arg-type]
+        num_workers=cfg.num_workers,
+        collate_fn=collate_detection if cfg.kind == "voc" else None,
+        generator=generator,
+        persistent_workers=cfg.num_workers > 0,
+    )

@@ -1,0 +1,196 @@
+"""Training jobs: what a training stage asks a trainer to do, and the worker code that does it.
+
+A stage never trains a model itself; it describes the work as a small, serialisable ``TrainJob``
+(paths and plain dicts) and hands it to a ``Trainer``. ``LocalTrainer`` runs it in this process;
+the Ray Train binding in ``tasks/`` runs the very same ``run_train_job`` inside each Ray worker,
+with the model wrapped for DDP and the loader sharded. Keeping the job data-only is what lets the
+same stage code run in-process, in tests and on a cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from compression.checkpoint import Checkpoint, load_checkpoint, load_weights, save_checkpoint
+from compression.config import OptimConfig, PipelineConfig
+from compression.train import EpochCallback, TrainState, make_objective, seed_everything, train_model
+
+log = logging.getLogger(__name__)
+
+TRAINING_STAGES = ("pretrain", "sparsity", "retrain", "distill", "taylor_finetune")
+
+
+@dataclass
+class TrainJob:
+    """One training run of one stage. Only paths and JSON-able data, so it can travel to workers."""
+
+    stage: str
+    config: dict[str, Any]  # PipelineConfig.model_dump(mode="json")
+    optim: dict[str, Any]  # the stage's OptimConfig fields
+    input_checkpoint: str | None  # None: a freshly initialised model (pretrain)
+    output_checkpoint: str
+    phase: str | None = None
+    l1_layers: list[str] = field(default_factory=list)  # sparsity stage: the phase's layers
+    l1_lambda: float = 0.0
+    teacher_checkpoint: str | None = None  # distill stage
+    max_batches: int | None = None  # taylor fine-tuning: a few batches, not epochs
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def pipeline(self) -> PipelineConfig:
+        return PipelineConfig.model_validate(self.config)
+
+    @property
+    def optim_config(self) -> OptimConfig:
+        return OptimConfig.model_validate(self.optim)
+
+
+@dataclass
+class TrainResult:
+    output_checkpoint: str
+    history: list[dict[str, float]]
+
+
+class Trainer(Protocol):
+    """Runs a ``TrainJob`` and returns where the trained checkpoint was written."""
+
+    def fit(self, job: TrainJob) -> TrainResult: ...
+
+
+def initial_checkpoint(cfg: PipelineConfig) -> Checkpoint:
+    """A freshly initialised model of ``cfg.model`` with the dataset's classes."""
+    from compression.config import class_names
+    from compression.models import build_model, model_task
+
+    names = class_names(cfg.data) if cfg.data.kind == "voc" else _classification_names(cfg)
+    args: dict[str, Any] = {"num_classes": len(names) + (1 if model_task(cfg.model.name) == "detection" else 0)}
+    for key in ("width_mult", "image_size"):
+        value = getattr(cfg.model, key)
+        if value is not None:
+            args[key] = value
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model.name, **args)
+    if cfg.model.weights is not None:
+        load_weights(model, cfg.model.weights)
+    return Checkpoint(model=model, model_name=cfg.model.name, model_args=args, class_names=names, stage="init")
+
+
+def _classification_names(cfg: PipelineConfig) -> list[str]:
+    from compression.data.classification import classification_class_names
+
+    if isinstance(cfg.data.classes, list):
+        return list(cfg.data.classes)
+    return classification_class_names(cfg.data.kind, Path(cfg.data.root))
+
+
+def build_job_objective(job: TrainJob, ckpt: Checkpoint) -> nn.Module:
+    """The loss module a job trains: the task loss, or the distillation objective."""
+    cfg = job.pipeline
+    if job.stage == "distill":
+        from compression.distill import DistillationObjective
+
+        teacher = load_checkpoint(job.teacher_checkpoint, expect_model=ckpt.model_name)
+        return DistillationObjective.from_config(ckpt, teacher, cfg.stages.distill, fast_ssd=cfg.compute.fast_ssd)
+    return make_objective(ckpt.model, ckpt.task, fast_ssd=cfg.compute.fast_ssd,
+                          amp_bf16=cfg.compute.amp_bf16, channels_last=cfg.compute.channels_last)
+
+
+def job_extra_loss(job: TrainJob, model: nn.Module) -> Callable[[], torch.Tensor] | None:
+    if not job.l1_layers or job.l1_lambda == 0:
+        return None
+    from compression.sparsity import l1_penalty
+
+    layers = list(job.l1_layers)
+    lam = job.l1_lambda
+    return lambda: lam * l1_penalty(model, layers)
+
+
+def run_train_job(
+    job: TrainJob,
+    *,
+    device: torch.device | str = "cpu",
+    prepare_objective: Callable[[nn.Module], nn.Module] | None = None,
+    prepare_loader: Callable[[Any], Any] | None = None,
+    callbacks: Sequence[EpochCallback] = (),
+    state: TrainState | None = None,
+    initial_weights: dict[str, torch.Tensor] | None = None,
+    progress: bool | None = None,
+) -> tuple[Checkpoint, TrainState]:
+    """The body of every training stage, in-process or inside a Ray worker.
+
+    ``prepare_objective`` / ``prepare_loader`` let a distributed runner wrap the objective in DDP and
+    shard the loader; ``initial_weights`` (a resumed worker's last epoch) replace the input weights.
+    Returns the trained checkpoint (not yet saved) and the training state.
+    """
+    from compression.data.loaders import build_loader
+    from compression.models import model_input_size
+
+    cfg = job.pipeline
+    seed_everything(cfg.seed)
+    ckpt = load_checkpoint(job.input_checkpoint) if job.input_checkpoint else initial_checkpoint(cfg)
+    if initial_weights is not None:
+        ckpt.model.load_state_dict(initial_weights)
+    objective = build_job_objective(job, ckpt)
+    loader = build_loader(cfg.data, "train", train=True, image_size=model_input_size(ckpt.model)[0], seed=cfg.seed)
+    if prepare_loader is not None:
+        loader = prepare_loader(loader)
+    trainable = prepare_objective(objective) if prepare_objective is not None else objective.to(device)
+    optim = job.optim_config
+    if job.max_batches is not None:
+        loader = _first_batches(loader, job.max_batches)
+        optim = optim.model_copy(update={"epochs": 1, "warmup_epochs": 0.0, "schedule": "constant"})
+    context = f"stage {job.stage}" + (f", phase {job.phase}" if job.phase else "")
+    if job.l1_lambda:
+        context += f", l1_lambda={job.l1_lambda:g}"
+    state = train_model(
+        trainable, loader, optim, device=device, extra_loss=job_extra_loss(job, ckpt.model),
+        callbacks=callbacks, state=state, amp_bf16=cfg.compute.amp_bf16,
+        channels_last=cfg.compute.channels_last, context=context, progress=progress,
+    )
+    trained = ckpt.derive(ckpt.model, stage=job.stage, phase=job.phase)
+    trained.parent = job.input_checkpoint
+    trained.extra["history"] = state.history
+    return trained, state
+
+
+class _first_batches:
+    """The first ``n`` batches of a loader, with a length (the scheduler needs one)."""
+
+    def __init__(self, loader: Any, n: int) -> None:
+        self.loader, self.n = loader, n
+        self.sampler = getattr(loader, "sampler", None)
+
+    def __len__(self) -> int:
+        return min(self.n, len(self.loader))
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if i >= self.n:
+                return
+            yield batch
+
+
+class LocalTrainer:
+    """Runs training jobs in this process (CLI ``train``, tests, benchmarks without Ray)."""
+
+    def __init__(self, device: torch.device | str | None = None, progress: bool | None = None) -> None:
+        self.device = device
+        self.progress = progress
+
+    def fit(self, job: TrainJob) -> TrainResult:
+        from compression.train import default_device
+
+        device = self.device or default_device(job.pipeline.compute.use_gpu)
+        trained, state = run_train_job(job, device=device, progress=self.progress)
+        trained.model.to("cpu")
+        save_checkpoint(trained, Path(job.output_checkpoint))
+        return TrainResult(output_checkpoint=job.output_checkpoint, history=state.history)

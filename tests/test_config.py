@@ -1,0 +1,74 @@
+"""Config schema: presets load, overrides apply, bad keys and values fail at load time."""
+
+from pathlib import Path
+
+import pytest
+
+from compression.config import PipelineConfig, load_config
+from compression.errors import ConfigError
+
+PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_loads(preset):
+    cfg = load_config(preset)
+    assert isinstance(cfg, PipelineConfig)
+
+
+def test_override_sets_nested_value_with_yaml_types():
+    cfg = load_config("default", ["stages.retrain.epochs=3", "stages.sparsity.alpha_grid=[2, 0.5]"])
+    assert cfg.stages.retrain.epochs == 3
+    assert cfg.stages.sparsity.alpha_grid == [0.5, 2.0]  # sorted
+
+
+def test_config_hash_changes_with_any_setting():
+    assert load_config("default").config_hash() != load_config("default", ["seed=1"]).config_hash()
+    assert load_config("default").config_hash() == load_config("default").config_hash()
+
+
+def test_unknown_key_names_path_and_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config("default", ["stages.retrain.epoch=3"])
+    message = str(err.value)
+    assert "stages.retrain.epoch" in message and "epochs" in message and "\n" not in message
+
+
+def test_wrong_type_names_key_and_value():
+    with pytest.raises(ConfigError, match=r"stages\.retrain\.epochs.*'three'"):
+        load_config("default", ["stages.retrain.epochs=three"])
+
+
+def test_bad_choice_lists_valid_choices():
+    with pytest.raises(ConfigError, match="ssd_vgg_lite"):
+        load_config("default", ["model.name=resnet"])
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["stages.selection.gamma=0", "stages.selection.gamma=1.5", "stages.sparsity.l1_lambda=-1",
+     "stages.selection.prune_ratio=2", "stages.sparsity.alpha_grid=[0, 1]"],
+)
+def test_out_of_range_values_are_refused(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0].split(".")[-1]):
+        load_config("default", [override])
+
+
+def test_detector_with_classification_data_is_refused():
+    with pytest.raises(ConfigError, match="detector"):
+        load_config("default", ["data.kind=cifar10"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+
+
+def test_json_schema_carries_bounds_for_the_ui_form():
+    schema = PipelineConfig.model_json_schema()
+    gamma = schema["$defs"]["SelectionConfig"]["properties"]["gamma"]
+    assert gamma["exclusiveMinimum"] == 0 and gamma["maximum"] == 1

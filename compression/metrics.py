@@ -134,8 +134,8 @@ def measure_latency(
 
     For a torchvision ``SSD`` the default is end-to-end: ``model(list_of_images)`` on ``batch_size``
     images of ``input_size`` with values in [0, 1], including the model's resize, normalisation and
-    post-processing (NMS); ``network_only=True`` times backbone + head on a normalised batch of
-    ``input_size`` instead (the part ``count_flops`` counts). Other models are timed as ``model(x)`` and
+    post-processing (NMS); ``network_only=True`` times backbone + head on that batch fed directly (no
+    resize or normalisation: the part ``count_flops`` counts). Other models are timed as ``model(x)`` and
     ``network_only`` has no effect.
 
     ``threads`` sets ``torch.set_num_threads`` for the measurement (None: keep the current count); the
@@ -261,6 +261,9 @@ def voc_detection_ap(
 
     Classes without any non-difficult GT have no defined AP: they are ``None`` in the per-class lists and
     left out of the means (a mean over no class is NaN).
+
+    ``num_classes`` counts the foreground classes (labels 1..num_classes). Passing torchvision's count
+    with background (one more) only appends a ``None`` for a class no GT can have.
 
     Returns ``{"map_voc07", "map_voc", "ap_voc07_per_class", "ap_voc_per_class"}``: 11-point (VOC2007)
     and all-point (VOC2010+) means, and per-class lists where index ``c - 1`` holds class ``c``.

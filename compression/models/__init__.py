@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from torch import nn
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
 from torchvision.models.detection.ssd import SSD
 
 from compression.errors import ModelError
@@ -21,7 +23,9 @@ from compression.models.ssd import (
     L2NormPruner,
     SSDNetwork,
     dependency_graph_options,
+    load_state_dict_strict,
     load_weights,
+    read_state_dict,
     ssd300_vgg16,
     ssd_default_boxes,
     ssd_feature_sizes,
@@ -39,10 +43,13 @@ __all__ = [
     "build_model",
     "dependency_graph_options",
     "layer_names",
+    "load_state_dict_strict",
     "load_weights",
     "model_input_size",
     "model_task",
     "prunable_layers",
+    "prune_to_match",
+    "read_state_dict",
     "ssd_default_boxes",
     "ssd_feature_sizes",
 ]
@@ -63,11 +70,12 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 _SSD_PHASES: list[list[str]] = [
-    ["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3", "conv4_1", "conv4_2", "conv4_3"],
+    ["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3",
+     "conv4_1", "conv4_2", "conv4_3"],
     ["conv5_1", "conv5_2", "conv5_3", "fc6", "fc7"],
     ["conv8_1", "conv8_2"],
     ["conv9_1", "conv9_2", "conv10_1", "conv10_2", "conv11_1", "conv11_2"],
-]
+]  # fmt: skip
 # The paper's four SSD300 phases; the classifier is pruned in one phase (ours).
 DEFAULT_PHASES: dict[str, list[list[str]]] = {
     "ssd300_vgg16": [list(phase) for phase in _SSD_PHASES],
@@ -83,7 +91,7 @@ def _check_name(name: str) -> str:
 
 
 def model_task(name: str) -> str:
-    """"detection" or "classification"."""
+    """The model's task: "detection" or "classification"."""
     return _TASKS[_check_name(name)]
 
 
@@ -93,7 +101,9 @@ def build_model(name: str, num_classes: int, **options) -> nn.Module:
     valid = _OPTIONS[name]
     for option in options:
         if option not in valid:
-            raise ModelError(f"unknown option {option!r} for model {name!r}; valid options: {', '.join(valid)}")
+            raise ModelError(
+                f"unknown option {option!r} for model {name!r}; valid options: {', '.join(valid)}"
+            )
     builders: dict[str, Callable[..., nn.Module]] = {
         "ssd300_vgg16": ssd300_vgg16,
         "ssd_vgg_lite": ssd_vgg_lite,
@@ -123,3 +133,32 @@ def layer_names(model_name: str) -> dict[str, str]:
 def prunable_layers(model_name: str) -> list[str]:
     """Module paths of the convs whose output channels may be removed (never the SSD head's), in forward order."""
     return list(_LAYER_PATHS[_check_name(model_name)].values())
+
+
+def prune_to_match(model_name: str, model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
+    """Shrink a freshly built ``model`` in place so a pruned model's ``state`` fits it.
+
+    For every prunable conv whose saved weight has fewer output channels, the trailing channels are
+    removed with torch-pruning (with all their consumers); ``load_state_dict_strict`` then fills in the
+    values. So a pruned checkpoint needs only the model's name and build options besides its weights.
+    """
+    network, options = (
+        (SSDNetwork(model), dependency_graph_options(model)) if isinstance(model, SSD) else (model, {})
+    )
+    height, width = model_input_size(model)
+    was_training = model.training
+    model.eval()  # trace without touching BatchNorm running statistics
+    try:
+        graph = tp.DependencyGraph().build_dependency(
+            network, example_inputs=torch.zeros(1, 3, height, width), verbose=False, **options
+        )
+        for path in prunable_layers(model_name):
+            saved = state.get(f"{path}.weight")
+            conv = model.get_submodule(path)
+            if saved is None or saved.ndim != 4 or not 0 < saved.shape[0] < conv.out_channels:
+                continue  # missing or wrong keys are reported by load_state_dict_strict
+            surplus = list(range(saved.shape[0], conv.out_channels))
+            graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=surplus).prune()
+    finally:
+        model.train(was_training)
+    return model

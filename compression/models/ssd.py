@@ -169,11 +169,8 @@ def ssd_default_boxes(ssd: SSD) -> Tensor:
     return ssd.anchor_generator(images, features)[0]
 
 
-def load_weights(model: nn.Module, weights_path: str | Path) -> nn.Module:
-    """Load a ``.safetensors`` file or a plain torch state dict (``weights_only=True``) into ``model``.
-
-    Every key and shape must match; otherwise ``ModelError`` names the file and the first mismatching key.
-    """
+def read_state_dict(weights_path: str | Path) -> dict[str, Tensor]:
+    """Read a ``.safetensors`` file or a plain torch state dict (``torch.load(weights_only=True)`` only)."""
     path = Path(weights_path)
     if not path.is_file():
         raise ModelError(f"{path}: weights file not found")
@@ -189,20 +186,32 @@ def load_weights(model: nn.Module, weights_path: str | Path) -> nn.Module:
         raise ModelError(f"{path}: cannot read weights ({first_line})") from exc
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ModelError(f"{path}: not a state dict (expected a mapping of parameter names to tensors)")
+    return state
 
+
+def load_state_dict_strict(model: nn.Module, state: dict[str, Tensor], source: str | Path) -> nn.Module:
+    """``model.load_state_dict(state)`` after checking every key and shape; ``ModelError`` names
+    ``source`` and the first mismatching key."""
     expected = model.state_dict()
     for key, tensor in expected.items():
         if key not in state:
-            raise ModelError(f"{path}: key '{key}' is missing ({len(state)} keys in file, {len(expected)} in model)")
+            raise ModelError(
+                f"{source}: key '{key}' is missing ({len(state)} keys in file, {len(expected)} in model)"
+            )
         if tuple(state[key].shape) != tuple(tensor.shape):
             raise ModelError(
-                f"{path}: key '{key}' has shape {tuple(state[key].shape)}, the model expects {tuple(tensor.shape)}"
+                f"{source}: key '{key}' has shape {tuple(state[key].shape)}, the model expects {tuple(tensor.shape)}"
             )
     for key in state:
         if key not in expected:
-            raise ModelError(f"{path}: key '{key}' is not in the model")
+            raise ModelError(f"{source}: key '{key}' is not in the model")
     model.load_state_dict(state)
     return model
+
+
+def load_weights(model: nn.Module, weights_path: str | Path) -> nn.Module:
+    """Load a ``.safetensors`` file or a torch state dict into ``model``; every key and shape must match."""
+    return load_state_dict_strict(model, read_state_dict(weights_path), weights_path)
 
 
 def ssd300_vgg16(num_classes: int, weights_path: str | Path | None = None) -> SSD:
@@ -213,7 +222,9 @@ def ssd300_vgg16(num_classes: int, weights_path: str | Path | None = None) -> SS
     so the model is used unchanged and its state-dict keys are torchvision's.
     """
     _check_num_classes(num_classes, minimum=2)
-    model = torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None, num_classes=num_classes)
+    model = torchvision.models.detection.ssd300_vgg16(
+        weights=None, weights_backbone=None, num_classes=num_classes
+    )
     if weights_path is not None:
         load_weights(model, weights_path)
     return model
@@ -265,13 +276,24 @@ class LiteVGGFeatureExtractor(nn.Module):
         self.conv10_2 = conv("conv10_2", w["conv10_1"], stride=2, padding=1)
         self.conv11_1 = conv("conv11_1", w["conv10_2"], kernel=1)
         self.conv11_2 = conv("conv11_2", w["conv11_1"], padding=1)
-        self.out_channels = [w["conv4_3"], w["fc7"], w["conv8_2"], w["conv9_2"], w["conv10_2"], w["conv11_2"]]
 
         # No BatchNorm (as SSD), so He init keeps activations from vanishing when training from scratch.
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(module.bias)
+
+    @property
+    def out_channels(self) -> list[int]:
+        """Channels of the six feature maps (read from the convs, so it stays true after pruning)."""
+        return [
+            self.conv4_3.out_channels,
+            self.fc7.out_channels,
+            self.conv8_2.out_channels,
+            self.conv9_2.out_channels,
+            self.conv10_2.out_channels,
+            self.conv11_2.out_channels,
+        ]
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         x = F.relu(self.conv1_2(F.relu(self.conv1_1(x))))
@@ -339,4 +361,3 @@ def _check_num_classes(num_classes: int, minimum: int) -> None:
         raise ModelError(
             f"num_classes must be an integer >= {minimum} (detectors count background), got {num_classes!r}"
         )
-

@@ -38,6 +38,9 @@ class DataConfig(_Strict):
     val_sets: list[str] = ["2007:val"]
     test_sets: list[str] = ["2007:test"]
     hflip: bool = Field(False, description="horizontal-flip augmentation (off for digits: a flipped 2 is no 2)")
+    augment: Literal["ssd", "photometric"] = Field(
+        "ssd", description="detection training augmentation: SSD's full set, or photometric only (no zoom/crop)"
+    )
     batch_size: int = Field(32, ge=1, le=4096)
     eval_batch_size: int = Field(64, ge=1, le=4096)
     num_workers: int = Field(0, ge=0, le=64)

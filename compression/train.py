@@ -291,7 +291,7 @@ def evaluate(model: nn.Module, loader: Iterable, task: str, num_classes: int,
 
     if task == "detection":
         predictions, targets = predict_detections(model, loader, device, fast_ssd=fast_ssd, progress=progress)
-        result = metrics.evaluate_detections(predictions, targets, num_classes + 1)
+        result = metrics.evaluate_detections(predictions, targets, num_classes)
         return {k: float(v) for k, v in result.items() if isinstance(v, int | float)}
     device = torch.device(device)
     was_training = model.training

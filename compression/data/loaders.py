@@ -38,7 +38,11 @@ def build_dataset(cfg: DataConfig, split: str, train: bool, image_size: int) -> 
         from compression.data.voc import VOCDetection
 
         sets = {"train": cfg.train_sets, "val": cfg.val_sets, "test": cfg.test_sets}[split]
-        transforms = ssd_train_transforms(image_size, hflip=cfg.hflip) if train else eval_transforms()
+        transforms = (
+            ssd_train_transforms(image_size, hflip=cfg.hflip, geometric=cfg.augment == "ssd")
+            if train
+            else eval_transforms()
+        )
         dataset: Dataset = VOCDetection(cfg.root, sets, class_names(cfg), transforms=transforms)
     else:
         from compression.data.classification import build_classification_dataset

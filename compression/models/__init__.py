@@ -65,7 +65,7 @@ _LAYER_PATHS = {
 # Options each builder accepts besides num_classes.
 _OPTIONS: dict[str, tuple[str, ...]] = {
     "ssd300_vgg16": ("weights_path",),
-    "ssd_vgg_lite": ("width_mult", "image_size", "weights_path"),
+    "ssd_vgg_lite": ("width_mult", "image_size", "weights_path", "batch_norm"),
     "vgg16_cifar": ("width_mult", "image_size", "weights_path"),
 }
 

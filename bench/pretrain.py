@@ -1,0 +1,56 @@
+"""Pretraining benchmark (issue: the default preset must reach VOC07 mAP@0.5 >= 0.80 in < 6 min on 2 CPU cores).
+
+    .venv/bin/python bench/pretrain.py [--config default] [--set k=v ...]
+
+Generates the built-in data if missing, trains in-process exactly as `prunepipe train` does, and writes
+bench/results/pretrain.json (training wall time, test-set metrics). Run bench/report.py afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import write_result  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="default")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+
+    from compression.config import load_config
+    from compression.data.loaders import ensure_builtin_data
+    from compression.stages import pretrain
+
+    cfg = load_config(args.config, args.overrides)
+    ensure_builtin_data(cfg.data)  # data generation is not training time
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        path, metrics = pretrain(cfg, Path(tmp) / "pretrain.safetensors")
+        total = time.perf_counter() - started
+    history = metrics.pop("history", None)
+    train_seconds = metrics["stage_seconds"]  # measured before evaluation
+    result = {
+        "config": args.config,
+        "overrides": args.overrides,
+        "model": cfg.model.name,
+        "epochs": cfg.stages.pretrain.epochs,
+        "train_seconds": train_seconds,
+        "total_seconds": total,
+        "metrics": metrics,
+        "history": history,
+    }
+    out = write_result("pretrain", result)
+    print(f"{cfg.model.name}: VOC07 mAP@0.5 {metrics.get('map_voc07', float('nan')):.4f}, "
+          f"COCO mAP {metrics.get('map_coco', float('nan')):.4f}, training {train_seconds:.0f} s -> {out}")
+
+
+if __name__ == "__main__":
+    main()

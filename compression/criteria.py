@@ -1,0 +1,473 @@
+"""Alternative filter criteria on the same prune machinery: l1_norm, bn_scale, random and taylor.
+
+Every criterion gives per-filter scores (higher = more important); ``select_by_ratio`` and
+``select_by_flops`` turn scores into explicit ``{layer: {"remove": [...]}}`` selections for
+``pruning.prune_filters``; ``taylor_prune`` is Molchanov et al.'s iterative loop.
+
+Definitions (layer-local, as METHOD.md states them) and where they come from:
+
+- ``l1_norm`` (Li et al. 2017): ‖W_l[f]‖₁ — torch-pruning's ``GroupMagnitudeImportance(p=1,
+  group_reduction="first", normalizer=None)``, i.e. the root layer's weights only (the group-wide
+  default would add the next layer's input weights, which is another criterion).
+- ``bn_scale`` (Network Slimming): |γ_f| of the BatchNorm right after the layer — torch-pruning's
+  ``BNScaleImportance`` with ``group_reduction="first"`` and no normaliser. A layer without a
+  BatchNorm after it is refused.
+- ``random``: uniform scores from a ``torch.Generator`` seeded with ``seed`` **(ours; not
+  torch-pruning's ``RandomImportance``, which draws from the global RNG and so is not reproducible
+  without reseeding the whole process)**.
+- ``taylor`` (Molchanov et al. 2017): |mean over batch and positions of ∂C/∂z_f · z_f| per batch,
+  averaged over ``taylor_batches`` batches, then divided by the layer's L2 norm so that layers compare.
+  z is the activation the consumers read: the layer's output, or its BatchNorm's output when one
+  follows **(ours)**; through a ReLU (in-place or not) ∂C/∂z·z is the same before and after it. This is
+  the activation-based criterion; torch-pruning's ``TaylorImportance`` is the weight-based 2019 variant
+  (Σ|w·∂C/∂w| over the group), so it is not used.
+
+Scope of ranking **(ours)**: ``l1_norm``/``bn_scale``/``random`` scores are not comparable across
+layers, so ratios apply per layer (``scope="layer"``); the L2-normalised ``taylor`` scores are ranked
+globally (``scope="global"``), as in Molchanov et al.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from compression.config import SelectionConfig
+from compression.errors import ConfigError, StageError
+from compression.pruning import (
+    LayerRef,
+    _as_layers,
+    _channel_group,
+    build_dependency_graph,
+    consumers_of,
+    count_flops,
+    input_size_of,
+    layer_channels,
+    prune_filters,
+    resolve_layers,
+)
+from compression.selection import rounded_keep
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CRITERIA",
+    "FlopsModel",
+    "rank_filters",
+    "select_by_flops",
+    "select_by_ratio",
+    "taylor_prune",
+    "taylor_scores",
+]
+
+CRITERIA = ("l1_norm", "bn_scale", "random", "taylor")
+DEFAULT_SCOPE = {"l1_norm": "layer", "bn_scale": "layer", "random": "layer", "taylor": "global"}
+
+LossFn = Callable[[nn.Module, Any], Any]
+
+
+# --------------------------------------------------------------------------------------------
+# Scores
+
+
+def _tp_scores(importance: tp.importance.Importance, dg: tp.DependencyGraph, layer: nn.Module) -> torch.Tensor | None:
+    return importance(_channel_group(dg, layer))
+
+
+def _activation_module(dg: tp.DependencyGraph, layer: nn.Module) -> nn.Module:
+    """The module whose output carries the layer's channels as its consumers read them (BN if one follows)."""
+    for _, module, kind in consumers_of(dg, layer):
+        if kind == "bn":
+            return module
+    return layer
+
+
+def _total_loss(value: Any) -> torch.Tensor:
+    if isinstance(value, Mapping):
+        return sum(value.values())  # type: ignore[return-value]
+    return value
+
+
+def taylor_scores(
+    model: nn.Module,
+    dg: tp.DependencyGraph,
+    layers: Iterable[LayerRef],
+    loss_fn: LossFn,
+    batches: Iterable[Any],
+    n_batches: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Molchanov's first-order Taylor scores, L2-normalised per layer: ``{layer: (n,) tensor}``.
+
+    ``loss_fn(model, batch)`` returns the loss C (a tensor, or a dict of tensors that is summed); it runs
+    with the model in train mode (restored afterwards). Parameter gradients are cleared before and after.
+    """
+    pairs = _as_layers(model, layers)
+    sums = {name: torch.zeros(layer_channels(layer)) for name, layer in pairs}
+    hooks = []
+
+    def make_hook(name: str):
+        def forward_hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            if not output.requires_grad:
+                return
+            activation = output
+
+            def grad_hook(grad: torch.Tensor) -> None:
+                # `activation` may have been rectified in place by now: ∂C/∂z·z is unchanged by a ReLU.
+                dims = [d for d in range(grad.dim()) if d != 1]
+                product = (grad.detach() * activation.detach()).float().mean(dim=dims).abs()
+                sums[name] += product.cpu()
+
+            output.register_hook(grad_hook)
+
+        return forward_hook
+
+    for name, layer in pairs:
+        hooks.append(_activation_module(dg, layer).register_forward_hook(make_hook(name)))
+    was_training = model.training
+    model.train()
+    count = 0
+    try:
+        model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            source = batches if n_batches is None else itertools.islice(batches, n_batches)
+            for batch in source:
+                loss = _total_loss(loss_fn(model, batch))
+                loss.backward()
+                model.zero_grad(set_to_none=True)
+                count += 1
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    if count == 0:
+        raise StageError("taylor: no batches to score the filters on (the data loader is empty or exhausted)")
+    scores: dict[str, torch.Tensor] = {}
+    for name, total in sums.items():
+        mean = total / count
+        norm = mean.norm(p=2)
+        scores[name] = mean / norm if norm > 0 else mean
+    return scores
+
+
+def rank_filters(
+    criterion: str,
+    model: nn.Module,
+    dg: tp.DependencyGraph,
+    layers: Iterable[LayerRef],
+    *,
+    loss_fn: LossFn | None = None,
+    batches: Iterable[Any] | None = None,
+    n_batches: int | None = None,
+    seed: int = 0,
+) -> dict[str, list[float]]:
+    """Per-filter importance ``{layer: [score]}`` (higher = keep) for ``criterion`` in ``CRITERIA``."""
+    pairs = _as_layers(model, layers)
+    if criterion == "taylor":
+        if loss_fn is None or batches is None:
+            raise ConfigError("criterion 'taylor' needs a loss function and batches")
+        result = taylor_scores(model, dg, pairs, loss_fn, batches, n_batches)
+        return {name: [float(v) for v in scores] for name, scores in result.items()}
+    out: dict[str, list[float]] = {}
+    if criterion == "random":
+        generator = torch.Generator().manual_seed(int(seed))
+        for name, layer in pairs:
+            out[name] = [float(v) for v in torch.rand(layer_channels(layer), generator=generator)]
+        return out
+    if criterion == "l1_norm":
+        importance = tp.importance.GroupMagnitudeImportance(p=1, group_reduction="first", normalizer=None)
+    elif criterion == "bn_scale":
+        importance = tp.importance.BNScaleImportance(group_reduction="first", normalizer=None)
+    else:
+        raise ConfigError(
+            f"selection.criterion: unknown ranking criterion {criterion!r} (valid: {', '.join(CRITERIA)}; "
+            "'seed' uses selection.select_filters)"
+        )
+    for name, layer in pairs:
+        has_bn = any(kind == "bn" for _, _, kind in consumers_of(dg, layer))
+        scores = _tp_scores(importance, dg, layer) if has_bn or criterion != "bn_scale" else None
+        if scores is None:
+            raise ConfigError(f"criterion {criterion!r}: layer {name!r} has no BatchNorm after it")
+        out[name] = [float(v) for v in scores]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Selection at a ratio
+
+
+def _entry(order: list[int], n: int, keep: int, scores: list[float]) -> dict[str, Any]:
+    return {"remove": sorted(order[: n - keep]), "keep": keep, "scores": list(scores)}
+
+
+def _ascending(scores: Sequence[float]) -> list[int]:
+    return sorted(range(len(scores)), key=lambda f: (scores[f], f))
+
+
+def select_by_ratio(
+    scores: Mapping[str, Sequence[float]],
+    ratio: float,
+    min_channels: int = 1,
+    round_to: int = 1,
+    scope: str = "layer",
+) -> dict[str, dict[str, Any]]:
+    """Remove the lowest-scored ``ratio`` of the filters: ``{layer: {"remove", "keep", "scores"}}``.
+
+    ``scope="layer"``: round(ratio·n) per layer; ``"global"``: round(ratio·Σn) overall, lowest scores first
+    across layers (scores must be comparable). Each layer keeps at least ``min(min_channels, n)`` (≥ 1)
+    and its kept count is then rounded to a multiple of ``round_to`` (as ``selection.rounded_keep``).
+    """
+    if not 0 <= ratio <= 1:
+        raise ConfigError(f"selection.prune_ratio must be in [0, 1], got {ratio}")
+    sizes = {name: len(s) for name, s in scores.items()}
+    if scope == "layer":
+        keeps = {name: n - int(round(ratio * n)) for name, n in sizes.items()}
+    elif scope == "global":
+        floors = {name: max(1, min(min_channels, n)) for name, n in sizes.items()}
+        keeps = dict(sizes)
+        budget = int(round(ratio * sum(sizes.values())))
+        ranked = sorted((float(s), name, f) for name, values in scores.items() for f, s in enumerate(values))
+        for _, name, _ in ranked:
+            if budget <= 0:
+                break
+            if keeps[name] > floors[name]:
+                keeps[name] -= 1
+                budget -= 1
+    else:
+        raise ConfigError(f"scope must be 'layer' or 'global', got {scope!r}")
+    selection = {}
+    for name, values in scores.items():
+        n = sizes[name]
+        keep = rounded_keep(keeps[name], n, min_channels, round_to)
+        selection[name] = _entry(_ascending(values), n, keep, list(values))
+    return selection
+
+
+# --------------------------------------------------------------------------------------------
+# FLOPs
+
+
+class FlopsModel:
+    """Conv/Linear FLOPs of a model as a function of the filters removed per layer (no re-tracing).
+
+    Counts what ``metrics.count_flops`` counts (2 per multiply-add of convs and linears) from each
+    layer's output size recorded in one forward pass; removing r filters of layer l lowers l's output
+    channels and the input channels (or flattened columns) of every conv/linear consumer of l.
+    """
+
+    def __init__(self, model: nn.Module, dg: tp.DependencyGraph, layers: Iterable[LayerRef],
+                 input_size: tuple[int, int] | None = None):
+        from compression.pruning import _traced_network
+
+        self.units: dict[nn.Module, tuple[float, int, int, int]] = {}  # module -> (flops/(cin·cout), cin, cout, groups)
+        network, _ = _traced_network(model)
+        height, width = input_size or input_size_of(model)
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+
+        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            if isinstance(module, nn.Conv2d):
+                cin, cout, groups = module.in_channels, module.out_channels, module.groups
+                per = 2.0 * output.shape[-2] * output.shape[-1] * module.kernel_size[0] * module.kernel_size[1] / groups
+            else:
+                cin, cout, groups = module.in_features, module.out_features, 1
+                per = 2.0 * output.numel() / output.shape[-1] / output.shape[0]
+            self.units[module] = (per, cin, cout, groups)
+
+        handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                network(torch.zeros(1, 3, height, width, device=device))
+        finally:
+            for handle in handles:
+                handle.remove()
+            model.train(was_training)
+        self.base = sum(per * cin * cout for per, cin, cout, _ in self.units.values())
+        # Per layer: [(consumer, input positions per removed channel)].
+        self.readers: dict[str, list[tuple[nn.Module, float]]] = {}
+        self.layers = dict(_as_layers(model, layers))
+        for name, layer in self.layers.items():
+            readers = []
+            for index, item in enumerate(_channel_group(dg, layer)):
+                consumer = item.dep.target.module
+                if index == 0 or consumer is layer or not isinstance(consumer, nn.Conv2d | nn.Linear):
+                    continue
+                if dg.is_in_channel_pruning_fn(item.dep.handler) and consumer in self.units:
+                    readers.append((consumer, len(item.idxs) / max(1, len(set(item.root_idxs)))))
+            self.readers[name] = readers
+
+    def flops(self, removed: Mapping[str, int]) -> float:
+        """FLOPs after removing ``removed[layer]`` filters from each layer."""
+        rin: dict[nn.Module, float] = {}
+        rout: dict[nn.Module, float] = {}
+        for name, count in removed.items():
+            layer = self.layers[name]
+            rout[layer] = rout.get(layer, 0) + count
+            for consumer, per_channel in self.readers[name]:
+                rin[consumer] = rin.get(consumer, 0) + count * per_channel
+        total = 0.0
+        for module, (per, cin, cout, groups) in self.units.items():
+            cin_left, cout_left = cin - rin.get(module, 0), cout - rout.get(module, 0)
+            if groups > 1 and groups == cin:  # depthwise: losing an input channel loses its output too
+                cout_left = min(cout_left, cin_left * cout // cin)
+            total += per * cin_left * cout_left
+        return total
+
+
+def select_by_flops(
+    model: nn.Module,
+    scores: Mapping[str, Sequence[float]],
+    target_flops_ratio: float,
+    *,
+    min_channels: int = 1,
+    round_to: int = 1,
+    scope: str = "layer",
+    dg: tp.DependencyGraph | None = None,
+    input_size: tuple[int, int] | None = None,
+) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+    """The smallest ratio (``select_by_ratio``) whose pruned model has FLOPs ≤ base / ``target_flops_ratio``.
+
+    Returns (selection, {"flops_before", "flops_after", "flops_ratio", "prune_ratio"}) with the FLOPs
+    estimated by ``FlopsModel``. ``StageError`` when even the floors (``min_channels``) cannot reach it.
+    """
+    if not target_flops_ratio > 1:
+        raise ConfigError(f"selection.target_flops_ratio must be > 1, got {target_flops_ratio}")
+    dg = dg or build_dependency_graph(model, input_size)
+    estimate = FlopsModel(model, dg, list(scores), input_size)
+    goal = estimate.base / target_flops_ratio
+
+    def after(ratio: float) -> tuple[dict[str, dict[str, Any]], float]:
+        chosen = select_by_ratio(scores, ratio, min_channels, round_to, scope)
+        return chosen, estimate.flops({name: len(entry["remove"]) for name, entry in chosen.items()})
+
+    best, lowest = after(1.0)
+    if lowest > goal:
+        raise StageError(
+            f"target_flops_ratio {target_flops_ratio:g} is out of reach: pruning these layers down to "
+            f"min_channels={min_channels} gives at most {estimate.base / lowest:.2f}x"
+        )
+    low, high = 0.0, 1.0
+    for _ in range(40):
+        if high - low < 1e-4:
+            break
+        middle = (low + high) / 2
+        chosen, flops = after(middle)
+        if flops <= goal:
+            high, best, lowest = middle, chosen, flops
+        else:
+            low = middle
+    info = {"flops_before": estimate.base, "flops_after": lowest, "flops_ratio": estimate.base / lowest,
+            "prune_ratio": high}
+    return best, info
+
+
+# --------------------------------------------------------------------------------------------
+# Molchanov's iterative loop
+
+
+def _cycle_batches(batches: Iterable[Any]):
+    """Endless batches: re-iterates a re-iterable (a DataLoader), stops when a pass yields nothing."""
+    while True:
+        empty = True
+        for batch in batches:
+            empty = False
+            yield batch
+        if empty:
+            return
+
+
+def taylor_prune(
+    model: nn.Module,
+    layers: Iterable[LayerRef],
+    loss_fn: LossFn,
+    batches: Iterable[Any],
+    finetune_fn: Callable[[nn.Module, int], Any] | None,
+    cfg: SelectionConfig,
+    *,
+    model_name: str | None = None,
+    dg: tp.DependencyGraph | None = None,
+    input_size: tuple[int, int] | None = None,
+    max_steps: int = 10_000,
+) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """Molchanov et al. 2017: score, remove the globally lowest ``cfg.taylor_step_filters``, fine-tune, repeat.
+
+    Stops when ``cfg.prune_ratio`` of the phase's filters are gone or the FLOPs shrank by
+    ``cfg.target_flops_ratio`` (whichever is set; with both, the first reached). Each step scores over
+    ``cfg.taylor_batches`` batches of ``batches`` (a DataLoader is re-iterated as needed), then calls
+    ``finetune_fn(model, cfg.taylor_finetune_batches)`` unless it was the last step (the model changed
+    shape: the callee builds its optimizer anew). Layers never go below ``cfg.min_channels``;
+    ``cfg.round_to`` is not applied (a step removes single filters) **(ours)**. Prunes ``model`` in place.
+
+    ``history``: one entry per step, ``{"step", "removed": {layer: [original filter indices]},
+    "filters", "flops", "flops_ratio", "removed_fraction"}`` (JSON-able).
+    """
+    if cfg.prune_ratio is None and cfg.target_flops_ratio is None:
+        raise ConfigError("criterion 'taylor' needs stages.selection.prune_ratio or target_flops_ratio")
+    names = [item if isinstance(item, str) else item[0] for item in layers]
+    dg = dg or build_dependency_graph(model, input_size)
+    pairs = resolve_layers(model, model_name, names, dg=dg)
+    size = input_size or input_size_of(model)
+    original = {name: list(range(layer_channels(layer))) for name, layer in pairs}
+    total = sum(len(ids) for ids in original.values())
+    target_removed = math.ceil(cfg.prune_ratio * total) if cfg.prune_ratio is not None else None
+    base_flops = count_flops(model, size)
+    flops_goal = base_flops / cfg.target_flops_ratio if cfg.target_flops_ratio is not None else None
+    stream = _cycle_batches(batches)
+    history: list[dict[str, Any]] = []
+    removed_total = 0
+    flops = base_flops
+
+    def done() -> bool:
+        return (target_removed is not None and removed_total >= target_removed) or (
+            flops_goal is not None and flops <= flops_goal
+        )
+
+    for step in range(1, max_steps + 1):
+        if done():
+            break
+        scores = taylor_scores(model, dg, pairs, loss_fn, stream, cfg.taylor_batches)
+        room = {name: layer_channels(layer) - max(1, min(cfg.min_channels, len(original[name]))) for name, layer in pairs}
+        want = cfg.taylor_step_filters
+        if target_removed is not None:
+            want = min(want, target_removed - removed_total)
+        ranked = sorted((float(s), name, f) for name, values in scores.items() for f, s in enumerate(values))
+        chosen: dict[str, list[int]] = {}
+        for _, name, f in ranked:
+            if want <= 0:
+                break
+            if room[name] > 0:
+                chosen.setdefault(name, []).append(f)
+                room[name] -= 1
+                want -= 1
+        if not chosen:
+            log.warning("taylor: every layer is at min_channels=%d; stopping before the target", cfg.min_channels)
+            history.append({"step": step, "stopped": "all layers at min_channels"})
+            break
+        prune_filters(model, chosen, dg=dg)
+        removed_ids = {}
+        for name, idxs in chosen.items():
+            drop = set(idxs)
+            removed_ids[name] = sorted(original[name][i] for i in idxs)
+            original[name] = [orig for i, orig in enumerate(original[name]) if i not in drop]
+        removed_total += sum(len(idxs) for idxs in chosen.values())
+        flops = count_flops(model, size)
+        history.append({
+            "step": step,
+            "removed": removed_ids,
+            "filters": total - removed_total,
+            "removed_fraction": removed_total / total,
+            "flops": flops,
+            "flops_ratio": base_flops / max(flops, 1),
+        })
+        log.info("taylor step %d: removed %d filters (%.1f%%), FLOPs %.3g (%.2fx)", step, removed_total,
+                 100 * removed_total / total, flops, base_flops / max(flops, 1))
+        if not done() and finetune_fn is not None and cfg.taylor_finetune_batches > 0:
+            finetune_fn(model, cfg.taylor_finetune_batches)
+    return model, history

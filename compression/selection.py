@@ -1,0 +1,142 @@
+"""Stage 3 of the seed method: choose the filters to remove from their zero fractions (METHOD.md).
+
+On the thresholded model Θ_L1^th, for each layer l of the phase and each filter f:
+
+- ``s_out(f)``: fraction of zero weights in W_l[f, :, :, :] (the filter itself; bias not counted).
+- ``s_in(f)``: fraction of zero weights among *all* weights that read channel f in the layer's
+  consumers, pooled (each weight counts once, so a consumer weighs by its size) over every conv / linear
+  in the channel's torch-pruning group: the next conv(s), the SSD loc/conf head convs fed by the map, a
+  classifier's Linear (all the flattened columns of channel f). **(ours)** A grouped or depthwise consumer
+  contributes the kernels of its group that read f. Per-channel scales (BatchNorm γ/β, the L2Norm /
+  torchvision ``scale_weight``) are not kernels and do not count. A layer with no weighted consumer
+  (its output feeds nothing prunable) gets ``s_in = 0``.
+- f is flagged when ``s_out(f) >= γ`` or ``s_in(f) >= γ``.
+
+``select_filters`` turns flags into removal lists with two safety rules **(ours)**: at least
+``min_channels`` filters stay (the least sparse ones), and the kept count may be rounded to a multiple
+of ``round_to``. The result is plain JSON-able data, ready for ``pruning.prune_filters``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from compression.errors import ConfigError
+from compression.pruning import LayerRef, _as_layers, _channel_group
+
+__all__ = ["filter_sparsity_scores", "rounded_keep", "select_filters", "sparsity_rank"]
+
+
+@torch.no_grad()
+def _input_zero_counts(consumer: nn.Module, idxs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero weights and all weights reading each of the consumer's input positions ``idxs``."""
+    zero = consumer.weight.detach() == 0
+    position = torch.as_tensor(idxs, dtype=torch.long)
+    if isinstance(consumer, nn.Linear):
+        zeros = zero.sum(0)[position]
+        totals = torch.full_like(zeros, zero.shape[0])
+        return zeros.float(), totals.float()
+    # Conv: input channel c of a conv with g groups is read by output block c // (in/g), column c % (in/g).
+    groups = consumer.groups
+    in_per_group = consumer.in_channels // groups
+    out_per_group = consumer.out_channels // groups
+    per_block = zero.view(groups, out_per_group, in_per_group, -1).sum(dim=(1, 3))  # (groups, in/g)
+    zeros = per_block[position // in_per_group, position % in_per_group]
+    kernel = zero.shape[2] * zero.shape[3] if zero.dim() == 4 else 1
+    totals = torch.full_like(zeros, out_per_group * kernel)
+    return zeros.float(), totals.float()
+
+
+@torch.no_grad()
+def filter_sparsity_scores(
+    model: nn.Module, dg: tp.DependencyGraph, layers: Iterable[LayerRef]
+) -> dict[str, dict[str, list[float]]]:
+    """``{layer: {"s_out": [...], "s_in": [...]}}`` per filter, on the (thresholded) ``model``.
+
+    ``dg`` must be this model's graph (``pruning.build_dependency_graph``); ``layers`` are module paths
+    or ``resolve_layers`` pairs.
+    """
+    scores: dict[str, dict[str, list[float]]] = {}
+    for name, layer in _as_layers(model, layers):
+        weight = layer.weight.detach()
+        n = weight.shape[0]
+        s_out = (weight.reshape(n, -1) == 0).float().mean(1)
+        zeros = torch.zeros(n)
+        totals = torch.zeros(n)
+        for index, item in enumerate(_channel_group(dg, layer)):
+            consumer = item.dep.target.module
+            if index == 0 or consumer is layer or not isinstance(consumer, nn.Conv2d | nn.Linear):
+                continue
+            if not dg.is_in_channel_pruning_fn(item.dep.handler):
+                continue
+            z, t = _input_zero_counts(consumer, list(item.idxs))
+            roots = torch.as_tensor(item.root_idxs, dtype=torch.long)
+            zeros.index_add_(0, roots, z)
+            totals.index_add_(0, roots, t)
+        s_in = torch.where(totals > 0, zeros / totals.clamp(min=1), torch.zeros(n))
+        scores[name] = {"s_out": [float(v) for v in s_out], "s_in": [float(v) for v in s_in]}
+    return scores
+
+
+def sparsity_rank(s_out: list[float], s_in: list[float]) -> list[int]:
+    """Filter indices from most to least sparse: by max(s_out, s_in), then s_out + s_in, then index."""
+    keys = [(-max(o, i), -(o + i), f) for f, (o, i) in enumerate(zip(s_out, s_in, strict=True))]
+    return [f for _, _, f in sorted(keys)]
+
+
+def rounded_keep(keep: int, n: int, min_channels: int, round_to: int) -> int:
+    """The kept count after the floor and the rounding rules (see ``select_filters``)."""
+    floor = max(1, min(min_channels, n))
+    keep = min(n, max(keep, floor))
+    if keep == n or round_to <= 1 or keep % round_to == 0:  # a layer with nothing to remove stays whole
+        return keep
+    down = keep // round_to * round_to
+    up = down + round_to
+    # Nearest multiple; on a tie keep more (the conservative side). Never below the floor, never above n.
+    choices = [c for c in (up, down) if floor <= c <= n]
+    if not choices:
+        return keep
+    return min(choices, key=lambda c: (abs(c - keep), -c))
+
+
+def select_filters(
+    scores: Mapping[str, Mapping[str, list[float]]],
+    gamma: float = 0.9,
+    min_channels: int = 4,
+    round_to: int = 1,
+) -> dict[str, dict[str, Any]]:
+    """``{layer: {"remove": [idx...], "keep": n_kept, "flagged": n_flagged, "s_out": [...], "s_in": [...]}}``.
+
+    A filter is flagged when ``s_out >= gamma`` or ``s_in >= gamma``. Filters are ranked from most to
+    least sparse (``sparsity_rank``); the layer keeps ``n - flagged`` filters, raised to
+    ``min(min_channels, n)`` (at least 1) by keeping the least sparse flagged ones, then rounded to the
+    nearest multiple of ``round_to`` (ties: keep more; never below the floor or above n; a layer with
+    nothing to remove is left whole) by removing
+    the next-ranked unflagged filters or keeping the last-ranked flagged ones. ``remove`` is sorted.
+    """
+    if not 0 < gamma <= 1:
+        raise ConfigError(f"selection.gamma must be in (0, 1], got {gamma}")
+    if min_channels < 1 or round_to < 1:
+        raise ConfigError(f"selection.min_channels and round_to must be >= 1, got {min_channels}, {round_to}")
+    selection: dict[str, dict[str, Any]] = {}
+    for name, score in scores.items():
+        s_out, s_in = list(score["s_out"]), list(score["s_in"])
+        n = len(s_out)
+        flagged = sum(1 for o, i in zip(s_out, s_in, strict=True) if o >= gamma or i >= gamma)
+        keep = rounded_keep(n - flagged, n, min_channels, round_to)
+        order = sparsity_rank(s_out, s_in)
+        selection[name] = {
+            "remove": sorted(order[: n - keep]),
+            "keep": keep,
+            "flagged": flagged,
+            "s_out": s_out,
+            "s_in": s_in,
+        }
+    return selection
+
+

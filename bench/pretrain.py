@@ -19,6 +19,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import write_result  # noqa: E402
 
 
+def _table(cfg, metrics: dict, train_seconds: float) -> str:
+    rows = [
+        ("model", cfg.model.name), ("epochs", cfg.stages.pretrain.epochs),
+        ("training wall time (s)", f"{train_seconds:.0f}"),
+        ("VOC07 11-point mAP@0.5 (test)", f"{metrics.get('map_voc07', float('nan')):.4f}"),
+        ("VOC all-point mAP@0.5", f"{metrics.get('map_voc', float('nan')):.4f}"),
+        ("COCO mAP@[.5:.95]", f"{metrics.get('map_coco', float('nan')):.4f}"),
+        ("params", metrics["params"]), ("FLOPs (2 per MAC)", metrics["flops"]),
+        ("checkpoint bytes", metrics["size_bytes"]),
+        ("latency batch 1 (ms)", f"{metrics.get('latency_b1_ms', float('nan')):.1f}"),
+        ("latency batch 32 (ms)", f"{metrics.get('latency_b32_ms', float('nan')):.1f}"),
+    ]
+    return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="default")
@@ -46,6 +61,7 @@ def main() -> None:
         "total_seconds": total,
         "metrics": metrics,
         "history": history,
+        "markdown": _table(cfg, metrics, train_seconds),
     }
     out = write_result("pretrain", result)
     print(f"{cfg.model.name}: VOC07 mAP@0.5 {metrics.get('map_voc07', float('nan')):.4f}, "

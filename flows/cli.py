@@ -144,6 +144,197 @@ def info(
     console.print(table)
 
 
+def _si(value: object) -> str:
+    """1234567 -> 1.23M (parameter counts, bytes, FLOPs)."""
+    number = float(value)  # type: ignore[arg-type]
+    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(number) >= factor:
+            return f"{number / factor:.3g}{suffix}"
+    return f"{number:.3g}"
+
+
+# --------------------------------------------------------------------------------------------
+# run: the whole pipeline as a Prefect flow (Ray Train for training, MLflow for tracking)
+
+
+@app.command()
+def run(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
+    """Run the whole pipeline (Prefect flow, Ray Train, MLflow) and print the checkpoint table."""
+    cfg = _load(config, overrides)  # a bad config stops here, before Prefect or Ray start
+    from tasks.env import apply_env_defaults
+
+    apply_env_defaults()  # before Prefect is imported: it reads its settings once
+    from flows.compress import results_hint, run_pipeline
+
+    summary = run_pipeline(cfg)
+    metric = "top1" if any("top1" in row for row in summary["checkpoints"]) else "map_voc07"
+    columns = [("checkpoint", "checkpoint", str), ("params", "params", _si), ("size", "size_bytes", _si),
+               ("FLOPs", "flops", _si), (metric, metric, _fmt), ("params x", "params_ratio", _fmt),
+               ("FLOPs x", "flops_ratio", _fmt), (f"{metric} drop", f"{metric}_drop", _fmt),
+               ("cached", "cached", str)]
+    table = Table(title=f"{cfg.name}: checkpoints of {cfg.model.name} (x = base / checkpoint)")
+    for title, _, _ in columns:
+        table.add_column(title, justify="left" if title == "checkpoint" else "right")
+    for row in summary["checkpoints"]:
+        table.add_row(*("" if row.get(key) is None else show(row[key]) for _, key, show in columns))
+    console.print(table)
+    console.print(f"final checkpoint: {summary['final_checkpoint']}")
+    if summary.get("registered_model"):
+        console.print(f"registered model: {summary['registered_model']['uri']}")
+    for line in results_hint(summary):
+        console.print(line, markup=False, highlight=False)
+
+
+# --------------------------------------------------------------------------------------------
+# compress: the whole method in this process (no Prefect, Ray or MLflow)
+
+
+def _si(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return ""
+    for factor, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3g}{prefix}{unit}"
+    return f"{value:.4g}{unit}"
+
+
+def compression_table(title: str, rows: list[dict], task: str) -> Table:
+    """One line per checkpoint: size, cost, task metrics, ratios to the first row (the pretrained base)."""
+    from compression.stages import add_ratios
+
+    detection = task == "detection"
+    metric = "map_voc07" if detection else "top1"
+    headers = ["stage", "phase", "params", "size", "FLOPs"]
+    headers += ["mAP VOC07", "mAP VOC", "mAP COCO"] if detection else ["top-1"]
+    headers += ["params x", "size x", "FLOPs x", "Δ " + ("mAP07" if detection else "top-1") + " (pts)", "seconds"]
+    table = Table(title=title)
+    for header in headers:
+        table.add_column(header, justify="left" if header in ("stage", "phase") else "right")
+    base = rows[0]["metrics"] if rows else {}
+
+    def pct(value: float | None) -> str:
+        return "" if value is None else f"{100 * value:.2f}"
+
+    def ratio(value: float | None) -> str:
+        return "" if value is None else f"{value:.2f}"
+
+    for row in rows:
+        m = dict(row["metrics"])
+        add_ratios(m, base, task)
+        seconds = (m.get("stage_seconds") or 0.0) + (m.get("selection_seconds") or 0.0)
+        cells = [row["stage"] + (" (resumed)" if row.get("resumed") else ""), row.get("phase") or "",
+                 _si(m.get("params")), _si(m.get("size_bytes"), "B"), _si(m.get("flops"))]
+        cells += [pct(m.get(k)) for k in (("map_voc07", "map_voc", "map_coco") if detection else ("top1",))]
+        drop = m.get(f"{metric}_drop")
+        cells += [ratio(m.get("params_ratio")), ratio(m.get("size_bytes_ratio")), ratio(m.get("flops_ratio")),
+                  "" if drop is None else f"{100 * drop:+.2f}", f"{seconds:.0f}"]
+        table.add_row(*cells)
+    return table
+
+
+@app.command()
+def compress(
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    run_dir: Annotated[
+        Path | None, typer.Option("--run-dir", help="output folder (default: <workdir>/<name>-local)")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue a run: skip stages whose output exists")] = False,
+) -> None:
+    """Run the whole method in this process (no Prefect/Ray/MLflow) and print the checkpoint table."""
+    cfg = _load(config, overrides)
+    from compression.models import model_task
+    from compression.pipeline import run_pipeline_in_process
+
+    run_dir = run_dir or Path(cfg.workdir) / f"{cfg.name}-local"
+
+    def report(row: dict) -> None:
+        m = row["metrics"]
+        what = f"{row['stage']}" + (f" {row['phase']}" if row.get("phase") else "")
+        done = "found (resume)" if row.get("resumed") else f"done in {m.get('stage_seconds', 0.0):.0f}s"
+        err_console.print(f"{what}: {done} -> {row['path']}", markup=False, highlight=False)
+
+    rows = run_pipeline_in_process(cfg, run_dir, resume=resume, on_row=report)
+    task = model_task(cfg.model.name)
+    console.print(compression_table(f"{cfg.name}: {cfg.model.name} in {run_dir} (x: base / checkpoint)", rows, task))
+    console.print(f"final checkpoint: {rows[-1]['path']}", markup=False, highlight=False)
+
+
+# --------------------------------------------------------------------------------------------
+# export: the compressed network for deployment
+
+
+@app.command("export")
+def export_(
+    checkpoint: Annotated[Path, typer.Argument(help="a .safetensors checkpoint")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="export format (only onnx for now)")] = "onnx",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="output file (default: CHECKPOINT with .onnx)")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset")] = 17,
+    dynamic_batch: Annotated[bool, typer.Option(help="dynamic batch axis (else batch 1)")] = True,
+) -> None:
+    """Export a checkpoint's network (backbone + head) with its post-processing sidecar (.json, .anchors.npy)."""
+    from compression.export import EXPORT_FORMATS
+
+    if fmt not in EXPORT_FORMATS:
+        raise PrunepipeError(f"unknown export format {fmt!r} (valid: {', '.join(EXPORT_FORMATS)})")
+    from compression.export import export_onnx
+
+    metrics = export_onnx(checkpoint, out or checkpoint.with_suffix(".onnx"), opset=opset, dynamic_batch=dynamic_batch)
+    files = metrics.pop("files")
+    shown = {k: v if isinstance(v, int | float | str) else json.dumps(v) for k, v in metrics.items()}
+    print_metrics(f"exported {checkpoint}", {**shown, **{f"file_{k}": v for k, v in files.items()}})
+
+
+# --------------------------------------------------------------------------------------------
+# local stack
+
+
+HomeOpt = Annotated[Path, typer.Option("--home", help="folder for the stack's data, logs and pid files")]
+DEFAULT_HOME = Path(".prunepipe")
+
+
+@app.command()
+def up(
+    home: HomeOpt = DEFAULT_HOME,
+    prefect_port: Annotated[int, typer.Option(help="Prefect server port")] = 4200,
+    mlflow_port: Annotated[int, typer.Option(help="MLflow tracking server port")] = 5000,
+    ray_port: Annotated[int, typer.Option(help="Ray head (GCS) port")] = 6379,
+) -> None:
+    """Start a local stack: Prefect server, MLflow tracking server and a Ray head, on 127.0.0.1."""
+    from infra.local.stack import stack_up
+
+    services = stack_up(home, prefect_port=prefect_port, mlflow_port=mlflow_port, ray_port=ray_port)
+    for service in services:
+        console.print(f"{service.name:8s} {service.url}  (pid {service.pid}, log {service.log})")
+    console.print(f"flow runs started with `prunepipe run` pick this stack up (home {home})")
+
+
+@app.command()
+def down(home: HomeOpt = DEFAULT_HOME) -> None:
+    """Stop what `prunepipe up` started (and nothing else)."""
+    from infra.local.stack import stack_down
+
+    for name in stack_down(home):
+        console.print(f"stopped {name}")
+
+
+@app.command()
+def status(home: HomeOpt = DEFAULT_HOME) -> None:
+    """Say what of the local stack runs where."""
+    from infra.local.stack import stack_status
+
+    services = stack_status(home)
+    if not services:
+        console.print(f"no stack recorded under {home} (start one with `prunepipe up`)")
+        return
+    table = Table(title=f"stack under {home}")
+    for column in ("service", "url", "pid", "alive", "healthy"):
+        table.add_column(column)
+    for s in services:
+        table.add_row(s.name, s.url, str(s.pid), str(s.alive), str(s.healthy))
+    console.print(table)
+
+
 def main() -> None:
     logging.basicConfig(level=os.environ.get("PRUNEPIPE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -87,7 +87,7 @@ def initial_checkpoint(cfg: PipelineConfig) -> Checkpoint:
 def _classification_names(cfg: PipelineConfig) -> list[str]:
     from compression.data.classification import classification_class_names
 
-    if isinstance(cfg.data.classes, list):
+    if isinstance(cfg.data.classes, list) and cfg.data.classes:
         return list(cfg.data.classes)
     return classification_class_names(cfg.data.kind, Path(cfg.data.root))
 

@@ -26,10 +26,11 @@ from compression.errors import ModelError
 SSD_ASPECT_RATIOS: list[list[int]] = [[2], [2, 3], [2, 3], [2, 3], [2], [2]]
 
 # Default-box scales of ssd_vgg_lite (fractions of the image side), one per feature map plus the one
-# after the last (used for the extra sqrt(s_k * s_k+1) box). Roughly geometric from 10 % to 50 %, so the
-# built-in digits (14-56 px on a 128 px canvas, i.e. 11-44 %) always have a default box within a
-# factor of ~1.2 of their size: square boxes per map (px at 128) 13/15, 18/21, 26/30, 36/42, 49/56, 64/72.
-LITE_ANCHOR_SCALES: list[float] = [0.10, 0.14, 0.20, 0.28, 0.38, 0.50, 0.64]
+# after the last (used for the extra sqrt(s_k * s_k+1) box). Chosen by measurement on the built-in digits
+# (boxes 12-38 px wide, 19-54 px tall at 128 px): with these, 95 % of ground-truth boxes have a default
+# box of IoU > 0.5 (median best IoU 0.64), against 51 % (median 0.50) for a 10 %-64 % geometric ladder,
+# because the dense stride-8 and stride-16 maps get the digit-sized boxes (19 and 32 px).
+LITE_ANCHOR_SCALES: list[float] = [0.15, 0.25, 0.40, 0.55, 0.70, 0.85, 1.00]
 
 # VGG16 widths of the SSD layers (Liu et al. 2016, Fig. 2); ssd_vgg_lite multiplies them by width_mult.
 SSD_VGG_WIDTHS: dict[str, int] = {

@@ -181,6 +181,9 @@ def run(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
     console.print(f"final checkpoint: {summary['final_checkpoint']}")
     if summary.get("registered_model"):
         console.print(f"registered model: {summary['registered_model']['uri']}")
+    fits = sum(row.get("fit_seconds") or 0 for row in summary["checkpoints"])
+    console.print(f"Ray Train fits: {fits:.0f}s in all; " + ", ".join(
+        f"{key} {value:.1f}s" for key, value in summary["timings"].items() if not key.startswith("mlflow_log_")))
     for line in results_hint(summary):
         console.print(line, markup=False, highlight=False)
 
@@ -252,7 +255,7 @@ def compress(
         m = row["metrics"]
         what = f"{row['stage']}" + (f" {row['phase']}" if row.get("phase") else "")
         done = "found (resume)" if row.get("resumed") else f"done in {m.get('stage_seconds', 0.0):.0f}s"
-        err_console.print(f"{what}: {done} -> {row['path']}", markup=False, highlight=False)
+        console.print(f"{what}: {done} -> {row['path']}", markup=False, highlight=False)
 
     rows = run_pipeline_in_process(cfg, run_dir, resume=resume, on_row=report)
     task = model_task(cfg.model.name)
@@ -333,6 +336,67 @@ def status(home: HomeOpt = DEFAULT_HOME) -> None:
     for s in services:
         table.add_row(s.name, s.url, str(s.pid), str(s.alive), str(s.healthy))
     console.print(table)
+
+
+# --------------------------------------------------------------------------------------------
+# serve: the flow as Prefect deployments; compare: pipeline runs side by side from MLflow
+
+
+@app.command()
+def serve(
+    home: HomeOpt = DEFAULT_HOME,
+    presets: Annotated[
+        list[str] | None,
+        typer.Option("--preset", "-p", help="a name in configs/ or a YAML path (repeatable; default: every preset)"),
+    ] = None,
+    overrides: SetOpt = None,
+    cron: Annotated[str, typer.Option(help="schedule of every deployment, UTC (inactive for GPU presets)")] = "0 2 * * *",
+    limit: Annotated[int, typer.Option(min=1, help="flow runs this process executes at once")] = 1,
+) -> None:
+    """Register deployments compress/<preset> and execute their runs (from the Prefect UI or schedules) until Ctrl-C."""
+    from flows.serve import check_server, plan_deployments, serve_presets, server_env, ui_url
+
+    os.environ.update(server_env(home))  # before Prefect is imported: it reads its settings once
+    from tasks.env import apply_env_defaults
+
+    apply_env_defaults()
+    api = os.environ["PREFECT_API_URL"]
+    check_server(api)
+    planned = plan_deployments(presets, overrides, cron)
+    for plan in planned:
+        schedule = f"cron '{plan.cron}' UTC, " + ("active" if plan.schedule_active else "inactive (GPU preset)")
+        console.print(f"{plan.full_name}: {plan.config.model.name} from {plan.source}; {schedule}",
+                      markup=False, highlight=False)
+    console.print(f"Prefect UI: {ui_url(api)}/deployments; runs execute in this process until Ctrl-C",
+                  markup=False, highlight=False)
+    serve_presets(planned, limit=limit)
+
+
+@app.command()
+def compare(
+    runs: Annotated[
+        list[str] | None,
+        typer.Argument(help="pipeline runs: MLflow run ids or Prefect flow run ids (default: the --last latest)"),
+    ] = None,
+    experiment: Annotated[str, typer.Option("--experiment", "-e", help="MLflow experiment")] = "prunepipe",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Pareto plot (mAP vs FLOPs), PNG")] = Path("pareto.png"),
+    mlflow_uri: Annotated[
+        str | None,
+        typer.Option("--mlflow-uri", help="default: $MLFLOW_TRACKING_URI, else the stack under --home, else sqlite:///mlflow.db"),
+    ] = None,
+    last: Annotated[int, typer.Option(min=1, help="without RUN: how many of the latest runs")] = 5,
+    home: HomeOpt = DEFAULT_HOME,
+) -> None:
+    """Print the checkpoints of pipeline runs side by side (size, FLOPs, mAP, ratios) and plot mAP vs FLOPs."""
+    from flows.compare import compare_runs, compare_table, pareto_plot, resolve_uri, task_metric
+
+    uri = resolve_uri(mlflow_uri, home)
+    rows = compare_runs(uri, experiment, runs or [], last=last)
+    metric = task_metric(rows)
+    console.print(compare_table(rows, metric))
+    plot = pareto_plot(rows, out, metric)
+    message = f"Pareto plot ({metric} vs FLOPs): {plot}" if plot else f"no checkpoint has both FLOPs and {metric}: no plot"
+    console.print(message, markup=False, highlight=False)
 
 
 def main() -> None:

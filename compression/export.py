@@ -1,0 +1,284 @@
+"""Export a checkpoint's network to ONNX for deployment, with what is needed to post-process it.
+
+``export_onnx(checkpoint, "model.onnx")`` writes three files (detectors) or two (classifiers):
+
+- ``model.onnx``: one input ``images``, float32 (B, 3, H, W), RGB in [0, 1] at the model's input size
+  (the mean/std normalisation is inside the graph). Detectors: ``SSDNetwork(normalize_input=True)``,
+  i.e. backbone + head, outputs ``bbox_regression`` (B, A, 4) and ``cls_logits`` (B, A, C) for the A
+  default boxes, C counting background as class 0. Classifiers: the model itself, output ``logits``
+  (B, num_classes). The batch axis is dynamic unless ``dynamic_batch=False`` (then B = 1).
+- ``model.json``: class names, input size, output names and, for detectors, the box coder's weights,
+  the score / NMS thresholds and the post-processing recipe in words (``POSTPROCESS_RECIPE``).
+- ``model.anchors.npy`` (detectors): the (A, 4) float32 default boxes, xyxy pixels of the model's input.
+
+Box decoding, scoring and NMS stay outside the graph (they are cheap, data-dependent and every runtime
+has its own NMS); ``postprocess_onnx_outputs`` is the reference implementation of the recipe (numpy, and
+torchvision's ``batched_nms``), checked against ``compression.ssd_fast.ssd_detect`` in tests/test_export.py.
+
+Exporter: torch 2.14's default ``torch.onnx.export(dynamo=True)`` needs the extra package onnxscript,
+cannot go below opset 18 and takes ~30x longer on these models, so the TorchScript exporter
+(``dynamo=False``, opsets 11-20, deprecated but still shipped) is the default; ``exporter="dynamo"``
+uses the new one where onnxscript is installed. Both give the same outputs to ~2e-5 here.
+Every file is written under a temporary name and renamed into place, the ``.onnx`` last, and nothing
+is overwritten: an existing output refuses the export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.models.detection.ssd import SSD
+
+from compression.checkpoint import load_checkpoint
+from compression.errors import ConfigError, ModelError
+from compression.metrics import count_flops, count_parameters, file_size_bytes
+
+__all__ = ["EXPORT_FORMATS", "POSTPROCESS_RECIPE", "export_onnx", "export_paths", "postprocess_onnx_outputs"]
+
+EXPORT_FORMATS: tuple[str, ...] = ("onnx",)
+SIDECAR_FORMAT = "prunepipe-onnx/1"
+_OPSETS = {"torchscript": (11, 20), "dynamo": (18, 23)}
+
+POSTPROCESS_RECIPE: list[str] = [
+    "1. Resize each RGB image to input.height x input.width (bilinear), scale to [0, 1], NCHW float32; "
+    "normalisation happens inside the graph.",
+    "2. Decode bbox_regression[i] (A, 4) = (dx, dy, dw, dh) against anchors (A, 4) xyxy: with the anchor's "
+    "width w, height h and centre (cx, cy) and box_coder_weights (wx, wy, ww, wh): "
+    "x = cx + dx / wx * w, y = cy + dy / wy * h, W = exp(min(dw / ww, bbox_xform_clip)) * w, "
+    "H = exp(min(dh / wh, bbox_xform_clip)) * h; box = (x - W/2, y - H/2, x + W/2, y + H/2), "
+    "clipped to [0, width] x [0, height].",
+    "3. scores = softmax(cls_logits[i], axis=-1); column 0 is background, column k is class_names[k - 1].",
+    "4. For each class k >= 1: keep anchors with score > score_thresh, then the topk_candidates highest.",
+    "5. NMS per class (IoU > nms_thresh suppresses the lower score) over all classes' candidates, "
+    "sorted by score; keep the first detections_per_img.",
+    "6. Scale boxes by (original_width / width, original_height / height) to the original image's pixels.",
+]
+
+
+def export_paths(out_path: Path | str) -> dict[str, Path]:
+    """The files ``export_onnx`` writes for ``out_path`` (``anchors`` only for detectors)."""
+    out = Path(out_path)
+    return {"onnx": out, "json": out.with_suffix(".json"), "anchors": out.with_suffix(".anchors.npy")}
+
+
+def _check_out(out: Path, is_detector: bool, opset: int, exporter: str) -> None:
+    if out.suffix != ".onnx":
+        raise ConfigError(f"{out}: ONNX exports must end in .onnx")
+    if exporter not in _OPSETS:
+        raise ConfigError(f"unknown exporter {exporter!r} (valid: {', '.join(_OPSETS)})")
+    low, high = _OPSETS[exporter]
+    if not low <= opset <= high:
+        raise ConfigError(f"opset {opset} is not supported by the {exporter} exporter (valid: {low}-{high})")
+    paths = export_paths(out)
+    for kind, path in paths.items():
+        if (kind != "anchors" or is_detector) and path.exists():
+            raise ConfigError(f"{path}: already exists; pass another output path (nothing was overwritten)")
+    if not out.parent.is_dir():
+        raise ConfigError(f"{out.parent}: output folder does not exist")
+
+
+def _network(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    if isinstance(model, SSD):
+        from compression.models import SSDNetwork
+
+        return SSDNetwork(model, normalize_input=True).eval(), ["bbox_regression", "cls_logits"]
+    return model.eval(), ["logits"]
+
+
+def _export(network: nn.Module, example: torch.Tensor, path: str, output_names: list[str], opset: int,
+            dynamic_batch: bool, exporter: str) -> None:
+    names = {"input_names": ["images"], "output_names": output_names, "opset_version": opset}
+    if exporter == "dynamo":
+        try:
+            import onnxscript  # noqa: F401 - the dynamo exporter's dependency
+        except ImportError:
+            raise ModelError("exporter 'dynamo' needs the onnxscript package (pip install onnxscript)") from None
+        shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
+        program = torch.onnx.export(network, (example,), dynamo=True, dynamic_shapes=shapes, external_data=False,
+                                    verbose=False, **names)
+        program.save(path)
+        return
+    axes = {name: {0: "batch"} for name in ["images", *output_names]} if dynamic_batch else None
+    with warnings.catch_warnings():
+        # The TorchScript exporter is chosen on purpose (see the module docstring): silence its notices.
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        warnings.filterwarnings("ignore", message="The feature will be removed.*")
+        torch.onnx.export(network, (example,), path, dynamo=False, dynamic_axes=axes, do_constant_folding=True,
+                          **names)
+
+
+def _write_atomic(path: Path, write) -> str:
+    """Write through ``write(tmp_path)`` to a temporary file beside ``path``; returns the temporary name."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    write(tmp)
+    return tmp
+
+
+@torch.no_grad()
+def export_onnx(
+    checkpoint_path: Path | str,
+    out_path: Path | str,
+    opset: int = 17,
+    dynamic_batch: bool = True,
+    exporter: str = "torchscript",
+) -> dict[str, Any]:
+    """Export ``checkpoint_path``'s network to ``out_path`` (.onnx) plus sidecars; returns its metrics.
+
+    Metrics: ``onnx_size_bytes`` (the .onnx file), ``flops`` (``metrics.count_flops`` of the exported
+    network at batch 1), ``params``, ``checkpoint_size_bytes``, ``input_name``, ``input_shape``
+    (``["batch", 3, H, W]``), ``output_names``, ``opset``, ``exporter`` and the written ``files``.
+    Raises ``CheckpointError`` for a bad checkpoint (a pickle included) and ``ConfigError`` for an
+    existing output or an unsupported opset; nothing is written then.
+    """
+    import onnx
+
+    out = Path(out_path)
+    ckpt = load_checkpoint(checkpoint_path)
+    model = ckpt.model.cpu().float().eval()
+    is_detector = isinstance(model, SSD)
+    _check_out(out, is_detector, opset, exporter)
+
+    from compression.models import model_input_size, ssd_default_boxes
+
+    height, width = model_input_size(model)
+    network, output_names = _network(model)
+    example = torch.rand(2 if dynamic_batch else 1, 3, height, width, generator=torch.Generator().manual_seed(0))
+    sidecar: dict[str, Any] = {
+        "format": SIDECAR_FORMAT,
+        "task": ckpt.task,
+        "model_name": ckpt.model_name,
+        "checkpoint": str(checkpoint_path),
+        "class_names": list(ckpt.class_names),
+        "input": {"name": "images", "shape": ["batch" if dynamic_batch else 1, 3, height, width],
+                  "dtype": "float32", "height": height, "width": width,
+                  "values": "RGB in [0, 1]; mean/std normalisation is inside the graph"},
+        "outputs": output_names,
+        "opset": opset,
+    }
+    paths = export_paths(out)
+    written = {"onnx": paths["onnx"], "json": paths["json"]}
+    if is_detector:
+        anchors = ssd_default_boxes(model).to(torch.float32).numpy()
+        written["anchors"] = paths["anchors"]
+        sidecar["detection"] = {
+            "anchors_file": paths["anchors"].name,
+            "num_anchors": int(anchors.shape[0]),
+            "num_classes_with_background": len(ckpt.class_names) + 1,
+            "box_coder_weights": [float(w) for w in model.box_coder.weights],
+            "bbox_xform_clip": float(model.box_coder.bbox_xform_clip),
+            "score_thresh": float(model.score_thresh),
+            "nms_thresh": float(model.nms_thresh),
+            "topk_candidates": int(model.topk_candidates),
+            "detections_per_img": int(model.detections_per_img),
+            "postprocess": POSTPROCESS_RECIPE,
+        }
+    else:
+        sidecar["classification"] = {"postprocess": "softmax(logits); class k is class_names[k]"}
+
+    temporaries: dict[str, str] = {}
+    try:
+        temporaries["onnx"] = _write_atomic(
+            out, lambda tmp: _export(network, example, tmp, output_names, opset, dynamic_batch, exporter)
+        )
+        onnx.checker.check_model(temporaries["onnx"], full_check=True)
+        if is_detector:
+            temporaries["anchors"] = _write_atomic(paths["anchors"], lambda tmp: _save_npy(tmp, anchors))
+        temporaries["json"] = _write_atomic(
+            paths["json"], lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2) + "\n")
+        )
+        # The .onnx last: where it exists, its sidecars are complete.
+        for kind in ("anchors", "json", "onnx"):
+            if kind in temporaries:
+                os.replace(temporaries.pop(kind), written[kind])
+    finally:
+        for tmp in temporaries.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    return {
+        "format": "onnx",
+        "onnx_size_bytes": file_size_bytes(out),
+        "flops": count_flops(network, (height, width)),
+        "params": count_parameters(network),
+        "checkpoint_size_bytes": file_size_bytes(checkpoint_path),
+        "input_name": "images",
+        "input_shape": sidecar["input"]["shape"],
+        "output_names": output_names,
+        "opset": opset,
+        "exporter": exporter,
+        "files": {kind: str(path) for kind, path in written.items()},
+    }
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    # Through a file object: given a name without ".npy", np.save would append one.
+    with open(path, "wb") as handle:
+        np.save(handle, array)
+
+
+def postprocess_onnx_outputs(
+    bbox_regression: np.ndarray,
+    cls_logits: np.ndarray,
+    anchors: np.ndarray,
+    sidecar: dict[str, Any],
+    original_sizes: Sequence[tuple[int, int]] | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """The sidecar's recipe (``POSTPROCESS_RECIPE``): detections per image from the ONNX outputs.
+
+    ``bbox_regression`` (B, A, 4), ``cls_logits`` (B, A, C), ``anchors`` (A, 4) from the .anchors.npy,
+    ``sidecar`` the parsed .json; ``original_sizes`` each image's (height, width) (default: the model's
+    input size). Returns per image ``{"boxes" (N, 4) xyxy, "scores" (N,), "labels" (N,) int64}``, best
+    first, as torchvision's ``SSD`` in eval mode returns them.
+    """
+    from torchvision.ops import batched_nms
+
+    det = sidecar["detection"]
+    height, width = sidecar["input"]["height"], sidecar["input"]["width"]
+    wx, wy, ww, wh = det["box_coder_weights"]
+    clip = np.float32(det["bbox_xform_clip"])
+    anchors = anchors.astype(np.float32)
+    anchor_w = anchors[:, 2] - anchors[:, 0]
+    anchor_h = anchors[:, 3] - anchors[:, 1]
+    anchor_cx = anchors[:, 0] + np.float32(0.5) * anchor_w
+    anchor_cy = anchors[:, 1] + np.float32(0.5) * anchor_h
+    original_sizes = list(original_sizes or [(height, width)] * len(bbox_regression))
+    results = []
+    for codes, logits, (orig_h, orig_w) in zip(bbox_regression, cls_logits, original_sizes, strict=True):
+        codes = codes.astype(np.float32)
+        cx = codes[:, 0] / np.float32(wx) * anchor_w + anchor_cx
+        cy = codes[:, 1] / np.float32(wy) * anchor_h + anchor_cy
+        half_w = np.float32(0.5) * np.exp(np.minimum(codes[:, 2] / np.float32(ww), clip)) * anchor_w
+        half_h = np.float32(0.5) * np.exp(np.minimum(codes[:, 3] / np.float32(wh), clip)) * anchor_h
+        boxes = np.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], axis=1)
+        boxes = np.clip(boxes, 0, np.array([width, height, width, height], dtype=np.float32))
+
+        shifted = logits.astype(np.float32) - logits.max(axis=1, keepdims=True)
+        scores = np.exp(shifted)
+        scores /= scores.sum(axis=1, keepdims=True)
+
+        cand_boxes, cand_scores, cand_labels = [], [], []
+        for label in range(1, scores.shape[1]):
+            (above,) = np.nonzero(scores[:, label] > det["score_thresh"])
+            top = above[np.argsort(-scores[above, label], kind="stable")[: det["topk_candidates"]]]
+            cand_boxes.append(boxes[top])
+            cand_scores.append(scores[top, label])
+            cand_labels.append(np.full(len(top), label, dtype=np.int64))
+        all_boxes, all_scores = np.concatenate(cand_boxes), np.concatenate(cand_scores)
+        all_labels = np.concatenate(cand_labels)
+        keep = batched_nms(torch.from_numpy(all_boxes), torch.from_numpy(all_scores),
+                           torch.from_numpy(all_labels), det["nms_thresh"]).numpy()
+        keep = keep[: det["detections_per_img"]]
+        scale = np.array([orig_w / width, orig_h / height] * 2, dtype=np.float32)
+        results.append({"boxes": all_boxes[keep] * scale, "scores": all_scores[keep], "labels": all_labels[keep]})
+    return results
+

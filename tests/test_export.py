@@ -1,0 +1,196 @@
+"""compression.export: ONNX files that onnxruntime runs to PyTorch's outputs, and a sidecar that
+reproduces SSD post-processing; the CLI's ``export`` command and its refusals.
+
+Small models keep the file fast: ssd_vgg_lite at width 1/16 (dense and with filters pruned by
+``prune_filters``) and vgg16_cifar at width 1/8, random weights (export does not depend on them).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from compression.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from compression.data.digits import DIGIT_CLASSES, write_digits_voc
+from compression.data.transforms import eval_transforms
+from compression.data.voc import VOCDetection
+from compression.errors import CheckpointError, ConfigError, PrunepipeError
+from compression.export import export_onnx, export_paths, postprocess_onnx_outputs
+from compression.metrics import count_flops
+from compression.models import SSDNetwork, build_model, ssd_default_boxes
+from compression.pruning import build_dependency_graph, prune_filters
+from compression.ssd_fast import preprocess_batch, ssd_detect
+from flows.cli import app
+
+CLASSES = list(DIGIT_CLASSES)
+LITE_ARGS = {"num_classes": len(CLASSES) + 1, "width_mult": 0.0625}
+VGG_ARGS = {"num_classes": len(CLASSES), "width_mult": 0.125}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the machine's cores are shared
+    yield
+    torch.set_num_threads(threads)
+
+
+def _save(folder, name, model_name, args, model):
+    ckpt = Checkpoint(model=model, model_name=model_name, model_args=args, class_names=CLASSES)
+    return save_checkpoint(ckpt, folder / f"{name}.safetensors")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    lite = build_model("ssd_vgg_lite", **LITE_ARGS)
+    pruned = build_model("ssd_vgg_lite", **LITE_ARGS)
+    pruned.load_state_dict(lite.state_dict())
+    selection = {"backbone.conv1_1": [0, 2], "backbone.conv4_3": [1, 5, 7], "backbone.fc7": [0, 3, 4, 9]}
+    prune_filters(pruned, selection, dg=build_dependency_graph(pruned))
+    vgg = build_model("vgg16_cifar", **VGG_ARGS)
+    return {
+        "lite": _save(folder, "lite", "ssd_vgg_lite", LITE_ARGS, lite),
+        "pruned": _save(folder, "pruned", "ssd_vgg_lite", LITE_ARGS, pruned),
+        "vgg": _save(folder, "vgg", "vgg16_cifar", VGG_ARGS, vgg),
+    }
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoints, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("onnx")
+    return {name: export_onnx(path, folder / f"{name}.onnx") for name, path in checkpoints.items()}
+
+
+def _session(metrics) -> ort.InferenceSession:
+    return ort.InferenceSession(metrics["files"]["onnx"], providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("name", ["lite", "pruned"])
+def test_detector_onnx_matches_pytorch_at_batch_1_and_3(checkpoints, exported, name):
+    metrics = exported[name]
+    ssd = load_checkpoint(checkpoints[name]).model.eval()
+    network = SSDNetwork(ssd, normalize_input=True).eval()
+    anchors = np.load(metrics["files"]["anchors"])
+    assert anchors.dtype == np.float32 and np.array_equal(anchors, ssd_default_boxes(ssd).numpy())
+    assert metrics["flops"] == count_flops(ssd, (128, 128)) and metrics["input_shape"] == ["batch", 3, 128, 128]
+    assert onnx.load(metrics["files"]["onnx"]).opset_import[0].version == 17
+    session = _session(metrics)
+    assert [o.name for o in session.get_outputs()] == ["bbox_regression", "cls_logits"]
+    generator = torch.Generator().manual_seed(1)
+    for batch in (1, 3):
+        images = torch.rand(batch, 3, 128, 128, generator=generator)
+        boxes, logits = session.run(None, {"images": images.numpy()})
+        with torch.no_grad():
+            ref_boxes, ref_logits = network(images)
+        assert boxes.shape == (batch, len(anchors), 4) and logits.shape == (batch, len(anchors), len(CLASSES) + 1)
+        np.testing.assert_allclose(boxes, ref_boxes.numpy(), atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(logits, ref_logits.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_pruned_export_is_smaller(exported):
+    assert exported["pruned"]["flops"] < exported["lite"]["flops"]
+    assert exported["pruned"]["onnx_size_bytes"] < exported["lite"]["onnx_size_bytes"]
+
+
+def test_classifier_onnx_matches_pytorch(checkpoints, exported):
+    metrics = exported["vgg"]
+    model = load_checkpoint(checkpoints["vgg"]).model.eval()
+    assert metrics["output_names"] == ["logits"] and "anchors" not in metrics["files"]
+    sidecar = json.loads(open(metrics["files"]["json"]).read())
+    assert sidecar["class_names"] == CLASSES and sidecar["task"] == "classification"
+    session = _session(metrics)
+    for batch in (1, 3):
+        images = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+        (logits,) = session.run(None, {"images": images.numpy()})
+        with torch.no_grad():
+            np.testing.assert_allclose(logits, model(images).numpy(), atol=1e-4, rtol=1e-4)
+
+
+def _assert_same_detections(ours, reference, atol=1e-4):
+    """Same detections in the same order, to float rounding."""
+    assert len(ours["scores"]) == len(reference["scores"]) > 0
+    np.testing.assert_array_equal(ours["labels"], reference["labels"].numpy())
+    np.testing.assert_allclose(ours["scores"], reference["scores"].numpy(), atol=atol)
+    np.testing.assert_allclose(ours["boxes"], reference["boxes"].numpy(), atol=atol * 100)
+
+
+def _assert_best_detections_found(ours, reference, count=20, atol=1e-3):
+    """Each of the reference's ``count`` best has a twin (label, score, box) among ours' ``count + 5`` best:
+    scores here can lie 1e-7 apart, so outputs 1e-5 apart may swap neighbours."""
+    labels, scores, boxes = (ours[k][: count + 5] for k in ("labels", "scores", "boxes"))
+    for label, score, box in zip(*(reference[k][:count].numpy() for k in ("labels", "scores", "boxes")), strict=True):
+        twin = (labels == label) & (np.abs(scores - score) < atol) & (np.abs(boxes - box).max(axis=1) < atol * 100)
+        assert twin.any(), (label, score, box)
+
+
+def test_sidecar_recipe_reproduces_ssd_detect(checkpoints, exported, tmp_path):
+    metrics = exported["pruned"]
+    sidecar = json.loads(open(metrics["files"]["json"]).read())
+    anchors = np.load(metrics["files"]["anchors"])
+    ssd = load_checkpoint(checkpoints["pruned"]).model.eval()
+    # A real digits canvas cut to 96x80 (so that x and y scale differently); the deployment resizes it
+    # to the model's 128x128 itself.
+    devkit = write_digits_voc(tmp_path, image_size=96, num_images={"train": 1, "val": 1, "test": 1})
+    image = VOCDetection(devkit, ["2007:train"], DIGIT_CLASSES, transforms=eval_transforms())[0][0]
+    image = image.float().div(255).as_subclass(torch.Tensor)[:, :, :80]
+    (reference,) = ssd_detect(ssd, image[None])
+
+    # The recipe on the very network outputs ssd_detect post-processes: every detection, to rounding.
+    batch, _ = preprocess_batch(ssd, image[None])
+    with torch.no_grad():
+        boxes, logits = SSDNetwork(ssd)(batch)
+    (ours,) = postprocess_onnx_outputs(boxes.numpy(), logits.numpy(), anchors, sidecar, [(96, 80)])
+    _assert_same_detections(ours, reference)
+
+    # onnxruntime on the image resized by the deployment (outputs ~1e-5 from PyTorch's): the best detections.
+    resized = F.interpolate(image[None], size=(128, 128), mode="bilinear", align_corners=False)
+    onnx_boxes, onnx_logits = _session(metrics).run(None, {"images": resized.numpy()})
+    (from_onnx,) = postprocess_onnx_outputs(onnx_boxes, onnx_logits, anchors, sidecar, [(96, 80)])
+    _assert_best_detections_found(from_onnx, reference)
+
+
+def test_sidecar_documents_post_processing(exported):
+    sidecar = json.loads(open(exported["lite"]["files"]["json"]).read())
+    detection = sidecar["detection"]
+    assert detection["box_coder_weights"] == [10.0, 10.0, 5.0, 5.0]
+    assert detection["num_anchors"] == len(np.load(exported["lite"]["files"]["anchors"]))
+    assert any("softmax" in step for step in detection["postprocess"])
+    assert sidecar["input"]["height"] == sidecar["input"]["width"] == 128
+
+
+def test_refuses_to_overwrite_and_pickles(checkpoints, tmp_path):
+    out = tmp_path / "model.onnx"
+    out.write_text("keep me")
+    with pytest.raises(ConfigError, match="already exists"):
+        export_onnx(checkpoints["vgg"], out)
+    assert out.read_text() == "keep me" and not export_paths(out)["json"].exists()
+
+    other = tmp_path / "other.onnx"
+    export_paths(other)["anchors"].write_text("keep me too")  # a detector's sidecar is there already
+    with pytest.raises(ConfigError, match="anchors.npy: already exists"):
+        export_onnx(checkpoints["lite"], other)
+    assert not other.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "other.anchors.npy"]
+
+    pickled = tmp_path / "pickled.safetensors"
+    torch.save(build_model("vgg16_cifar", **VGG_ARGS).state_dict(), pickled)
+    with pytest.raises(CheckpointError, match="pickle"):
+        export_onnx(pickled, tmp_path / "pickled.onnx")
+
+
+def test_cli_export(checkpoints, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["export", str(checkpoints["vgg"]), "--format", "tflite"])
+    assert isinstance(result.exception, PrunepipeError) and "valid: onnx" in str(result.exception)
+    out = tmp_path / "cli.onnx"
+    result = runner.invoke(app, ["export", str(checkpoints["vgg"]), "--format", "onnx", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "onnx_size_bytes" in result.output and out.is_file() and out.with_suffix(".json").is_file()

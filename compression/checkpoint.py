@@ -242,9 +242,11 @@ def _check_file(path: Path) -> Path:
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder, expected a .safetensors checkpoint file")
     with path.open("rb") as handle:
-        head = handle.read(8)
-    # torch.save writes a zip (PK) or a raw pickle (0x80 protocol byte): never unpickle those.
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+        head = handle.read(9)
+    # safetensors: an 8-byte header length, then the JSON header ("{"). Anything else that starts like
+    # torch.save's output (a zip "PK", or a raw pickle's 0x80 protocol byte) is refused, never unpickled.
+    is_safetensors = len(head) == 9 and head[8:9] == b"{"
+    if not is_safetensors and (head[:2] == b"PK" or head[:1] == b"\x80"):
         raise CheckpointError(
             f"{path}: looks like a pickle/torch.save file; prunepipe never unpickles checkpoints "
             "(convert it to .safetensors)"

@@ -20,6 +20,7 @@ from torch import nn
 
 from compression.checkpoint import Checkpoint, load_checkpoint, load_weights, save_checkpoint
 from compression.config import OptimConfig, PipelineConfig
+from compression.errors import StageError
 from compression.train import EpochCallback, TrainState, make_objective, seed_everything, train_model
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,15 @@ def build_job_objective(job: TrainJob, ckpt: Checkpoint) -> nn.Module:
         from compression.distill import DistillationObjective
 
         teacher = load_checkpoint(job.teacher_checkpoint, expect_model=ckpt.model_name)
-        return DistillationObjective.from_config(ckpt, teacher, cfg.stages.distill, fast_ssd=cfg.compute.fast_ssd)
+        if teacher.class_names != ckpt.class_names:
+            raise StageError(
+                f"{job.teacher_checkpoint}: the teacher's classes {teacher.class_names} differ from the student's "
+                f"{ckpt.class_names}"
+            )
+        return DistillationObjective.from_config(
+            ckpt.model, teacher.model, cfg.stages.distill, model_name=ckpt.model_name,
+            fast_ssd=cfg.compute.fast_ssd, amp_bf16=cfg.compute.amp_bf16,
+        )
     return make_objective(ckpt.model, ckpt.task, fast_ssd=cfg.compute.fast_ssd,
                           amp_bf16=cfg.compute.amp_bf16, channels_last=cfg.compute.channels_last)
 

@@ -360,15 +360,15 @@ def serve(
     from tasks.env import apply_env_defaults
 
     apply_env_defaults()
+    planned = plan_deployments(presets, overrides, cron)  # a bad preset or value stops here
     api = os.environ["PREFECT_API_URL"]
     check_server(api)
-    planned = plan_deployments(presets, overrides, cron)
     for plan in planned:
         schedule = f"cron '{plan.cron}' UTC, " + ("active" if plan.schedule_active else "inactive (GPU preset)")
         console.print(f"{plan.full_name}: {plan.config.model.name} from {plan.source}; {schedule}",
-                      markup=False, highlight=False)
+                      markup=False, highlight=False, soft_wrap=True)
     console.print(f"Prefect UI: {ui_url(api)}/deployments; runs execute in this process until Ctrl-C",
-                  markup=False, highlight=False)
+                  markup=False, highlight=False, soft_wrap=True)
     serve_presets(planned, limit=limit)
 
 
@@ -396,7 +396,7 @@ def compare(
     console.print(compare_table(rows, metric))
     plot = pareto_plot(rows, out, metric)
     message = f"Pareto plot ({metric} vs FLOPs): {plot}" if plot else f"no checkpoint has both FLOPs and {metric}: no plot"
-    console.print(message, markup=False, highlight=False)
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
 def main() -> None:

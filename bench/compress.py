@@ -1,0 +1,74 @@
+"""The seed method end to end, in-process (issue: method): params, size, FLOPs, mAP and wall time per stage.
+
+    .venv/bin/python bench/compress.py [--config default] [--set k=v ...] [--base CKPT]
+
+`--base` reuses a pretrained checkpoint (e.g. the one bench/pretrain.py measured) instead of pretraining
+again. Writes bench/results/compress.json; run bench/report.py afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import write_result  # noqa: E402
+
+COLUMNS = ("stage", "phase", "params", "size_bytes", "flops", "map_voc07", "map_coco", "top1",
+           "params_ratio", "flops_ratio", "stage_seconds")
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="default")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--base", type=Path, default=None, help="pretrained checkpoint to start from")
+    args = parser.parse_args()
+
+    from compression.config import load_config
+    from compression.data.loaders import ensure_builtin_data
+    from compression.pipeline import run_pipeline_in_process
+
+    overrides = list(args.overrides)
+    if args.base is not None:
+        overrides.append(f"stages.pretrain.checkpoint={args.base}")
+    cfg = load_config(args.config, overrides)
+    ensure_builtin_data(cfg.data)
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        rows = run_pipeline_in_process(cfg, Path(tmp) / "run")
+        total = time.perf_counter() - started
+    table = []
+    for row in rows:
+        metrics = row.get("metrics", {})
+        table.append({"stage": row.get("stage"), "phase": row.get("phase"),
+                      **{k: metrics.get(k) for k in COLUMNS if k not in ("stage", "phase")}})
+    header = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS)
+    body = "\n".join("| " + " | ".join(_cell(r.get(c)) for c in COLUMNS) + " |" for r in table)
+    base, final = rows[0]["metrics"], rows[-1]["metrics"]
+    key = "map_voc07" if "map_voc07" in base else "top1"
+    verdict = (
+        f"final vs pretrained: {final.get('params_ratio', float('nan')):.2f}x fewer params, "
+        f"{final.get('flops_ratio', float('nan')):.2f}x fewer FLOPs, {key} {base.get(key, float('nan')):.4f} -> "
+        f"{final.get(key, float('nan')):.4f} ({100 * (base.get(key, 0) - final.get(key, 0)):+.2f} points drop); "
+        f"total {total:.0f} s" + (" (pretraining reused from --base)" if args.base else "")
+    )
+    out = write_result("compress", {"config": args.config, "overrides": overrides, "rows": table,
+                                    "total_seconds": total, "markdown": f"{header}\n{body}\n\n{verdict}"})
+    print(f"{header}\n{body}\n\n{verdict}\n-> {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,440 @@
+"""Ray Train binding of ``compression.jobs``: every training stage runs as a ``TorchTrainer`` fit.
+
+``RayTrainer.fit(job)`` runs the very same ``run_train_job`` as ``LocalTrainer`` inside each Ray Train
+worker, with the objective wrapped in DDP (gloo on CPU, NCCL on GPU) and the loader sharded. Each epoch
+every rank calls ``ray.train.report``; rank 0 attaches a checkpoint directory holding the objective's
+weights and the ``TrainState`` (safetensors + JSON, nothing pickled). A restarted worker group (a lost
+worker, or a new fit with the same run name after the driver died) resumes from the last reported epoch,
+and rank 0 writes the final prunepipe checkpoint to ``job.output_checkpoint`` after the loop.
+
+This module is imported by every Ray worker (the loop function is pickled by reference), so it keeps its
+top-level imports to Ray and the pure-PyTorch ``compression`` package: no Prefect, no MLflow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from compression.checkpoint import file_digest, read_metadata, save_checkpoint
+from compression.config import ComputeConfig
+from compression.errors import PrunepipeError
+from compression.jobs import TrainJob, TrainResult, run_train_job
+from compression.train import TrainState
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "objective.safetensors"
+STATE_TENSORS_FILE = "state.safetensors"
+STATE_JSON_FILE = "state.json"
+
+# Ray Train V2 (the default since Ray 2.5x) extras that cost a process each per fit and do nothing for a
+# one-node run we own: the preemption watcher actor and the metrics callbacks. Set only if unset, so a
+# cluster operator can turn them back on.
+_RAY_TRAIN_ENV = {
+    "RAY_TRAIN_V2_ENABLED": "1",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+}
+
+
+class ComputeError(PrunepipeError):
+    """Ray or the accelerator the config asks for is not there."""
+
+
+# --------------------------------------------------------------------------------------------
+# One Ray connection per process (flow run)
+
+
+@dataclass
+class RayInfo:
+    address: str
+    started_here: bool
+    cpus: float
+    gpus: float
+    init_seconds: float
+
+
+_ray_info: RayInfo | None = None
+
+
+def check_gpu(compute: ComputeConfig) -> None:
+    """``compute.use_gpu`` needs a visible CUDA GPU (checked before Ray starts)."""
+    if compute.use_gpu and not torch.cuda.is_available():
+        raise ComputeError("compute.use_gpu is true but no CUDA GPU is visible here; set compute.use_gpu=false")
+
+
+def ray_address(compute: ComputeConfig) -> str | None:
+    return compute.ray_address or os.environ.get("RAY_ADDRESS") or None
+
+
+def check_ray_address(address: str, timeout: float = 3.0) -> None:
+    """Fail with one line when nothing listens at a ``host:port`` Ray address (``auto`` is Ray's to find)."""
+    if address in ("auto", "local"):
+        return
+    host_port = address.removeprefix("ray://").rsplit("/", 1)[0]
+    host, sep, port = host_port.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ComputeError(f"compute.ray_address {address!r}: expected HOST:PORT (or ray://HOST:PORT, or auto)")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise ComputeError(
+            f"Ray address {address}: no Ray cluster answers there ({exc.strerror or exc}); start one with "
+            "`ray start --head` or leave compute.ray_address and $RAY_ADDRESS empty for a local Ray"
+        ) from None
+
+
+def ensure_ray(compute: ComputeConfig) -> RayInfo:
+    """Connect to ``compute.ray_address`` / ``$RAY_ADDRESS``, else start a local Ray sized to this machine.
+
+    Called once per flow run and reused by every stage; a second call returns the same connection.
+    """
+    global _ray_info
+    import ray
+
+    check_gpu(compute)
+    if _ray_info is not None and ray.is_initialized():
+        _check_resources(compute, _ray_info)
+        return _ray_info
+    for key, value in _RAY_TRAIN_ENV.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = ray_address(compute)
+    started = time.perf_counter()
+    if ray.is_initialized():  # someone (a test, a notebook) connected already: use it
+        started_here = False
+    elif address:
+        check_ray_address(address)
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        except (ConnectionError, TimeoutError, RuntimeError) as exc:
+            raise ComputeError(f"Ray address {address}: cannot connect ({_first_line(exc)})") from None
+        started_here = False
+    else:
+        # address="local": never join another Ray found on this machine (other users' clusters).
+        ray.init(
+            address="local",
+            num_cpus=os.cpu_count(),
+            num_gpus=torch.cuda.device_count() if compute.use_gpu else 0,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
+        started_here = True
+    resources = ray.cluster_resources()
+    info = RayInfo(
+        address=ray.get_runtime_context().gcs_address,
+        started_here=started_here,
+        cpus=float(resources.get("CPU", 0)),
+        gpus=float(resources.get("GPU", 0)),
+        init_seconds=time.perf_counter() - started,
+    )
+    _ray_info = info
+    log.info("Ray at %s (%g CPUs, %g GPUs) ready in %.1fs", info.address, info.cpus, info.gpus, info.init_seconds)
+    _check_resources(compute, info)
+    return info
+
+
+def _check_resources(compute: ComputeConfig, info: RayInfo) -> None:
+    """A fit that asks for more than the cluster has would wait forever: refuse it with one line."""
+    needed_gpus = compute.num_workers if compute.use_gpu else 0
+    if info.gpus < needed_gpus:
+        raise ComputeError(
+            f"compute.use_gpu: {compute.num_workers} workers need {needed_gpus} GPUs, the Ray cluster at "
+            f"{info.address} has {info.gpus:g}"
+        )
+    needed_cpus = compute.num_workers * compute.cpus_per_worker
+    if info.cpus < needed_cpus:
+        raise ComputeError(
+            f"compute.num_workers x cpus_per_worker = {needed_cpus:g} CPUs, but the Ray cluster at "
+            f"{info.address} has {info.cpus:g}; lower compute.num_workers or compute.cpus_per_worker"
+        )
+
+
+def ray_summary() -> dict[str, Any] | None:
+    """How this process reached Ray (None when no fit needed it)."""
+    if _ray_info is None:
+        return None
+    return {"address": _ray_info.address, "started_here": _ray_info.started_here, "cpus": _ray_info.cpus,
+            "gpus": _ray_info.gpus, "init_seconds": _ray_info.init_seconds}
+
+
+def shutdown_ray() -> None:
+    """Stop the local Ray this process started (a joined cluster is only disconnected)."""
+    global _ray_info
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    _ray_info = None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# Run names: stable per (stage, phase, input, settings), so a re-run resumes the same Ray run
+
+
+def run_name(job: TrainJob) -> str:
+    """``<stage>[-<phase>]-<digest>``: the digest covers the input checkpoint's bytes and every setting
+    that shapes the training except the epoch count, so asking for more epochs continues a run."""
+    payload = job.to_dict()
+    payload.pop("output_checkpoint")
+    payload["optim"] = {k: v for k, v in payload["optim"].items() if k != "epochs"}
+    config = dict(payload["config"])
+    config.pop("tracking", None)
+    config["stages"] = {
+        name: {k: v for k, v in section.items() if k != "epochs"} if isinstance(section, dict) else section
+        for name, section in config.get("stages", {}).items()
+    }
+    config["compute"] = {
+        k: v for k, v in config.get("compute", {}).items() if k not in ("ray_address", "storage_path", "max_failures")
+    }
+    payload["config"] = config
+    for key in ("input_checkpoint", "teacher_checkpoint"):
+        if payload.get(key):
+            payload[key] = file_digest(payload[key])
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    parts = [job.stage] + ([_slug(job.phase)] if job.phase else []) + [digest]
+    return "-".join(parts)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._" else "_" for c in text)[:40]
+
+
+# --------------------------------------------------------------------------------------------
+# Training state <-> files (tensors in safetensors, the rest in JSON; nothing is unpickled)
+
+
+def _split_tensors(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        key = prefix or "tensor"
+        tensors[key] = obj.detach().to("cpu").contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if any(not isinstance(k, str | int) for k in obj):
+            raise TypeError(f"cannot store a dict with key types {sorted({type(k).__name__ for k in obj})}")
+        return {
+            "__dict__": [[k, _split_tensors(v, tensors, f"{prefix}.{k}" if prefix else str(k))] for k, v in obj.items()]
+        }
+    if isinstance(obj, list | tuple):
+        items = [_split_tensors(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} in a training state")
+
+
+def _join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__dict__" in obj:
+            return {k: _join_tensors(v, tensors) for k, v in obj["__dict__"]}
+        if "__tuple__" in obj:
+            return tuple(_join_tensors(v, tensors) for v in obj["__tuple__"])
+    if isinstance(obj, list):
+        return [_join_tensors(v, tensors) for v in obj]
+    return obj
+
+
+def save_train_state(directory: Path, weights: dict[str, torch.Tensor], state: TrainState) -> None:
+    """Write the objective's weights and the optimiser/scheduler state as safetensors + JSON."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in weights.items()}, str(directory / WEIGHTS_FILE))
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = {
+        "epoch": state.epoch,
+        "optimizer": _split_tensors(state.optimizer, tensors, "optimizer"),
+        "scheduler": _split_tensors(state.scheduler, tensors, "scheduler"),
+        "history": state.history,
+    }
+    save_file(tensors, str(directory / STATE_TENSORS_FILE))
+    (directory / STATE_JSON_FILE).write_text(json.dumps(skeleton))
+
+
+def load_train_state(directory: Path) -> tuple[dict[str, torch.Tensor], TrainState]:
+    weights = load_file(str(directory / WEIGHTS_FILE))
+    tensors = load_file(str(directory / STATE_TENSORS_FILE))
+    skeleton = json.loads((directory / STATE_JSON_FILE).read_text())
+    state = TrainState(
+        epoch=int(skeleton["epoch"]),
+        optimizer=_join_tensors(skeleton["optimizer"], tensors),
+        scheduler=_join_tensors(skeleton["scheduler"], tensors),
+        history=list(skeleton["history"]),
+    )
+    return weights, state
+
+
+# --------------------------------------------------------------------------------------------
+# The worker loop
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs in every Ray Train worker: ``run_train_job`` with DDP, per-epoch reports, resume."""
+    import ray.train
+    import ray.train.torch
+
+    job = TrainJob(**config)
+    compute = job.pipeline.compute
+    torch.set_num_threads(compute.threads_per_worker or max(1, int(compute.cpus_per_worker)))
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+
+    resume_weights: dict[str, torch.Tensor] | None = None
+    state: TrainState | None = None
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as directory:
+            resume_weights, state = load_train_state(Path(directory))
+        log.info("%s: resuming after epoch %d", job.stage, state.epoch)
+
+    prepared: dict[str, torch.nn.Module] = {}
+
+    def prepare_objective(objective: torch.nn.Module) -> torch.nn.Module:
+        if resume_weights is not None:
+            objective.load_state_dict(resume_weights)
+        prepared["objective"] = objective
+        return ray.train.torch.prepare_model(objective)
+
+    def prepare_loader(loader: Any) -> Any:
+        # train_model moves (detection) batches itself; Ray only adds the DistributedSampler.
+        return ray.train.torch.prepare_data_loader(loader, move_to_device=False)
+
+    def report(epoch: int, metrics: dict[str, float], train_state: TrainState) -> None:
+        if rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory(prefix="prunepipe-epoch-") as directory:
+            save_train_state(Path(directory), prepared["objective"].state_dict(), train_state)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    trained, final_state = run_train_job(
+        job,
+        device=ray.train.torch.get_device(),
+        prepare_objective=prepare_objective,
+        prepare_loader=prepare_loader,
+        callbacks=[report],
+        state=state,
+        progress=False,
+    )
+    if rank == 0:
+        trained.model.to("cpu")
+        save_checkpoint(trained, Path(job.output_checkpoint))
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer
+
+
+@dataclass
+class FitTiming:
+    """Where a fit's wall time went (the driver's view)."""
+
+    run_name: str
+    seconds: float
+    epochs_trained: int
+    resumed_from_epoch: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class RayTrainer:
+    """``compression.jobs.Trainer`` on Ray Train: one ``TorchTrainer`` fit per job."""
+
+    def __init__(self, compute: ComputeConfig, storage_path: Path | str) -> None:
+        self.compute = compute
+        self.storage_path = Path(storage_path).resolve()
+        self.fits: list[FitTiming] = []
+
+    def fit(self, job: TrainJob) -> TrainResult:
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+        from ray.train.torch import TorchTrainer
+
+        ensure_ray(self.compute)
+        compute = self.compute
+        name = run_name(job)
+        resources: dict[str, float] = {"CPU": compute.cpus_per_worker}
+        if compute.use_gpu:
+            resources["GPU"] = 1
+        config = job.to_dict()
+        # The job's pipeline config must carry this trainer's compute settings (threads per worker).
+        config["config"] = {**config["config"], "compute": compute.model_dump(mode="json")}
+        before = _reported_epochs(self.storage_path / name)
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=config,
+            scaling_config=ScalingConfig(
+                num_workers=compute.num_workers, use_gpu=compute.use_gpu, resources_per_worker=resources
+            ),
+            run_config=RunConfig(
+                storage_path=str(self.storage_path),
+                name=name,
+                failure_config=FailureConfig(max_failures=compute.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=1),
+            ),
+        )
+        started = time.perf_counter()
+        try:
+            trainer.fit()
+        except TrainingFailedError as err:
+            user_error = worker_user_error(err)
+            if user_error is not None:
+                raise user_error from None
+            raise
+        seconds = time.perf_counter() - started
+        output = Path(job.output_checkpoint)
+        if not output.is_file():
+            raise RuntimeError(f"Ray Train run {name} finished without writing {output}")
+        history = list(read_metadata(output).get("extra", {}).get("history", []))
+        self.fits.append(FitTiming(name, seconds, len(history) - before, before, history))
+        log.info("%s: Ray Train fit %s took %.1fs (%d epochs)", job.stage, name, seconds, len(history) - before)
+        return TrainResult(output_checkpoint=str(output), history=history)
+
+
+def _reported_epochs(run_dir: Path) -> int:
+    """Epochs already checkpointed in a Ray Train run directory (0 when it does not exist)."""
+    best = 0
+    for state_file in run_dir.glob("checkpoint_*/" + STATE_JSON_FILE):
+        try:
+            best = max(best, int(json.loads(state_file.read_text())["epoch"]))
+        except (OSError, ValueError, KeyError):
+            continue
+    return best
+
+
+def worker_user_error(err: BaseException) -> PrunepipeError | None:
+    """The ``PrunepipeError`` a worker raised (a user error: bad data, diverged loss), if any."""
+    for failure in getattr(err, "worker_failures", {}).values():
+        base = getattr(failure, "_base_exc", failure)  # UserExceptionWithTraceback wraps the original
+        if isinstance(base, PrunepipeError):
+            return base
+    return None
+
+
+def is_lost_worker(err: BaseException) -> bool:
+    """True when a training failure came from Ray losing a worker/actor/node (worth a retry)."""
+    import ray.exceptions
+
+    lost = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)
+    failures = getattr(err, "worker_failures", None)
+    if failures is None:
+        cause = getattr(err, "controller_failure", None)
+        return cause is not None and not isinstance(cause, PrunepipeError)
+    return any(isinstance(getattr(f, "_base_exc", f), lost) or isinstance(f, lost) for f in failures.values())

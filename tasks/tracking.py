@@ -1,0 +1,423 @@
+"""MLflow tracking of a pipeline run: one parent run per flow run, one nested child run per checkpoint.
+
+Every call names its run explicitly (``MlflowClient`` with run ids, no "active run" stack), so logging
+works from any thread or Prefect task. A child run holds the stage's settings (params), its
+measurements (size, FLOPs, mAP/top-1, latency, ratios to the base), the per-epoch training curves
+(step = epoch), the checkpoint file, the selection JSON and plots; the parent holds the whole config, the
+checkpoint table and the mAP-vs-FLOPs plot. The final model is registered as a pyfunc built from the
+safetensors checkpoint (``tasks/mlflow_model.py``: models from code, nothing pickled) and gets an alias.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compression.config import PipelineConfig, TrackingConfig
+from compression.errors import PrunepipeError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+COMPRESSION_PACKAGE = Path(__file__).resolve().parent.parent / "compression"
+_METRIC_KEY = re.compile(r"[^0-9A-Za-z_\-. /]")
+# Keys of a checkpoint's metrics that are measurements (everything numeric is logged; these come first
+# in the checkpoint table).
+TABLE_KEYS = ("params", "nonzero_params", "size_bytes", "flops", "map_voc07", "map_voc", "map_coco", "top1")
+
+
+class TrackingError(PrunepipeError):
+    """The MLflow tracking server/store cannot be used."""
+
+
+# --------------------------------------------------------------------------------------------
+# Where to track, and whether it answers
+
+
+def tracking_uri(tracking: TrackingConfig) -> str:
+    """``tracking.mlflow_uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` (working dir)."""
+    return tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def check_tracking(uri: str, timeout: float = 5.0) -> None:
+    """Fail with one line when the tracking store cannot be reached (before the flow starts any work)."""
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - http(s) only
+                if response.status != 200:
+                    raise TrackingError(f"MLflow tracking server {uri}: /health answered HTTP {response.status}")
+        except urllib.error.HTTPError as exc:
+            raise TrackingError(f"MLflow tracking server {uri}: /health answered HTTP {exc.code}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingError(
+                f"MLflow tracking server {uri} does not answer ({reason}); start it (`mlflow server`) or set "
+                f"tracking.mlflow_uri to a local store such as {DEFAULT_URI}"
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent
+        if not folder.is_dir():
+            raise TrackingError(f"tracking.mlflow_uri {uri}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise TrackingError(f"tracking.mlflow_uri {uri}: folder {folder} is not writable")
+    elif uri.startswith("file:") or "://" not in uri:
+        folder = Path(uri.removeprefix("file://").removeprefix("file:")).expanduser().resolve()
+        if folder.exists() and not os.access(folder, os.W_OK):
+            raise TrackingError(f"tracking.mlflow_uri {uri}: {folder} is not writable")
+
+
+def artifact_root(uri: str) -> str | None:
+    """Artifacts of a local sqlite store go next to the database (MLflow would use the working dir)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
+def open_results_hint(uri: str) -> str:
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1"
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd or Path(__file__).parent, capture_output=True,
+                                text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+# --------------------------------------------------------------------------------------------
+# Small converters
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= 6000 else text[:5997] + "..."
+
+
+def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Every finite number in ``metrics`` (nested dicts flattened with dots), with MLflow-safe keys."""
+    out: dict[str, float] = {}
+    for key, value in flatten(metrics).items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if math.isfinite(float(value)):
+            out[_METRIC_KEY.sub("_", key)] = float(value)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Plots (matplotlib, Agg backend; each returns the PNG path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_channels(shapes: Mapping[str, Mapping[str, int]], base_shapes: Mapping[str, Mapping[str, int]],
+                  title: str, out: Path) -> Path | None:
+    """Output channels kept per conv layer, against the base model (None when nothing was pruned)."""
+    layers = [name for name, shape in base_shapes.items() if "out_channels" in shape and name in shapes]
+    if not layers or all(shapes[n].get("out_channels") == base_shapes[n]["out_channels"] for n in layers):
+        return None
+    plt = _pyplot()
+    base = [base_shapes[n]["out_channels"] for n in layers]
+    kept = [shapes[n]["out_channels"] for n in layers]
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(layers)), 4))
+    positions = range(len(layers))
+    ax.bar(positions, base, color="#cccccc", label="base")
+    ax.bar(positions, kept, color="#1f77b4", label="kept")
+    ax.set_xticks(list(positions), layers, rotation=90, fontsize=6)
+    ax.set_ylabel("output channels")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_weight_histogram(checkpoint: Path, title: str, out: Path) -> Path | None:
+    """Histogram of log10|w| over every conv weight of a checkpoint (the L1 stage's near-zero mass)."""
+    import numpy as np
+    from safetensors import safe_open
+
+    values = []
+    with safe_open(str(checkpoint), framework="pt") as handle:
+        for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+            if key.endswith(".weight"):
+                tensor = handle.get_tensor(key)
+                if tensor.dim() == 4:
+                    values.append(tensor.abs().flatten().float().numpy())
+    if not values:
+        return None
+    magnitudes = np.log10(np.concatenate(values) + 1e-12)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(magnitudes, bins=100, color="#1f77b4")
+    ax.set_xlabel("log10 |w| (conv weights)")
+    ax.set_ylabel("count")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_metric_vs_flops(rows: list[dict[str, Any]], metric: str, out: Path) -> Path | None:
+    points = [(r["flops"], r[metric], r["checkpoint"]) for r in rows if r.get("flops") and r.get(metric) is not None]
+    if not points:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color="#1f77b4")
+    for flops, value, label in points:
+        ax.annotate(label, (flops, value), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("FLOPs")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} vs FLOPs across the run's checkpoints")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The tracker
+
+
+@dataclass
+class RunTracker:
+    """A pipeline run in MLflow. ``start`` opens the parent run; everything else logs by run id."""
+
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+    base_shapes: dict[str, dict[str, int]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def client(self):
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri)
+
+    @classmethod
+    def start(cls, cfg: PipelineConfig, *, flow_run_id: str | None = None, run_name: str | None = None,
+              uri: str | None = None) -> RunTracker:
+        from mlflow import MlflowClient
+        from mlflow.entities import Param
+
+        started = time.perf_counter()
+        uri = uri or tracking_uri(cfg.tracking)
+        client = MlflowClient(tracking_uri=uri)
+        experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+        if experiment is None:
+            experiment_id = client.create_experiment(cfg.tracking.experiment, artifact_location=artifact_root(uri))
+        elif experiment.lifecycle_stage == "deleted":
+            raise TrackingError(
+                f"tracking.experiment {cfg.tracking.experiment!r} is deleted in {uri}; restore it or pick another name"
+            )
+        else:
+            experiment_id = experiment.experiment_id
+        tags = {"prunepipe.config_hash": cfg.config_hash(), "prunepipe.preset": cfg.name,
+                "prunepipe.model": cfg.model.name}
+        if flow_run_id:
+            tags["prefect.flow_run_id"] = str(flow_run_id)
+        commit = git_commit()
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+        run = client.create_run(experiment_id, tags=tags, run_name=run_name or f"{cfg.name}-{cfg.model.name}")
+        params = [Param(k, param_value(v)) for k, v in flatten(cfg.model_dump(mode="json")).items()]
+        for chunk in range(0, len(params), 100):
+            client.log_batch(run.info.run_id, params=params[chunk:chunk + 100])
+        tracker = cls(uri=uri, experiment_id=experiment_id, parent_run_id=run.info.run_id)
+        tracker.timings["start_parent_run"] = time.perf_counter() - started
+        return tracker
+
+    def run_link(self, run_id: str | None = None) -> str:
+        run_id = run_id or self.parent_run_id
+        if self.uri.startswith(("http://", "https://")):
+            return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        return f"run {run_id} in experiment {self.experiment_id} ({open_results_hint(self.uri)})"
+
+    def log_checkpoint(
+        self,
+        *,
+        stage: str,
+        phase: str | None,
+        checkpoint: Path | str,
+        metrics: Mapping[str, Any],
+        params: Mapping[str, Any] | None = None,
+        history: Iterable[Mapping[str, Any]] = (),
+        selection: Path | str | None = None,
+        cached: bool = False,
+    ) -> str:
+        """One child run for one checkpoint; returns its run id."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        from compression.checkpoint import read_metadata
+
+        started = time.perf_counter()
+        client = self.client
+        checkpoint = Path(checkpoint)
+        name = stage + (f"-{phase}" if phase else "")
+        tags = {"mlflow.parentRunId": self.parent_run_id, "prunepipe.stage": stage,
+                "prunepipe.checkpoint": str(checkpoint.resolve()), "prunepipe.cached": str(cached).lower()}
+        if phase:
+            tags["prunepipe.phase"] = phase
+        run = client.create_run(self.experiment_id, tags=tags, run_name=name)
+        run_id = run.info.run_id
+        try:
+            now = int(time.time() * 1000)
+            flat_params = {"stage": stage, "phase": phase or "", **flatten(params or {})}
+            metric_rows = [Metric(k, v, now, 0) for k, v in numeric_metrics(metrics).items()]
+            for epoch_metrics in history:
+                step = int(epoch_metrics.get("epoch", 0))
+                metric_rows += [Metric(f"train/{k}", v, now, step) for k, v in numeric_metrics(epoch_metrics).items()
+                                if k != "epoch"]
+            client.log_batch(run_id, params=[Param(k, param_value(v)) for k, v in flat_params.items()][:100],
+                             metrics=metric_rows[:1000], tags=[RunTag("prunepipe.checkpoint_name", checkpoint.name)])
+            for chunk in range(1000, len(metric_rows), 1000):
+                client.log_batch(run_id, metrics=metric_rows[chunk:chunk + 1000])
+            client.log_artifact(run_id, str(checkpoint), artifact_path="checkpoint")
+            if selection is not None and Path(selection).is_file():
+                client.log_artifact(run_id, str(selection), artifact_path="selection")
+            meta = read_metadata(checkpoint)
+            shapes = meta.get("module_shapes", {})
+            if stage == "pretrain" and not self.base_shapes:
+                self.base_shapes = shapes
+            with tempfile.TemporaryDirectory(prefix="prunepipe-plots-") as folder:
+                plots = [plot_channels(shapes, self.base_shapes, f"channels kept: {name}",
+                                       Path(folder) / "channels_per_layer.png")]
+                if stage in ("sparsity", "induce_sparsity"):
+                    plots.append(plot_weight_histogram(checkpoint, f"conv weight magnitudes: {name}",
+                                                       Path(folder) / "weight_sparsity_histogram.png"))
+                for plot in plots:
+                    if plot is not None:
+                        client.log_artifact(run_id, str(plot), artifact_path="plots")
+        except BaseException:
+            client.set_terminated(run_id, "FAILED")
+            raise
+        client.set_terminated(run_id, "FINISHED")
+        self.timings[f"log_{name}"] = time.perf_counter() - started
+        return run_id
+
+    def log_failed_stage(self, stage: str, phase: str | None, error: BaseException) -> str:
+        """A FAILED child run for the stage that stopped the pipeline, with the error as a tag."""
+        client = self.client
+        name = stage + (f"-{phase}" if phase else "")
+        message = (str(error).splitlines() or [type(error).__name__])[0][:4000]
+        run = client.create_run(self.experiment_id, run_name=name, tags={
+            "mlflow.parentRunId": self.parent_run_id, "prunepipe.stage": stage, "prunepipe.phase": phase or "",
+            "prunepipe.error": f"{type(error).__name__}: {message}"})
+        client.set_terminated(run.info.run_id, "FAILED")
+        return run.info.run_id
+
+    def log_summary(self, rows: list[dict[str, Any]], metric: str) -> None:
+        """The checkpoint table (JSON) and the metric-vs-FLOPs plot on the parent run."""
+        client = self.client
+        with tempfile.TemporaryDirectory(prefix="prunepipe-summary-") as folder:
+            table = Path(folder) / "checkpoints.json"
+            table.write_text(json.dumps(rows, indent=2, default=str))
+            client.log_artifact(self.parent_run_id, str(table))
+            plot = plot_metric_vs_flops(rows, metric, Path(folder) / f"{metric}_vs_flops.png")
+            if plot is not None:
+                client.log_artifact(self.parent_run_id, str(plot), artifact_path="plots")
+        final = rows[-1] if rows else {}
+        summary = {f"final_{k}": v for k, v in final.items() if k in TABLE_KEYS or k.endswith(("_ratio", "_drop"))}
+        client.log_batch(self.parent_run_id, metrics=_metric_rows(summary))
+
+    def register_model(self, cfg: PipelineConfig, checkpoint: Path | str, run_id: str,
+                       input_example: Any = None) -> dict[str, str] | None:
+        """Log the final checkpoint as a pyfunc in ``run_id``, register it and point the alias at it."""
+        import mlflow
+
+        if not cfg.tracking.registered_model:
+            return None
+        from compression.checkpoint import file_digest
+
+        started = time.perf_counter()
+        name = cfg.tracking.registered_model.format(model=cfg.model.name)
+        client = self.client
+        digest = file_digest(checkpoint)
+        # The same checkpoint registered before (a cached re-run): move the alias, add no version.
+        for existing in client.search_model_versions(f"name = '{name}' and tag.prunepipe_sha256 = '{digest}'"):
+            client.set_registered_model_alias(name, cfg.tracking.alias, existing.version)
+            self.timings["register_model"] = time.perf_counter() - started
+            return {"name": name, "version": str(existing.version), "alias": cfg.tracking.alias,
+                    "uri": f"models:/{name}@{cfg.tracking.alias}", "new_version": "false"}
+        mlflow.set_tracking_uri(self.uri)
+        # log_model needs the run active in this thread; resuming it by id does not touch other runs.
+        with mlflow.start_run(run_id=run_id, experiment_id=self.experiment_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(MODEL_CODE),
+                artifacts={"checkpoint": str(checkpoint)},
+                code_paths=[str(COMPRESSION_PACKAGE)],
+                pip_requirements=_pip_requirements(),
+                input_example=input_example,
+            )
+        version = mlflow.register_model(info.model_uri, name, tags={"prunepipe_sha256": digest})
+        client.set_registered_model_alias(name, cfg.tracking.alias, version.version)
+        self.timings["register_model"] = time.perf_counter() - started
+        return {"name": name, "version": str(version.version), "alias": cfg.tracking.alias,
+                "uri": f"models:/{name}@{cfg.tracking.alias}", "new_version": "true"}
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.parent_run_id, status)
+
+
+def _metric_rows(values: Mapping[str, Any]) -> list:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, v, now, 0) for k, v in numeric_metrics(values).items()]
+
+
+def _pip_requirements() -> list[str]:
+    """What the pyfunc needs to load (pinned to this environment; no slow requirement inference)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for package in ("torch", "torchvision", "safetensors", "torch-pruning", "pydantic", "pyyaml", "numpy", "pandas",
+                    "mlflow"):
+        try:
+            pins.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            pins.append(package)
+    return pins

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 from compression.checkpoint import Checkpoint, load_checkpoint, load_weights, read_metadata, save_checkpoint
 from compression.errors import CheckpointError
 from compression.models import build_model
+from compression.pruning import prune_filters
 
 
 def _lite():
@@ -16,18 +17,6 @@ def _lite():
     model = build_model("ssd_vgg_lite", num_classes=11)
     return Checkpoint(model=model, model_name="ssd_vgg_lite", model_args={"num_classes": 11},
                       class_names=[str(i) for i in range(10)], stage="pretrain", metrics={"map_voc07": 0.5})
-
-
-def _shrink_conv_out(model, conv_name, next_names, keep):
-    """Hand-prune: keep the first `keep` filters of a conv and the matching inputs of its readers."""
-    conv = model.get_submodule(conv_name)
-    conv.weight = torch.nn.Parameter(conv.weight[:keep].clone())
-    conv.bias = torch.nn.Parameter(conv.bias[:keep].clone())
-    conv.out_channels = keep
-    for name in next_names:
-        nxt = model.get_submodule(name)
-        nxt.weight = torch.nn.Parameter(nxt.weight[:, :keep].clone())
-        nxt.in_channels = keep
 
 
 def test_round_trip_keeps_weights_metadata_and_outputs(tmp_path):
@@ -47,7 +36,8 @@ def test_round_trip_keeps_weights_metadata_and_outputs(tmp_path):
 
 def test_pruned_shapes_are_rebuilt_on_load(tmp_path):
     ckpt = _lite()
-    _shrink_conv_out(ckpt.model, "backbone.conv1_1", ["backbone.conv1_2"], keep=3)
+    conv = ckpt.model.get_submodule("backbone.conv1_1")
+    prune_filters(ckpt.model, {"backbone.conv1_1": list(range(3, conv.out_channels))}, model_name="ssd_vgg_lite")
     path = save_checkpoint(ckpt, tmp_path / "p.safetensors")
     meta = read_metadata(path)
     assert meta["module_shapes"]["backbone.conv1_1"]["out_channels"] == 3

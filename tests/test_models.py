@@ -286,10 +286,11 @@ def test_lite_prunes_conv4_3_with_l2norm_pruner(digits, recwarn):
     assert model.head.classification_head.module_list[0].in_channels == 60
     assert model.backbone.out_channels == [60, 128, 64, 32, 32, 32]
 
-    # the pruned SSD still trains and detects
+    # the pruned SSD still trains and detects (batch 2: BatchNorm on the 1x1 maps needs > 1 value)
     image, target = digit_canvas(digits, seed=4)
+    image2, target2 = digit_canvas(digits, seed=5)
     model.train()
-    losses = model([image], [target])
+    losses = model([image, image2], [target, target2])
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     model.eval()

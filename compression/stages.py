@@ -3,19 +3,30 @@
 Stages pass checkpoint *paths*, not models, so an orchestrator (Prefect tasks in ``tasks/``) can
 cache, retry and distribute them; training is delegated to a ``Trainer`` (in-process by default,
 Ray Train in the flow). Every stage's output checkpoint carries its own measurements.
+
+The method (METHOD.md), per phase: ``induce_sparsity`` (Θ -> Θ_L1, α chosen on the validation
+split) -> ``select_filters`` (a selection JSON) -> ``prune`` (Θ_L1 minus the selected filters) ->
+``retrain``; ``taylor_prune_stage`` replaces sparsity/selection/prune for the Taylor criterion; then
+``distill`` from the pretrained teacher. An output file appears only once its stage is complete: training
+writes to a hidden scratch file next to it, and ``_finish`` writes the measured checkpoint in one go.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
+import tempfile
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from compression import metrics as M
 from compression.checkpoint import Checkpoint, load_checkpoint, read_metadata, save_checkpoint
-from compression.config import PipelineConfig, class_names
-from compression.errors import StageError
+from compression.config import OptimConfig, PhaseConfig, PipelineConfig, class_names
+from compression.errors import ConfigError, StageError
 from compression.jobs import LocalTrainer, Trainer, TrainJob
 from compression.train import default_device, evaluate, primary_metric
 
@@ -72,16 +83,34 @@ def stage_output(cfg: PipelineConfig, run_dir: Path, index: int, stage: str, pha
     return Path(run_dir) / f"{name}.safetensors"
 
 
+def _scratch(out: Path, tag: str) -> Path:
+    """A hidden working file next to ``out`` (same folder, so the final rename stays atomic)."""
+    out = Path(out)
+    return out.with_name(f".{out.stem}.{tag}{out.suffix}")
+
+
 def _finish(ckpt: Checkpoint, cfg: PipelineConfig, out: Path, base: dict[str, Any] | None,
             stage_seconds: float, extra_metrics: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
-    """Save, measure, and save again with the measurements inside the checkpoint's metadata."""
-    save_checkpoint(ckpt, out)
-    result = measure(ckpt, cfg, base=base)
-    result["stage_seconds"] = stage_seconds
-    if extra_metrics:
-        result.update(extra_metrics)
-    ckpt.metrics = result
-    save_checkpoint(ckpt, out)
+    """Save a draft, measure it, and write ``out`` once, with the measurements inside its metadata.
+
+    ``out`` appears only when the stage is complete (a failure while measuring leaves no output), so
+    "the output file exists" means "the stage is done" (the in-process pipeline's resume relies on it).
+    """
+    out = Path(out)
+    draft = _scratch(out, "draft")
+    try:
+        save_checkpoint(ckpt, draft)
+        result = measure(ckpt, cfg, base=base)
+        result["stage_seconds"] = stage_seconds
+        if extra_metrics:
+            result.update(extra_metrics)
+        ckpt.metrics = result
+        draft.unlink(missing_ok=True)
+        save_checkpoint(ckpt, draft)
+        os.replace(draft, out)
+        ckpt.path = out
+    finally:
+        draft.unlink(missing_ok=True)
     result["size_bytes"] = M.file_size_bytes(out)
     return out, result
 
@@ -107,10 +136,9 @@ def pretrain(cfg: PipelineConfig, out: Path, trainer: Trainer | None = None) -> 
         ckpt.parent = str(given)
     else:
         job = TrainJob(stage="pretrain", config=cfg.model_dump(mode="json"),
-                       optim=cfg.stages.pretrain.model_dump(mode="json", exclude={"checkpoint"}),
-                       input_checkpoint=None, output_checkpoint=str(out))
-        result = (trainer or LocalTrainer()).fit(job)
-        ckpt = load_checkpoint(result.output_checkpoint)
+                       optim=_optim(cfg.stages.pretrain), input_checkpoint=None,
+                       output_checkpoint=str(_scratch(out, "trained")))
+        ckpt = _train(job, trainer)
     return _finish(ckpt, cfg, out, base=None, stage_seconds=time.perf_counter() - started)
 
 
@@ -146,3 +174,495 @@ def checkpoint_info(path: Path) -> dict[str, Any]:
         "module_shapes": meta.get("module_shapes", {}),
         "metrics": meta.get("metrics", {}),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers of the method stages
+
+# Criteria that rank filters and remove a configured share of them (``criteria.rank_filters``).
+RANKING_CRITERIA = ("l1_norm", "bn_scale", "random")
+_PHASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _optim(section: OptimConfig) -> dict[str, Any]:
+    """The optimiser fields of a stage's section (``TrainJob.optim`` is validated as a plain OptimConfig)."""
+    return section.model_dump(mode="json", include=set(OptimConfig.model_fields))
+
+
+def _train(job: TrainJob, trainer: Trainer | None) -> Checkpoint:
+    """Run ``job`` (its output is a scratch file), load what it trained and remove the scratch file."""
+    scratch = Path(job.output_checkpoint)
+    try:
+        result = (trainer or LocalTrainer()).fit(job)
+        ckpt = load_checkpoint(result.output_checkpoint)
+    finally:
+        scratch.unlink(missing_ok=True)
+    ckpt.path = None
+    return ckpt
+
+
+def _phase_name(phase: PhaseConfig | None) -> str | None:
+    return phase.name if phase is not None else None
+
+
+def _phase_layers(ckpt: Checkpoint, phase: PhaseConfig) -> list[str]:
+    """Module paths of the phase's layers in ``ckpt``'s model (one-line ConfigError for a bad name)."""
+    from compression.pruning import resolve_layers
+
+    try:
+        return [path for path, _ in resolve_layers(ckpt.model, ckpt.model_name, phase.layers)]
+    except ConfigError as exc:
+        raise ConfigError(f"stages.phases ({phase.name}): {exc}") from None
+
+
+def _check_ranking_target(cfg: PipelineConfig) -> None:
+    selection = cfg.stages.selection
+    if selection.criterion in (*RANKING_CRITERIA, "taylor") and selection.prune_ratio is None \
+            and selection.target_flops_ratio is None:
+        raise ConfigError(
+            f"stages.selection: criterion {selection.criterion!r} needs prune_ratio or target_flops_ratio "
+            "(how many filters to remove); only 'seed' decides that from the weights"
+        )
+
+
+def check_method_config(cfg: PipelineConfig) -> list[PhaseConfig]:
+    """Everything about the method's settings that can be checked before any training; returns the phases."""
+    _check_ranking_target(cfg)
+    return phases_for(cfg)
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _overall_sparsity(ckpt: Checkpoint, fractions: dict[str, float]) -> float:
+    sizes = {name: ckpt.model.get_submodule(name).weight.numel() for name in fractions}
+    return sum(fractions[n] * sizes[n] for n in fractions) / max(1, sum(sizes.values()))
+
+
+def _val_metric_fn(ckpt: Checkpoint, cfg: PipelineConfig):
+    """``model -> primary metric on the validation split`` (what α is chosen on)."""
+    from compression.data.loaders import build_loader
+    from compression.models import model_input_size
+
+    loader = build_loader(cfg.data, "val", train=False, image_size=model_input_size(ckpt.model)[0], seed=cfg.seed)
+    key = primary_metric(ckpt.task)
+    device = default_device(cfg.compute.use_gpu)
+
+    def metric(model) -> float:
+        return evaluate(model, loader, ckpt.task, len(ckpt.class_names), device=device,
+                        fast_ssd=cfg.compute.fast_ssd)[key]
+
+    return metric
+
+
+def _same_file(a: Path, b: Path) -> None:
+    if Path(a).resolve() == Path(b).resolve():
+        raise ConfigError(f"{b}: the output would overwrite the stage's input; pass another output path")
+
+
+# --------------------------------------------------------------------------------------------
+# Phases
+
+
+def phases_for(cfg: PipelineConfig) -> list[PhaseConfig]:
+    """``stages.phases``, or the model's ``DEFAULT_PHASES`` named phase1, phase2, ...; every layer checked.
+
+    Each layer must exist in the model and be prunable (``pruning.resolve_layers``: a Conv2d/Linear, not
+    an SSD head conv, not the network's output layer); a bad one fails with one line naming the phase,
+    before any training. Phase names key the output files, so they must be unique and file-name safe.
+    """
+    from compression.models import DEFAULT_PHASES
+
+    phases = list(cfg.stages.phases or [
+        PhaseConfig(name=f"phase{index + 1}", layers=list(layers))
+        for index, layers in enumerate(DEFAULT_PHASES[cfg.model.name])
+    ])
+    if not phases:
+        raise ConfigError(f"stages.phases: no phase to prune (and {cfg.model.name} has no default phases)")
+    seen: set[str] = set()
+    for index, phase in enumerate(phases):
+        if not _PHASE_NAME.fullmatch(phase.name):
+            raise ConfigError(f"stages.phases.{index}.name: {phase.name!r} must be letters, digits, '_', '-' or '.'")
+        if phase.name in seen:
+            raise ConfigError(f"stages.phases.{index}.name: {phase.name!r} is used twice (it names the output files)")
+        seen.add(phase.name)
+    _check_phase_layers(cfg.model.name, cfg.model.width_mult, cfg.model.image_size,
+                        tuple((phase.name, tuple(phase.layers)) for phase in phases))
+    return phases
+
+
+@lru_cache(maxsize=16)
+def _check_phase_layers(model_name: str, width_mult: float | None, image_size: int | None,
+                        phases: tuple[tuple[str, tuple[str, ...]], ...]) -> None:
+    """Resolve every phase's layers on a freshly built model (the class count does not matter here)."""
+    from compression.models import build_model
+    from compression.pruning import build_dependency_graph, resolve_layers
+
+    options = {k: v for k, v in (("width_mult", width_mult), ("image_size", image_size)) if v is not None}
+    model = build_model(model_name, num_classes=2, **options)
+    dg = build_dependency_graph(model)
+    for index, (name, layers) in enumerate(phases):
+        try:
+            resolve_layers(model, model_name, layers, dg=dg)
+        except ConfigError as exc:
+            raise ConfigError(f"stages.phases.{index} ({name}): {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 2: sparsity induction
+
+
+def induce_sparsity(input_path: Path, cfg: PipelineConfig, out: Path, *, phase: PhaseConfig,
+                    trainer: Trainer | None = None,
+                    base_metrics: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
+    """Train with λ·Σ‖W_l‖₁ over the phase's layers (Θ -> Θ_L1), then choose α on the validation split.
+
+    The saved checkpoint holds Θ_L1 (not thresholded); its ``extra`` (and the returned metrics) record
+    α, every τ_l, the per-layer weight sparsity of the input model (``sparsity_before``), of Θ_L1
+    (``sparsity_l1``) and of Θ_L1^th (``sparsity_after``), and the validation metric of Θ_L1 and Θ_L1^th.
+    A loss that turns NaN/inf stops with a one-line ``StageError`` naming the epoch and λ; ``out`` is not
+    written then and the input is never touched.
+    """
+    from compression.sparsity import choose_alpha, weight_sparsity
+
+    started = time.perf_counter()
+    input_path, out = Path(input_path), Path(out)
+    _same_file(input_path, out)
+    source = load_checkpoint(input_path, expect_model=cfg.model.name)
+    layers = _phase_layers(source, phase)
+    before = weight_sparsity(source.model, layers)
+    del source
+    sparsity = cfg.stages.sparsity
+    job = TrainJob(stage="sparsity", config=cfg.model_dump(mode="json"), optim=_optim(sparsity),
+                   input_checkpoint=str(input_path), output_checkpoint=str(_scratch(out, "trained")),
+                   phase=phase.name, l1_layers=layers, l1_lambda=sparsity.l1_lambda)
+    trained = _train(job, trainer)
+    choice = choose_alpha(trained.model, layers, sparsity.alpha_grid, sparsity.max_drop,
+                          _val_metric_fn(trained, cfg))
+    trained.model.cpu()
+    record = {
+        "phase": phase.name,
+        "layers": layers,
+        "l1_lambda": sparsity.l1_lambda,
+        "alpha": choice["alpha"],
+        "taus": choice["taus"],
+        "max_drop": sparsity.max_drop,
+        "val_metric": primary_metric(trained.task),
+        "val_metric_l1": choice["val_metric_l1"],
+        "val_metric_thresholded": choice["val_metric_thresholded"],
+        "sparsity_before": before,
+        "sparsity_l1": choice["sparsity_before"],
+        "sparsity_after": choice["sparsity_after"],
+        "alpha_tried": choice["tried"],
+    }
+    trained.extra.update(record)
+    summary = {
+        **record,
+        "val_drop": choice["val_metric_l1"] - choice["val_metric_thresholded"],
+        "weight_sparsity_before": _overall_sparsity(trained, before),
+        "weight_sparsity_l1": _overall_sparsity(trained, choice["sparsity_before"]),
+        "weight_sparsity_after": _overall_sparsity(trained, choice["sparsity_after"]),
+    }
+    return _finish(trained, cfg, out, base_metrics, time.perf_counter() - started, summary)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 3: filter selection
+
+
+def select_filters(input_path: Path, cfg: PipelineConfig, out_json: Path, *, phase: PhaseConfig,
+                   trainer: Trainer | None = None) -> tuple[Path, dict[str, Any]]:
+    """Choose the filters to remove and write them as JSON (atomically) to ``out_json``.
+
+    ``seed``: on Θ_L1^th (α from the input's metadata), s_out / s_in over all consumers, flagged at γ,
+    at least ``min_channels`` kept (``selection.select_filters``). ``l1_norm`` / ``bn_scale`` / ``random``:
+    ranked, then ``prune_ratio`` or ``target_flops_ratio`` (both set: the one that removes fewer filters).
+    ``taylor`` is iterative (``taylor_prune_stage``) and refused here. ``trainer`` is unused (no criterion
+    here trains); it is accepted so every stage has the same shape.
+
+    JSON: ``{criterion, phase, input_checkpoint, layers: {module_path: {remove, keep, <scores>}}, alpha,
+    taus, ...}``. Metrics: filters removed per layer, in total and as a fraction of the phase's filters.
+    """
+    from compression.criteria import DEFAULT_SCOPE, rank_filters
+    from compression.pruning import build_dependency_graph
+    from compression.selection import filter_sparsity_scores
+    from compression.selection import select_filters as flag_sparse_filters
+    from compression.sparsity import threshold_weights
+
+    started = time.perf_counter()
+    settings = cfg.stages.selection
+    if settings.criterion == "taylor":
+        raise ConfigError(
+            "stages.selection.criterion 'taylor' prunes step by step with fine-tuning in between: "
+            "use stages.taylor_prune_stage (the pipeline does), not select_filters"
+        )
+    _check_ranking_target(cfg)
+    input_path, out_json = Path(input_path), Path(out_json)
+    ckpt = load_checkpoint(input_path, expect_model=cfg.model.name)
+    layers = _phase_layers(ckpt, phase)
+    record: dict[str, Any] = {
+        "criterion": settings.criterion,
+        "phase": phase.name,
+        "input_checkpoint": str(input_path),
+        "min_channels": settings.min_channels,
+        "round_to": settings.round_to,
+        "alpha": ckpt.extra.get("alpha"),
+        "taus": ckpt.extra.get("taus"),
+    }
+    if settings.criterion == "seed":
+        if "alpha" not in ckpt.extra:
+            raise StageError(
+                f"{input_path}: no α in its metadata; criterion 'seed' selects on the output of induce_sparsity"
+            )
+        if ckpt.phase != phase.name:
+            raise StageError(f"{input_path}: is the sparsity checkpoint of phase {ckpt.phase!r}, not of {phase.name!r}")
+        alpha = ckpt.extra["alpha"]
+        # α None: no grid value kept the metric, so only the weights L1 drove to exactly zero count.
+        thresholded, taus = threshold_weights(ckpt.model, layers, alpha if alpha is not None else 0.0)
+        scores = filter_sparsity_scores(thresholded, build_dependency_graph(thresholded), layers)
+        chosen = flag_sparse_filters(scores, settings.gamma, settings.min_channels, settings.round_to)
+        record.update(gamma=settings.gamma, taus=taus)
+    else:
+        dg = build_dependency_graph(ckpt.model)
+        scores = rank_filters(settings.criterion, ckpt.model, dg, layers, seed=settings.seed)
+        chosen, info = _select_ranked(ckpt.model, dg, scores, cfg, DEFAULT_SCOPE[settings.criterion])
+        record.update(info)
+    record["layers"] = chosen
+    _write_json_atomic(out_json, record)
+    metrics = selection_metrics(record)
+    metrics["selection_seconds"] = time.perf_counter() - started
+    return out_json, metrics
+
+
+def _select_ranked(model, dg, scores: dict[str, list[float]], cfg: PipelineConfig,
+                   scope: str) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    from compression.criteria import select_by_flops, select_by_ratio
+
+    settings = cfg.stages.selection
+    options: list[tuple[dict[str, dict[str, Any]], dict[str, Any]]] = []
+    if settings.prune_ratio is not None:
+        options.append((
+            select_by_ratio(scores, settings.prune_ratio, settings.min_channels, settings.round_to, scope),
+            {"prune_ratio": settings.prune_ratio, "scope": scope},
+        ))
+    if settings.target_flops_ratio is not None:
+        chosen, info = select_by_flops(model, scores, settings.target_flops_ratio, min_channels=settings.min_channels,
+                                       round_to=settings.round_to, scope=scope, dg=dg)
+        options.append((chosen, {"target_flops_ratio": settings.target_flops_ratio, "scope": scope, **info}))
+    # Both targets set: stop at the first one reached (as taylor_prune does), i.e. remove fewer filters.
+    return min(options, key=lambda option: sum(len(entry["remove"]) for entry in option[0].values()))
+
+
+def selection_metrics(selection: dict[str, Any]) -> dict[str, Any]:
+    """Filters removed per layer / in total / as a fraction, from a selection record (or its JSON)."""
+    removed = {name: len(entry["remove"]) for name, entry in selection["layers"].items()}
+    totals = {name: len(entry["remove"]) + int(entry["keep"]) for name, entry in selection["layers"].items()}
+    total_removed, total = sum(removed.values()), sum(totals.values())
+    return {
+        "criterion": selection.get("criterion"),
+        "filters_removed": removed,
+        "filters_total": totals,
+        "filters_removed_total": total_removed,
+        "filters_total_all": total,
+        "removed_fraction": total_removed / max(1, total),
+    }
+
+
+def read_selection(path: Path) -> dict[str, Any]:
+    """A selection JSON written by ``select_filters`` / ``taylor_prune_stage`` (one-line errors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"{path}: selection file not found")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StageError(f"{path}: not a valid selection JSON ({exc})") from None
+    layers = data.get("layers") if isinstance(data, dict) else None
+    if not isinstance(layers, dict) or not all(
+        isinstance(e, dict) and isinstance(e.get("remove"), list) and isinstance(e.get("keep"), int) for e in layers.values()
+    ):
+        raise StageError(f"{path}: a selection needs 'layers': {{layer: {{'remove': [...], 'keep': n}}}}")
+    return data
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 4: prune
+
+
+def prune(input_path: Path, selection_path: Path, cfg: PipelineConfig, out: Path, *, phase: PhaseConfig,
+          base_metrics: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
+    """Remove the selected filters from Θ_L1 (the un-thresholded L1-trained weights) with their consumers.
+
+    Real structural removal through torch-pruning's dependency graph (``pruning.prune_filters``). Refuses
+    (one line) a selection of another phase, one made for other layer sizes, and one that would empty a layer.
+    """
+    from compression.pruning import layer_channels, prune_filters
+
+    started = time.perf_counter()
+    input_path, selection_path, out = Path(input_path), Path(selection_path), Path(out)
+    _same_file(input_path, out)
+    selection = read_selection(selection_path)
+    if selection.get("phase") != phase.name:
+        raise StageError(f"{selection_path}: is the selection of phase {selection.get('phase')!r}, not of {phase.name!r}")
+    ckpt = load_checkpoint(input_path, expect_model=cfg.model.name)
+    modules = dict(ckpt.model.named_modules())
+    for name, entry in selection["layers"].items():
+        layer = modules.get(name)
+        expected = len(entry["remove"]) + entry["keep"]
+        if layer is not None and hasattr(layer, "weight") and layer_channels(layer) != expected:
+            raise StageError(
+                f"{selection_path}: layer {name!r} was selected with {expected} filters, "
+                f"{input_path} has {layer_channels(layer)}; select again on this checkpoint"
+            )
+    try:
+        prune_filters(ckpt.model, selection["layers"], model_name=ckpt.model_name)
+    except (StageError, ConfigError) as exc:
+        raise type(exc)(f"{selection_path}: {exc}") from None
+    modules = dict(ckpt.model.named_modules())
+    for name, entry in selection["layers"].items():
+        if layer_channels(modules[name]) != entry["keep"]:  # a dependency pulled other channels along
+            raise StageError(f"prune: layer {name!r} has {layer_channels(modules[name])} filters, expected {entry['keep']}")
+    pruned = ckpt.derive(ckpt.model, stage="prune", phase=phase.name, selection=str(selection_path),
+                         criterion=selection.get("criterion"), alpha=selection.get("alpha"))
+    summary = selection_metrics(selection)
+    return _finish(pruned, cfg, out, base_metrics, time.perf_counter() - started, summary)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 5: retrain
+
+
+def retrain(input_path: Path, cfg: PipelineConfig, out: Path, *, phase: PhaseConfig | None,
+            trainer: Trainer | None = None,
+            base_metrics: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
+    """Train the pruned model with the original loss only (no L1) to recover accuracy."""
+    started = time.perf_counter()
+    input_path, out = Path(input_path), Path(out)
+    _same_file(input_path, out)
+    job = TrainJob(stage="retrain", config=cfg.model_dump(mode="json"), optim=_optim(cfg.stages.retrain),
+                   input_checkpoint=str(input_path), output_checkpoint=str(_scratch(out, "trained")),
+                   phase=_phase_name(phase))
+    ckpt = _train(job, trainer)
+    return _finish(ckpt, cfg, out, base_metrics, time.perf_counter() - started)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 6: distill
+
+
+def _preview(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+
+
+def distill(student_path: Path, teacher_path: Path, cfg: PipelineConfig, out: Path, *,
+            trainer: Trainer | None = None,
+            base_metrics: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
+    """Distil the teacher (the pretrained model) into the pruned student (``distill.DistillationObjective``).
+
+    Refuses, before training, a teacher of another architecture or with other classes.
+    """
+    started = time.perf_counter()
+    student_path, teacher_path, out = Path(student_path), Path(teacher_path), Path(out)
+    _same_file(student_path, out)
+    student, teacher = read_metadata(student_path), read_metadata(teacher_path)
+    if teacher["model_name"] != student["model_name"]:
+        raise StageError(
+            f"{teacher_path}: the teacher is a {teacher['model_name']!r}, the student a {student['model_name']!r}"
+        )
+    if list(teacher["class_names"]) != list(student["class_names"]):
+        raise StageError(
+            f"{teacher_path}: the teacher's {len(teacher['class_names'])} classes ({_preview(teacher['class_names'])}) "
+            f"differ from the student's {len(student['class_names'])} ({_preview(student['class_names'])}); "
+            "distillation needs the same classes"
+        )
+    job = TrainJob(stage="distill", config=cfg.model_dump(mode="json"), optim=_optim(cfg.stages.distill),
+                   input_checkpoint=str(student_path), output_checkpoint=str(_scratch(out, "trained")),
+                   teacher_checkpoint=str(teacher_path))
+    ckpt = _train(job, trainer)
+    ckpt.extra["teacher"] = str(teacher_path)
+    return _finish(ckpt, cfg, out, base_metrics, time.perf_counter() - started)
+
+
+# --------------------------------------------------------------------------------------------
+# Alternative: Molchanov's Taylor criterion, iterative
+
+
+def taylor_prune_stage(input_path: Path, cfg: PipelineConfig, out: Path, *, phase: PhaseConfig,
+                       trainer: Trainer | None = None,
+                       base_metrics: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
+    """Molchanov et al. 2017 on the phase's layers: score, remove the globally lowest filters, fine-tune, repeat.
+
+    Runs in this process (``criteria.taylor_prune``): each step scores over ``selection.taylor_batches``
+    training batches and fine-tunes ``selection.taylor_finetune_batches`` batches with the task loss and the
+    ``stages.retrain`` optimiser settings at a constant learning rate. The fine-tuning does not go through
+    ``trainer`` (a few batches per step do not pay for a distributed job); ``trainer`` is accepted so every
+    stage has the same shape. Stops at ``prune_ratio`` / ``target_flops_ratio``. Writes the removed filters
+    (original indices, per step) as ``<out>.selection.json`` next to the checkpoint.
+    """
+    from compression.criteria import taylor_prune
+    from compression.data.loaders import build_loader
+    from compression.jobs import _first_batches
+    from compression.models import model_input_size
+    from compression.pruning import layer_channels
+    from compression.train import make_objective, move_batch, seed_everything, train_model
+
+    started = time.perf_counter()
+    _check_ranking_target(cfg)
+    input_path, out = Path(input_path), Path(out)
+    _same_file(input_path, out)
+    ckpt = load_checkpoint(input_path, expect_model=cfg.model.name)
+    layers = _phase_layers(ckpt, phase)
+    original = {name: layer_channels(ckpt.model.get_submodule(name)) for name in layers}
+    seed_everything(cfg.seed)
+    device = default_device(cfg.compute.use_gpu)
+    model = ckpt.model.to(device)
+    objective = make_objective(model, ckpt.task, fast_ssd=cfg.compute.fast_ssd, amp_bf16=cfg.compute.amp_bf16)
+    loader = build_loader(cfg.data, "train", train=True, image_size=model_input_size(model)[0], seed=cfg.seed)
+    finetune_optim = OptimConfig.model_validate(_optim(cfg.stages.retrain)).model_copy(
+        update={"epochs": 1, "warmup_epochs": 0.0, "schedule": "constant"}
+    )
+    context = f"stage taylor_finetune, phase {phase.name}"
+
+    def loss_fn(net, batch):
+        inputs, targets = move_batch(batch, device)
+        return objective(inputs, targets)
+
+    def finetune(net, batches: int) -> None:
+        train_model(objective, _first_batches(loader, batches), finetune_optim, device=device,
+                    amp_bf16=cfg.compute.amp_bf16, context=context, progress=False)
+
+    model, history = taylor_prune(model, layers, loss_fn, loader, finetune, cfg.stages.selection,
+                                  model_name=ckpt.model_name)
+    model.cpu()
+    removed: dict[str, list[int]] = {name: [] for name in layers}
+    for step in history:
+        for name, idxs in step.get("removed", {}).items():
+            removed[name].extend(idxs)
+    selection = {
+        "criterion": "taylor",
+        "phase": phase.name,
+        "input_checkpoint": str(input_path),
+        "prune_ratio": cfg.stages.selection.prune_ratio,
+        "target_flops_ratio": cfg.stages.selection.target_flops_ratio,
+        "alpha": None,
+        "taus": None,
+        "layers": {name: {"remove": sorted(removed[name]), "keep": original[name] - len(removed[name])}
+                   for name in layers},
+        "history": history,
+    }
+    selection_path = _write_json_atomic(out.with_name(f"{out.stem}.selection.json"), selection)
+    pruned = ckpt.derive(model, stage="taylor", phase=phase.name, selection=str(selection_path),
+                         criterion="taylor", taylor_steps=len(history))
+    summary = {**selection_metrics(selection), "taylor_steps": len(history), "selection": str(selection_path)}
+    return _finish(pruned, cfg, out, base_metrics, time.perf_counter() - started, summary)

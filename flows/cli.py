@@ -192,15 +192,6 @@ def run(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
 # compress: the whole method in this process (no Prefect, Ray or MLflow)
 
 
-def _si(value: float | None, unit: str = "") -> str:
-    if value is None:
-        return ""
-    for factor, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= factor:
-            return f"{value / factor:.3g}{prefix}{unit}"
-    return f"{value:.4g}{unit}"
-
-
 def compression_table(title: str, rows: list[dict], task: str) -> Table:
     """One line per checkpoint: size, cost, task metrics, ratios to the first row (the pretrained base)."""
     from compression.stages import add_ratios
@@ -226,7 +217,8 @@ def compression_table(title: str, rows: list[dict], task: str) -> Table:
         add_ratios(m, base, task)
         seconds = (m.get("stage_seconds") or 0.0) + (m.get("selection_seconds") or 0.0)
         cells = [row["stage"] + (" (resumed)" if row.get("resumed") else ""), row.get("phase") or "",
-                 _si(m.get("params")), _si(m.get("size_bytes"), "B"), _si(m.get("flops"))]
+                 *("" if m.get(k) is None else _si(m[k]) + unit
+                   for k, unit in (("params", ""), ("size_bytes", "B"), ("flops", "")))]
         cells += [pct(m.get(k)) for k in (("map_voc07", "map_voc", "map_coco") if detection else ("top1",))]
         drop = m.get(f"{metric}_drop")
         cells += [ratio(m.get("params_ratio")), ratio(m.get("size_bytes_ratio")), ratio(m.get("flops_ratio")),

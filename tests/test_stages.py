@@ -1,0 +1,388 @@
+"""compression.stages + compression.pipeline + ``prunepipe compress``: the whole method on real (small) data.
+
+Digits data is generated small in tmp folders, models are narrow and every stage trains one epoch, so
+the numbers are not meaningful accuracies; what is checked is the chain itself: every checkpoint exists
+and round-trips, pruning shrinks the model exactly as the selection says, α obeys max_drop, and bad
+input ends with one line and exit code 2 without overwriting anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from compression import stages as S
+from compression.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from compression.config import PhaseConfig, validate_config
+from compression.data.digits import write_digits_cls, write_digits_voc
+from compression.errors import ConfigError, StageError
+from compression.jobs import initial_checkpoint
+from compression.models import layer_names
+from compression.pipeline import run_pipeline_in_process
+from compression.pruning import layer_channels
+
+# One SSD phase over every prunable layer (each SSD checkpoint costs seconds to measure); its consumers include
+# the L2Norm, the loc/conf head convs of all six maps and the next convs. The classifier runs two phases.
+SSD_PHASES = [{"name": "all", "layers": list(layer_names("ssd_vgg_lite"))}]
+CLS_PHASES = [
+    {"name": "low", "layers": ["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3"]},
+    {"name": "high", "layers": ["conv4_1", "conv4_2", "conv4_3", "conv5_1", "conv5_2", "conv5_3"]},
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _ssd_raw(devkit: Path) -> dict:
+    return {
+        "name": "ssd-test",
+        "data": {"root": str(devkit), "builtin": None, "batch_size": 8, "eval_batch_size": 8},
+        "model": {"name": "ssd_vgg_lite", "width_mult": 0.0625, "image_size": 64},
+        "stages": {
+            "pretrain": {"epochs": 1},
+            "sparsity": {"epochs": 1, "alpha_grid": [0.5, 1.0, 2.0], "max_drop": 0.01},
+            "selection": {"min_channels": 2},
+            "retrain": {"epochs": 1},
+            "distill": {"epochs": 1},
+            "phases": SSD_PHASES,
+        },
+    }
+
+
+def _cls_raw(root: Path, **selection) -> dict:
+    return {
+        "name": "cls-test",
+        "data": {"kind": "imagefolder", "root": str(root), "builtin": None, "batch_size": 16, "eval_batch_size": 64},
+        "model": {"name": "vgg16_cifar", "width_mult": 0.0625},
+        "stages": {
+            "pretrain": {"epochs": 3, "lr": 0.003, "optimizer": "adamw", "weight_decay": 0.0},
+            "sparsity": {"epochs": 1, "lr": 0.001, "optimizer": "adamw", "alpha_grid": [0.5, 1.0, 2.0, 4.0],
+                         "max_drop": 0.05},
+            "selection": selection,
+            "retrain": {"epochs": 1, "lr": 0.001, "optimizer": "adamw"},
+            "distill": {"epochs": 1, "lr": 0.001, "optimizer": "adamw"},
+        },
+    }
+
+
+def _with(raw: dict, **sections) -> dict:
+    """A copy of ``raw`` with ``stages.<section>`` entries updated (``sections``: {section: {key: value}})."""
+    out = json.loads(json.dumps(raw))
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(out["stages"].get(section), dict):
+            out["stages"][section].update(values)
+        else:
+            out["stages"][section] = values
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Shared data, pretrained models and one full SSD run
+
+
+@pytest.fixture(scope="module")
+def devkit(tmp_path_factory) -> Path:
+    return write_digits_voc(tmp_path_factory.mktemp("voc"), image_size=64,
+                            num_images={"train": 16, "val": 8, "test": 8})
+
+
+@pytest.fixture(scope="module")
+def ssd_pretrained(devkit, tmp_path_factory) -> Path:
+    cfg = validate_config(_ssd_raw(devkit))
+    path, _ = S.pretrain(cfg, tmp_path_factory.mktemp("ssd_base") / "base.safetensors")
+    return path
+
+
+@pytest.fixture(scope="module")
+def ssd_run(devkit, ssd_pretrained, tmp_path_factory):
+    """The full in-process chain on ssd_vgg_lite (pretrained base adopted), config file and rows."""
+    folder = tmp_path_factory.mktemp("ssd_run")
+    raw = _with(_ssd_raw(devkit), pretrain={"checkpoint": str(ssd_pretrained)})
+    config = folder / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    rows = run_pipeline_in_process(validate_config(raw), folder / "run")
+    return {"raw": raw, "config": config, "run_dir": folder / "run", "rows": rows}
+
+
+@pytest.fixture(scope="module")
+def cls_root(tmp_path_factory) -> Path:
+    return write_digits_cls(tmp_path_factory.mktemp("cls"), num_images={"train": 160, "val": 40, "test": 40})
+
+
+@pytest.fixture(scope="module")
+def cls_pretrained(cls_root, tmp_path_factory) -> Path:
+    cfg = validate_config(_cls_raw(cls_root))
+    path, _ = S.pretrain(cfg, tmp_path_factory.mktemp("cls_base") / "base.safetensors")
+    return path
+
+
+def _cli(args: list[str], capsys) -> tuple[int, str]:
+    """``prunepipe <args>`` in this process through ``main()`` (the real error handling): (exit code, stderr)."""
+    from flows import cli
+
+    argv = sys.argv
+    sys.argv = ["prunepipe", *[str(a) for a in args]]
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main()
+    finally:
+        sys.argv = argv
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def _one_line_error(code: int, err: str, *needles: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+# --------------------------------------------------------------------------------------------
+# The SSD chain
+
+
+def test_ssd_chain_has_every_stage_and_each_checkpoint_round_trips(ssd_run, ssd_pretrained):
+    rows = ssd_run["rows"]
+    expected = [("pretrain", None), ("sparsity", "all"), ("prune", "all"), ("retrain", "all"), ("distill", None)]
+    assert [(r["stage"], r["phase"]) for r in rows] == expected
+    previous = None
+    for row in rows:
+        path = Path(row["path"])
+        assert path.is_file() and path.parent == ssd_run["run_dir"]
+        ckpt = load_checkpoint(path)
+        assert (ckpt.stage, ckpt.phase) == (row["stage"], row["phase"])
+        assert ckpt.metrics["params"] == row["metrics"]["params"] == sum(p.numel() for p in ckpt.model.parameters())
+        assert row["metrics"]["flops"] > 0 and "map_voc07" in row["metrics"] and "stage_seconds" in row["metrics"]
+        with torch.no_grad():
+            ckpt.model.eval()([torch.rand(3, 64, 64)])  # the rebuilt (pruned) model runs
+        if row["stage"] == "pretrain":
+            assert ckpt.parent == str(ssd_pretrained)
+        elif row["stage"] == "distill":
+            assert ckpt.extra["teacher"] == rows[0]["path"]
+        else:  # a phase starts from the previous phase's retrained model; prune works on Θ_L1
+            assert ckpt.parent == previous
+        previous = str(path)
+    assert not list(ssd_run["run_dir"].glob(".*")), "scratch files left behind"
+
+
+def test_prune_removes_exactly_the_selected_filters_from_the_l1_weights(ssd_run):
+    rows = ssd_run["rows"]
+    for index, row in enumerate(rows):
+        if row["stage"] != "prune":
+            continue
+        sparse_row, before = rows[index - 1], rows[index - 2]["metrics"]
+        selection_path = Path(row["selection"])
+        assert selection_path.parent == Path(row["path"]).parent  # the selection lives next to its checkpoint
+        selection = json.loads(selection_path.read_text())
+        assert selection["criterion"] == "seed" and selection["phase"] == row["phase"]
+        assert selection["alpha"] == read_metadata(sparse_row["path"])["extra"]["alpha"]
+        assert row["metrics"]["params"] < before["params"]
+        assert row["metrics"]["flops"] < before["flops"]
+        pruned = load_checkpoint(row["path"])
+        assert pruned.extra["selection"] == str(selection_path)
+        sparse = load_checkpoint(sparse_row["path"])
+        total = 0
+        for name, entry in selection["layers"].items():
+            assert layer_channels(pruned.model.get_submodule(name)) == entry["keep"]
+            assert entry["keep"] >= 2  # min_channels
+            total += len(entry["remove"])
+        assert total == row["metrics"]["filters_removed_total"] > 0
+        # The first layer of the phase keeps its inputs: its surviving filters are Θ_L1's, not thresholded.
+        first = next(iter(selection["layers"]))
+        removed = set(selection["layers"][first]["remove"])
+        kept = [f for f in range(layer_channels(sparse.model.get_submodule(first))) if f not in removed]
+        if first == "backbone.conv1_1":
+            torch.testing.assert_close(pruned.model.get_submodule(first).weight,
+                                       sparse.model.get_submodule(first).weight[kept], rtol=0, atol=0)
+
+
+def test_alpha_is_the_largest_within_max_drop_and_l1_weights_are_saved_unthresholded(ssd_run):
+    max_drop = ssd_run["raw"]["stages"]["sparsity"]["max_drop"]
+    for row in ssd_run["rows"]:
+        if row["stage"] != "sparsity":
+            continue
+        extra = read_metadata(row["path"])["extra"]
+        metrics = row["metrics"]
+        assert extra["alpha"] == metrics["alpha"] and extra["l1_lambda"] == 1e-4
+        assert extra["val_metric_l1"] - extra["val_metric_thresholded"] <= max_drop + 1e-12
+        assert set(extra["taus"]) == set(extra["layers"]) == set(extra["sparsity_before"]) == set(extra["sparsity_after"])
+        tried = {t["alpha"]: t for t in extra["alpha_tried"]}
+        if extra["alpha"] is None:  # no α kept the metric: nothing thresholded
+            assert not any(t["ok"] for t in tried.values()) and set(extra["taus"].values()) == {0.0}
+            continue
+        assert tried[extra["alpha"]]["ok"] and all(not t["ok"] for a, t in tried.items() if a > extra["alpha"])
+        ckpt = load_checkpoint(row["path"])
+        for name, tau in extra["taus"].items():
+            weight = ckpt.model.get_submodule(name).weight.detach()
+            assert tau == pytest.approx(extra["alpha"] * float(weight.abs().mean()), rel=1e-5)
+            assert bool(((weight != 0) & (weight.abs() < tau)).any())  # Θ_L1, not Θ_L1^th
+            assert extra["sparsity_after"][name] > extra["sparsity_before"][name]
+
+
+def test_resume_skips_finished_stages_and_a_used_run_dir_is_refused(ssd_run, capsys, tmp_path):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(ssd_run["run_dir"], run_dir)
+    digests = {p.name: _digest(p) for p in run_dir.iterdir()}
+    cfg = validate_config(ssd_run["raw"])
+    rows = run_pipeline_in_process(cfg, run_dir, resume=True)
+    assert [r["resumed"] for r in rows] == [True] * len(ssd_run["rows"])
+    assert [r["metrics"]["params"] for r in rows] == [r["metrics"]["params"] for r in ssd_run["rows"]]
+    code, err = _cli(["compress", "--config", ssd_run["config"], "--run-dir", run_dir], capsys)
+    _one_line_error(code, err, str(run_dir), "already holds", "--resume")
+    assert {p.name: _digest(p) for p in run_dir.iterdir()} == digests
+
+
+# --------------------------------------------------------------------------------------------
+# The classifier: a ranking criterion and Taylor
+
+
+def test_vgg_l1_norm_chain_removes_the_configured_share(cls_root, cls_pretrained, tmp_path):
+    raw = _with(_cls_raw(cls_root, criterion="l1_norm", prune_ratio=0.25, min_channels=2),
+                pretrain={"checkpoint": str(cls_pretrained)}, phases=CLS_PHASES)
+    rows = run_pipeline_in_process(validate_config(raw), tmp_path / "run")
+    assert [(r["stage"], r["phase"]) for r in rows] == [("pretrain", None)] + [
+        (stage, phase) for phase in ("low", "high") for stage in ("sparsity", "prune", "retrain")] + [("distill", None)]
+    base = rows[0]["metrics"]
+    assert 0 <= base["top1"] <= 1 and "top1" in rows[-1]["metrics"]
+    previous = rows[0]
+    for index in (1, 4):
+        sparse, pruned, retrained = rows[index: index + 3]
+        # each phase starts from the previous phase's retrained model, and prunes Θ_L1
+        assert read_metadata(sparse["path"])["parent"] == previous["path"]
+        assert read_metadata(pruned["path"])["parent"] == sparse["path"]
+        assert sparse["metrics"]["val_metric_l1"] - sparse["metrics"]["val_metric_thresholded"] <= 0.05 + 1e-12
+        assert pruned["metrics"]["params"] < previous["metrics"]["params"]
+        assert pruned["metrics"]["flops"] < previous["metrics"]["flops"]
+        assert pruned["metrics"]["params_ratio"] > 1 and pruned["metrics"]["flops_ratio"] > 1
+        selection = json.loads(Path(pruned["selection"]).read_text())
+        assert set(selection["layers"]) == {f"features.{name}" for name in CLS_PHASES[index // 4]["layers"]}
+        model = load_checkpoint(pruned["path"]).model
+        for name, entry in selection["layers"].items():
+            n = len(entry["remove"]) + entry["keep"]
+            assert len(entry["remove"]) == round(0.25 * n)
+            assert layer_channels(model.get_submodule(name)) == entry["keep"]
+            # l1_norm removes the filters with the smallest ‖W_f‖₁ of Θ_L1
+            assert max(entry["scores"][f] for f in entry["remove"]) <= min(
+                s for f, s in enumerate(entry["scores"]) if f not in entry["remove"])
+        previous = retrained
+
+
+def test_vgg_taylor_chain_prunes_iteratively(cls_root, cls_pretrained, tmp_path):
+    raw = _with(_cls_raw(cls_root, criterion="taylor", prune_ratio=0.2, taylor_batches=1, taylor_step_filters=24,
+                         taylor_finetune_batches=1, min_channels=2),
+                pretrain={"checkpoint": str(cls_pretrained)}, distill={"enabled": False})
+    rows = run_pipeline_in_process(validate_config(raw), tmp_path / "run")
+    assert [(r["stage"], r["phase"]) for r in rows] == [("pretrain", None), ("taylor", "phase1"), ("retrain", "phase1")]
+    taylor = rows[1]["metrics"]
+    assert taylor["taylor_steps"] >= 2 and taylor["removed_fraction"] >= 0.2
+    assert taylor["params"] < rows[0]["metrics"]["params"]
+    selection_path = Path(taylor["selection"])
+    assert selection_path.parent == Path(rows[1]["path"]).parent
+    selection = json.loads(selection_path.read_text())
+    model = load_checkpoint(rows[2]["path"]).model
+    for name, entry in selection["layers"].items():
+        assert layer_channels(model.get_submodule(name)) == entry["keep"] >= 2
+
+
+def test_stage_functions_refuse_what_they_cannot_do(cls_root, cls_pretrained, tmp_path):
+    phase = PhaseConfig(name="phase1", layers=["conv1_1"])
+    cfg = validate_config(_cls_raw(cls_root, criterion="taylor", prune_ratio=0.5))
+    with pytest.raises(ConfigError, match="taylor_prune_stage"):
+        S.select_filters(cls_pretrained, cfg, tmp_path / "sel.json", phase=phase)
+    for criterion in ("l1_norm", "random", "taylor"):
+        cfg = validate_config(_cls_raw(cls_root, criterion=criterion))
+        with pytest.raises(ConfigError, match="prune_ratio or target_flops_ratio"):
+            run_pipeline_in_process(cfg, tmp_path / criterion)
+        assert not (tmp_path / criterion).exists()
+    cfg = validate_config(_cls_raw(cls_root))
+    with pytest.raises(StageError, match="no α"):  # 'seed' needs the output of induce_sparsity
+        S.select_filters(cls_pretrained, cfg, tmp_path / "sel.json", phase=phase)
+    assert not (tmp_path / "sel.json").exists()
+    assert [p.name for p in S.phases_for(validate_config({"model": {"name": "ssd_vgg_lite"}}))] == [
+        "phase1", "phase2", "phase3", "phase4"]
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input through the CLI: one line, exit code 2, nothing written or overwritten
+
+
+@pytest.mark.parametrize(
+    ("override", "needles"),
+    [
+        ("stages.phases=[{name: p1, layers: [conv1_1, conv99_9]}]", ["stages.phases.0 (p1)", "unknown layer 'conv99_9'"]),
+        ("stages.phases=[{name: p1, layers: [head.classification_head.module_list.0]}]", ["SSD head conv"]),
+        ("stages.selection.gamma=0", ["stages.selection.gamma"]),
+        ("stages.selection.gamma=1.5", ["stages.selection.gamma"]),
+        ("stages.sparsity.l1_lambda=-0.1", ["stages.sparsity.l1_lambda"]),
+    ],
+)
+def test_bad_settings_fail_before_any_work(devkit, tmp_path, capsys, override, needles):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(_ssd_raw(devkit)))
+    code, err = _cli(["compress", "--config", config, "--set", override, "--run-dir", tmp_path / "run"], capsys)
+    _one_line_error(code, err, *needles)
+    assert not (tmp_path / "run").exists()
+
+
+def test_nan_during_l1_training_names_epoch_and_lambda_and_keeps_earlier_outputs(devkit, ssd_pretrained, tmp_path,
+                                                                                  capsys):
+    raw = _with(_ssd_raw(devkit), pretrain={"checkpoint": str(ssd_pretrained)}, sparsity={"l1_lambda": 1e38})
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    source = _digest(ssd_pretrained)
+    run_dir = tmp_path / "run"
+    code, err = _cli(["compress", "--config", config, "--run-dir", run_dir], capsys)
+    _one_line_error(code, err, "at epoch 1", "l1_lambda=1e+38", "phase all")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["00_pretrain.safetensors", "config.json"]
+    assert load_checkpoint(run_dir / "00_pretrain.safetensors").stage == "pretrain"
+    assert _digest(ssd_pretrained) == source
+
+
+def test_a_selection_that_empties_a_layer_is_refused(ssd_run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("config.json", "00_pretrain.safetensors", "01_sparsity_all.safetensors", "02_selection_all.json"):
+        shutil.copy(ssd_run["run_dir"] / name, run_dir / name)
+    selection_path = run_dir / "02_selection_all.json"
+    selection = json.loads(selection_path.read_text())
+    first = next(iter(selection["layers"]))
+    entry = selection["layers"][first]
+    n = len(entry["remove"]) + entry["keep"]
+    entry.update(remove=list(range(n)), keep=0)
+    selection_path.write_text(json.dumps(selection))
+    digests = {p.name: _digest(p) for p in run_dir.iterdir()}
+    code, err = _cli(["compress", "--config", ssd_run["config"], "--run-dir", run_dir, "--resume"], capsys)
+    _one_line_error(code, err, str(selection_path), f"removes all {n} filters", first)
+    assert {p.name: _digest(p) for p in run_dir.iterdir() if not p.name == "config.json"} == {
+        k: v for k, v in digests.items() if k != "config.json"}
+
+
+def test_a_teacher_with_other_classes_is_refused(ssd_run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(ssd_run["run_dir"], run_dir)
+    distilled = run_dir / Path(ssd_run["rows"][-1]["path"]).name
+    distilled.unlink()
+    other = validate_config(_ssd_raw(ssd_run["raw"]["data"]["root"]) | {"data": {
+        **ssd_run["raw"]["data"], "classes": ["cat", "dog", "bird"]}})
+    teacher = initial_checkpoint(other)
+    save_checkpoint(teacher, run_dir / "00_pretrain.safetensors")
+    code, err = _cli(["compress", "--config", ssd_run["config"], "--run-dir", run_dir, "--resume"], capsys)
+    _one_line_error(code, err, "00_pretrain.safetensors", "3 classes (cat, dog, bird)", "same classes")
+    assert not distilled.exists()

@@ -35,7 +35,10 @@ collected by `bench/report.py`; none is typed in. Re-run a script, then `bench/r
 def render(result: dict) -> str:
     m = result.get("machine", {})
     where = f"{m.get('cpu')} ({m.get('cores')} cores" + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU") + ")"
+    smoke = "--quick" in str(result.get("command", ""))
     lines = [
+        *(["> **Smoke run (`--quick`) on a shared, loaded machine: not a measurement; re-run without `--quick`.**", ""]
+          if smoke else []),
         f"- command: `{result.get('command')}`",
         f"- machine: {where}, torch {m.get('torch')}, commit {m.get('commit')}",
         f"- date: {m.get('date')}",

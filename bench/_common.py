@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"  # git-ignored: inputs of the later benchmarks
 
 
 def machine() -> dict:

@@ -9,6 +9,7 @@ bench/results/pretrain.json (training wall time, test-set metrics). Run bench/re
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import write_result  # noqa: E402
+from bench._common import CHECKPOINTS, write_result  # noqa: E402
 
 
 def _table(cfg, metrics: dict, train_seconds: float) -> str:
@@ -38,7 +39,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="default")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--keep", type=Path, default=CHECKPOINTS / "pretrain.safetensors",
+                        help="where the trained checkpoint is kept for bench/compress.py, quality.py, speedup.py")
     args = parser.parse_args()
+    if args.keep.exists():
+        sys.exit(f"error: {args.keep} exists; move it away or pass --keep to another path")
 
     from compression.config import load_config
     from compression.data.loaders import ensure_builtin_data
@@ -50,6 +55,8 @@ def main() -> None:
         started = time.perf_counter()
         path, metrics = pretrain(cfg, Path(tmp) / "pretrain.safetensors")
         total = time.perf_counter() - started
+        args.keep.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, args.keep)
     history = metrics.pop("history", None)
     train_seconds = metrics["stage_seconds"]  # measured before evaluation
     result = {
@@ -57,6 +64,7 @@ def main() -> None:
         "overrides": args.overrides,
         "model": cfg.model.name,
         "epochs": cfg.stages.pretrain.epochs,
+        "checkpoint": str(args.keep),
         "train_seconds": train_seconds,
         "total_seconds": total,
         "metrics": metrics,

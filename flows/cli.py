@@ -216,7 +216,7 @@ def compression_table(title: str, rows: list[dict], task: str) -> Table:
         m = dict(row["metrics"])
         add_ratios(m, base, task)
         seconds = (m.get("stage_seconds") or 0.0) + (m.get("selection_seconds") or 0.0)
-        cells = [row["stage"] + (" (resumed)" if row.get("resumed") else ""), row.get("phase") or "",
+        cells = [row["stage"] + (" (found)" if row.get("resumed") else ""), row.get("phase") or "",
                  *("" if m.get(k) is None else _si(m[k]) + unit
                    for k, unit in (("params", ""), ("size_bytes", "B"), ("flops", "")))]
         cells += [pct(m.get(k)) for k in (("map_voc07", "map_voc", "map_coco") if detection else ("top1",))]
@@ -251,7 +251,8 @@ def compress(
 
     rows = run_pipeline_in_process(cfg, run_dir, resume=resume, on_row=report)
     task = model_task(cfg.model.name)
-    console.print(compression_table(f"{cfg.name}: {cfg.model.name} in {run_dir} (x: base / checkpoint)", rows, task))
+    table = compression_table(f"{cfg.name}: {cfg.model.name} in {run_dir} (x: base / checkpoint)", rows, task)
+    console.print(table, width=max(console.width, 160))  # a log file gets the whole table, not 80 columns
     console.print(f"final checkpoint: {rows[-1]['path']}", markup=False, highlight=False)
 
 

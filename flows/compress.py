@@ -17,7 +17,7 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from compression.config import PhaseConfig, PipelineConfig
-from compression.errors import ConfigError, DataError, PrunepipeError
+from compression.errors import DataError, PrunepipeError
 from compression.train import primary_metric
 from tasks import stages as T
 from tasks.env import apply_env_defaults
@@ -49,30 +49,7 @@ class Plan:
     run_dir: Path
     phases: list[PhaseConfig]
     tracking_uri: str
-    methods: bool
     checks_seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
-
-
-def resolve_phases(cfg: PipelineConfig) -> list[PhaseConfig]:
-    """The config's phases or the model's defaults, every layer name known to the model."""
-    if hasattr(T.S, "phases_for"):
-        return list(T.S.phases_for(cfg))
-    from compression.models import DEFAULT_PHASES, layer_names
-
-    phases = cfg.stages.phases or [
-        PhaseConfig(name=f"phase{i + 1}", layers=layers) for i, layers in enumerate(DEFAULT_PHASES[cfg.model.name])
-    ]
-    names = layer_names(cfg.model.name)
-    known = set(names) | set(names.values())
-    for index, phase in enumerate(phases):
-        unknown = [layer for layer in phase.layers if layer not in known]
-        if unknown:
-            raise ConfigError(
-                f"stages.phases.{index}.layers: unknown layer {unknown[0]!r} for model {cfg.model.name} "
-                f"(paper names: {', '.join(list(names)[:4])}, ...)"
-            )
-    return list(phases)
 
 
 def check_data(cfg: PipelineConfig) -> None:
@@ -102,13 +79,8 @@ def preflight(cfg: PipelineConfig) -> Plan:
 
         read_metadata(cfg.stages.pretrain.checkpoint)
     check_data(cfg)
-    methods = T.methods_available()
-    phases = resolve_phases(cfg)
-    if not phases and methods:
-        raise ConfigError("stages.phases: no phase to prune (and the model has no default phases)")
-    plan = Plan(run_dir=(Path(cfg.workdir) / cfg.name).resolve(), phases=phases, tracking_uri=uri, methods=methods)
-    if not methods:
-        plan.notes.append("compression.stages has no method stages yet: running pretrain + evaluate only")
+    phases = T.S.phases_for(cfg)  # every layer of every phase exists and is prunable
+    plan = Plan(run_dir=(Path(cfg.workdir) / cfg.name).resolve(), phases=phases, tracking_uri=uri)
     plan.checks_seconds = time.perf_counter() - started
     return plan
 
@@ -197,8 +169,6 @@ def compress(config: PipelineConfig) -> dict[str, Any]:
 
     plan = preflight(cfg)
     timings["preflight"] = plan.checks_seconds
-    for note in plan.notes:
-        logger.warning(note)
     # Ray starts (or is joined) at the first training fit and serves every later one: a fully cached
     # re-run never starts it. Everything that could stop it was checked by preflight.
     tracker = RunTracker.start(cfg, flow_run_id=flow_run.get_id(), uri=plan.tracking_uri)
@@ -215,7 +185,7 @@ def compress(config: PipelineConfig) -> dict[str, Any]:
         current = pretrained["path"]
 
         # Stages 2-5, phase by phase.
-        for phase in plan.phases if plan.methods else []:
+        for phase in plan.phases:
             sparse = run.call(T.induce_sparsity, stage="sparsity", phase=phase, out=run.output("sparsity", phase),
                               input_path=current, base_metrics=base_metrics)
             run.record(sparse, stage="sparsity", phase=phase, params=stage_params["sparsity"])
@@ -231,7 +201,7 @@ def compress(config: PipelineConfig) -> dict[str, Any]:
             current = retrained["path"]
 
         # Stage 6: distillation from the pretrained teacher.
-        if plan.methods and cfg.stages.distill.enabled:
+        if cfg.stages.distill.enabled:
             distilled = run.call(T.distill, stage="distill", out=run.output("distill"), student_path=current,
                                  teacher_path=pretrained["path"], base_metrics=base_metrics)
             run.record(distilled, stage="distill", params=stage_params["distill"])
@@ -275,7 +245,6 @@ def compress(config: PipelineConfig) -> dict[str, Any]:
         "mlflow": {"uri": tracker.uri, "experiment_id": tracker.experiment_id, "run_id": tracker.parent_run_id,
                    "link": tracker.run_link()},
         "ray": ray_summary(),
-        "methods": plan.methods,
         "timings": timings,
     }
 

@@ -53,14 +53,8 @@ TASK_SECTION = {
     "distill": "distill",
     "evaluate": None,  # measuring a checkpoint depends on no stage's settings
 }
-METHOD_FUNCTIONS = ("induce_sparsity", "select_filters", "prune", "retrain", "distill", "phases_for")
 _PATH_INPUTS = ("input_path", "selection_path", "student_path", "teacher_path", "checkpoint")
 _INFRA_COMPUTE_KEYS = ("ray_address", "storage_path", "max_failures")
-
-
-def methods_available() -> bool:
-    """Whether ``compression.stages`` has the method stages yet (until then the flow runs pretrain only)."""
-    return all(hasattr(S, name) for name in METHOD_FUNCTIONS)
 
 
 # --------------------------------------------------------------------------------------------

@@ -43,17 +43,14 @@ from compression.errors import StageError  # noqa: E402
 from compression.jobs import initial_checkpoint  # noqa: E402
 from flows.compress import run_pipeline  # noqa: E402
 from tasks.ray_trainer import ensure_ray  # noqa: E402
-from tasks.stages import methods_available, storage_path  # noqa: E402
+from tasks.stages import storage_path  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = methods_available()
 CHECKPOINT_METRICS = ("params", "size_bytes", "flops", "map_voc07")
 
 
 def expected_stages(distill: bool = True) -> list[str]:
-    if not METHODS:
-        return ["pretrain"]
     return ["pretrain", "sparsity", "prune", "retrain"] + (["distill"] if distill else [])
 
 
@@ -138,8 +135,7 @@ def test_every_stage_checkpoint_is_tracked_with_size_flops_and_map(cfg, first_ru
     version = client.get_model_version_by_alias("prunepipe-ssd_vgg_lite", "champion")
     assert str(version.version) == first_run["registered_model"]["version"]
     assert version.run_id == tracked[expected_stages()[-1]].info.run_id
-    if METHODS:
-        assert tracked["prune"].data.metrics["params_ratio"] > 1  # the prune stage removed filters
+    assert tracked["prune"].data.metrics["params_ratio"] > 1  # the prune stage removed filters
 
 
 def test_the_flow_run_has_a_checkpoint_table_artifact(cfg, first_run):
@@ -165,18 +161,11 @@ def test_a_second_run_trains_nothing(cfg, first_run):
 
 def test_a_killed_run_resumes_without_redoing_finished_stages(cfg, first_run, prefect_server, ray_session,
                                                               tmp_path):
-    # New settings for the stage to interrupt (retrain; pretrain until the method stages exist): the
-    # stages before it stay cached, the interrupted one must run.
-    if METHODS:
-        overrides = ["stages.retrain.lr=0.004", "stages.distill.enabled=false"]
-        interrupted = "retrain"
-    else:
-        overrides = ["stages.pretrain.lr=0.009"]
-        interrupted = "pretrain"
+    # New settings for the stage to interrupt (retrain): the stages before it stay cached, it must run.
+    overrides = ["stages.retrain.lr=0.004", "stages.distill.enabled=false"]
+    interrupted = "retrain"
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    results = Path(first_run["run_dir"]) / ".prefect-results"
-    records_before = set(results.iterdir())
     runs_before = ray_runs(cfg)
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "RAY_ADDRESS": ray_session.address}
     command = [sys.executable, "-m", "flows.cli", "run", "--config", str(config_file)]
@@ -185,10 +174,8 @@ def test_a_killed_run_resumes_without_redoing_finished_stages(cfg, first_run, pr
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                start_new_session=True)
 
-    def interrupted_stage_started() -> bool:
-        if METHODS:  # its Ray Train run folder appeared: the retrain fit is under way
-            return any(name.startswith("retrain") for name in set(ray_runs(cfg)) - set(runs_before))
-        return bool(set(results.iterdir()) - records_before)  # pretrain finished, evaluate under way
+    def interrupted_stage_started() -> bool:  # its Ray Train run folder appeared: the retrain fit is under way
+        return any(name.startswith("retrain") for name in set(ray_runs(cfg)) - set(runs_before))
 
     try:
         while not interrupted_stage_started():
@@ -206,15 +193,11 @@ def test_a_killed_run_resumes_without_redoing_finished_stages(cfg, first_run, pr
     resumed = run_timed(resumed_cfg, "re-run after the kill")
     rows = {row["stage"]: row for row in resumed["checkpoints"]}
     finished_before = expected_stages()[:expected_stages().index(interrupted)]
-    if METHODS:
-        assert all(rows[stage]["cached"] for stage in finished_before)
-        assert not rows["retrain"]["cached"]
-        # No finished stage trained again: their Ray runs are untouched.
-        after = ray_runs(resumed_cfg)
-        assert {k: v for k, v in after.items() if k in runs_before} == runs_before
-    else:
-        assert rows["pretrain"]["cached"]  # finished in the killed run, not trained again
-        assert rows["pretrain"]["fit_seconds"] == 0
+    assert all(rows[stage]["cached"] and rows[stage]["fit_seconds"] == 0 for stage in finished_before)
+    assert not rows["retrain"]["cached"]
+    # No finished stage trained again: their Ray runs are untouched.
+    after = ray_runs(resumed_cfg)
+    assert {k: v for k, v in after.items() if k in runs_before} == runs_before
     assert resumed["final_checkpoint"]
 
 

@@ -8,7 +8,7 @@ one epoch of sparsity and of retraining on one Ray worker, no distillation, no m
 Playwright drives Debian's Chromium (``/usr/bin/chromium``; ``apt-get install -y chromium``).
 
 Through the real UI: the deployments list; a run started with Run > Quick run > Run and followed from its
-toast to its flow run page; that page showing Completed, and its checkpoint table artifact; the Custom
+toast (or, once the toast is gone, by the id of the run the click created) to its flow run page; that page showing Completed, and its checkpoint table artifact; the Custom
 run form refusing stages.selection.gamma = 1.5 (the form submits, the server checks the parameter
 schema, the form shows the refusal naming the field, and no run is created); the MLflow experiment's
 runs table with size_bytes / flops / map_voc07 columns (picked in Columns) and the run's checkpoint runs.
@@ -180,9 +180,21 @@ def flow_runs_of(site: Site, deployment: str) -> list[dict]:
     return site.api("/flow_runs/filter", {"deployments": {"id": {"any_": [site.deployments[deployment]]}}})
 
 
+def new_flow_run(site: Site, before: set[str], timeout: float = 60) -> str:
+    """The id of the one flow run of the tiny deployment that is not in ``before`` (waits for it)."""
+    deadline = time.perf_counter() + timeout
+    while True:
+        created = [run["id"] for run in flow_runs_of(site, TINY) if run["id"] not in before]
+        if created:
+            assert len(created) == 1, f"one click created {len(created)} flow runs"
+            return created[0]
+        assert time.perf_counter() < deadline, f"no flow run of {TINY} was created {timeout:.0f}s after Run"
+        time.sleep(1)
+
+
 @pytest.fixture(scope="module")
 def quick_run(site, browser) -> dict:
-    """A run of compress/ui_tiny started from the UI: Run > Quick run > Run, then the toast's View run."""
+    """A run of compress/ui_tiny started from the UI: Run > Quick run > Run, then its flow run page."""
     page = browser.new_page(viewport={"width": 1600, "height": 1000})
     page.set_default_timeout(60_000)
     try:
@@ -190,17 +202,21 @@ def quick_run(site, browser) -> dict:
         page.get_by_text("Quick run").click()
         dialog = page.get_by_role("dialog")
         dialog.get_by_text("Validate parameters").wait_for()  # the parameter form has rendered
+        before = {run["id"] for run in flow_runs_of(site, TINY)}
         dialog.get_by_role("button", name="Run", exact=True).click()
-        # The UI raises the "scheduled" toast twice, one over the other; both link to the same run.
+        run_id = new_flow_run(site, before)
+        # The UI raises a "scheduled" toast with View run; it can be gone before a busy machine looks for it,
+        # so follow it when it is there and open the run the click created otherwise.
         view_run = page.get_by_role("button", name="View run")
-        view_run.first.wait_for()
-        view_run.last.click()
-        page.wait_for_url(re.compile(r"/runs/flow-run/[0-9a-f-]{36}$"))
+        if view_run.count():
+            view_run.last.click()
+        else:
+            page.goto(f"{site.prefect}/runs/flow-run/{run_id}")
+        page.wait_for_url(re.compile(rf"/runs/flow-run/{run_id}$"))
         page.get_by_text(TINY, exact=True).first.wait_for()  # the deployment, named on the flow run page
     except Exception:
         page.screenshot(path=SCREENSHOTS / "prefect_quick_run_failed.png")
         raise
-    run_id = page.url.rsplit("/", 1)[-1]
     page.close()
     return {"id": run_id, "started": time.perf_counter()}
 

@@ -140,6 +140,8 @@ class TrackingConfig(_Strict):
     registered_model: str | None = Field("prunepipe-{model}", description="Model Registry name; empty: skip")
     alias: str = "champion"
     log_model: bool = Field(True, description="log the final model with mlflow.pytorch")
+    log_onnx: bool = Field(True, description="export the final checkpoint to ONNX and log the files, "
+                           "onnx_size_bytes and onnx_flops on its MLflow run")
 
 
 class ComputeConfig(_Strict):

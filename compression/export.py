@@ -21,11 +21,15 @@ cannot go below opset 18 and takes ~30x longer on these models, so the TorchScri
 uses the new one where onnxscript is installed. Both give the same outputs to ~2e-5 here.
 Every file is written under a temporary name and renamed into place, the ``.onnx`` last, and nothing
 is overwritten: an existing output refuses the export.
+
+``onnx_flops("model.onnx")`` counts the exported graph's FLOPs from the graph alone (ONNX shape
+inference), the figure a deployment sees; for this project's models it equals ``metrics.count_flops``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -42,7 +46,8 @@ from compression.checkpoint import load_checkpoint
 from compression.errors import ConfigError, ModelError
 from compression.metrics import count_flops, count_parameters, file_size_bytes
 
-__all__ = ["EXPORT_FORMATS", "POSTPROCESS_RECIPE", "export_onnx", "export_paths", "postprocess_onnx_outputs"]
+__all__ = ["EXPORT_FORMATS", "POSTPROCESS_RECIPE", "export_onnx", "export_paths", "onnx_flops",
+           "postprocess_onnx_outputs"]
 
 EXPORT_FORMATS: tuple[str, ...] = ("onnx",)
 SIDECAR_FORMAT = "prunepipe-onnx/1"
@@ -135,7 +140,7 @@ def export_onnx(
     """Export ``checkpoint_path``'s network to ``out_path`` (.onnx) plus sidecars; returns its metrics.
 
     Metrics: ``onnx_size_bytes`` (the .onnx file), ``flops`` (``metrics.count_flops`` of the exported
-    network at batch 1), ``params``, ``checkpoint_size_bytes``, ``input_name``, ``input_shape``
+    network at batch 1), ``onnx_flops`` (``onnx_flops`` of the written graph, batch 1), ``params``, ``checkpoint_size_bytes``, ``input_name``, ``input_shape``
     (``["batch", 3, H, W]``), ``output_names``, ``opset``, ``exporter`` and the written ``files``.
     Raises ``CheckpointError`` for a bad checkpoint (a pickle included) and ``ConfigError`` for an
     existing output or an unsupported opset; nothing is written then.
@@ -209,6 +214,7 @@ def export_onnx(
         "format": "onnx",
         "onnx_size_bytes": file_size_bytes(out),
         "flops": count_flops(network, (height, width)),
+        "onnx_flops": onnx_flops(out),
         "params": count_parameters(network),
         "checkpoint_size_bytes": file_size_bytes(checkpoint_path),
         "input_name": "images",
@@ -218,6 +224,62 @@ def export_onnx(
         "exporter": exporter,
         "files": {kind: str(path) for kind, path in written.items()},
     }
+
+
+# Ops with a cost, as in ``metrics.count_flops`` (torch's FlopCounterMode): convolutions and matrix
+# products. Normalisation (the input's Sub/Div, SSD's L2Norm as ReduceL2/Div/Mul), activations, pooling
+# and bias additions are free in both counts, so the two agree exactly on these graphs.
+_COUNTED_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def onnx_flops(onnx_path: Path | str) -> int:
+    """FLOPs of one forward pass at batch 1 of the ONNX graph in ``onnx_path``, 2 per multiply-add.
+
+    Counted from the graph alone: the input's symbolic (batch) dimensions are set to 1, shapes come from
+    ``onnx.shape_inference.infer_shapes`` and each ``Conv`` costs ``2 * prod(output) * Cin/groups * kH *
+    kW``, each ``Gemm`` ``2 * M * N * K`` and each ``MatMul`` ``2 * prod(output) * K``; every other op is
+    free, as in ``metrics.count_flops``. Raises ``ModelError`` when a counted op's shape stays unknown.
+    """
+    import onnx
+
+    path = Path(onnx_path)
+    model = onnx.load(str(path), load_external_data=False)
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    for graph_input in model.graph.input:
+        if graph_input.name in initializers:
+            continue
+        for dim in graph_input.type.tensor_type.shape.dim:
+            if not dim.HasField("dim_value"):
+                dim.dim_value = 1  # the dynamic batch axis: count one sample, as count_flops does
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True).graph
+    shapes: dict[str, list[int | None]] = {tensor.name: list(tensor.dims) for tensor in inferred.initializer}
+    for info in [*inferred.input, *inferred.value_info, *inferred.output]:
+        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
+            shapes[info.name] = [dim.dim_value if dim.HasField("dim_value") else None
+                                 for dim in info.type.tensor_type.shape.dim]
+
+    def shape(node: onnx.NodeProto, name: str) -> list[int]:
+        dims = shapes.get(name)
+        if dims is None or any(d is None for d in dims):
+            raise ModelError(f"{path}: {node.op_type} node {node.name or '?'} has no static shape for {name!r}, "
+                             "so its FLOPs cannot be counted")
+        return dims  # type: ignore[return-value]
+
+    macs = 0
+    for node in inferred.node:
+        if node.op_type not in _COUNTED_OPS:
+            continue
+        out = math.prod(shape(node, node.output[0]))
+        if node.op_type == "Conv":
+            # weight (Cout, Cin/groups, kH, kW): each output element is Cin/groups * kH * kW multiply-adds.
+            macs += out * math.prod(shape(node, node.input[1])[1:])
+        elif node.op_type == "Gemm":
+            trans_a = next((a.i for a in node.attribute if a.name == "transA"), 0)
+            a = shape(node, node.input[0])
+            macs += out * a[0 if trans_a else 1]
+        else:  # MatMul, numpy semantics: K is A's last axis (broadcast batch axes are in the output)
+            macs += out * shape(node, node.input[0])[-1]
+    return 2 * macs
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -105,8 +106,12 @@ class _Chain:
             metrics, resumed = dict(read_metadata(out).get("metrics", {})), True
             metrics.update(row_extra.pop("metrics", {}))
         else:
+            started = time.perf_counter()
             _, produced = produce()
+            # The stage's whole wall time, measurement included (bench/overhead.py compares it with the flow's).
+            produced["wall_seconds"] = time.perf_counter() - started + row_extra.pop("extra_seconds", 0.0)
             metrics, resumed = {**row_extra.pop("metrics", {}), **produced}, False
+        row_extra.pop("extra_seconds", None)
         row = {"stage": stage, "phase": phase.name if phase else None, "path": str(out), "metrics": metrics,
                "resumed": resumed, **row_extra}
         self.rows.append(row)
@@ -114,10 +119,13 @@ class _Chain:
             self.on_row(row)
         return row
 
-    def selection(self, out: Path, produce: Callable[[], tuple[Path, dict[str, Any]]]) -> dict[str, Any]:
+    def selection(self, out: Path, produce: Callable[[], tuple[Path, dict[str, Any]]]) -> tuple[dict[str, Any], float]:
+        """The selection's metrics and the seconds it took (0 when reused)."""
         if self.reuse(out):
-            return S.selection_metrics(S.read_selection(out))
-        return produce()[1]
+            return S.selection_metrics(S.read_selection(out)), 0.0
+        started = time.perf_counter()
+        metrics = produce()[1]
+        return metrics, time.perf_counter() - started
 
 
 def run_pipeline_in_process(cfg: PipelineConfig, run_dir: Path | str, trainer: Trainer | None = None, *,
@@ -155,7 +163,7 @@ def run_pipeline_in_process(cfg: PipelineConfig, run_dir: Path | str, trainer: T
                     src, cfg, out, phase=phase, trainer=trainer, base_metrics=base),
             )
             selection_out = chain.output("selection", phase, suffix=".json")
-            selected = chain.selection(
+            selected, selection_seconds = chain.selection(
                 selection_out,
                 lambda src=sparse["path"], out=selection_out, phase=phase: S.select_filters(
                     Path(src), cfg, out, phase=phase, trainer=trainer),
@@ -165,7 +173,7 @@ def run_pipeline_in_process(cfg: PipelineConfig, run_dir: Path | str, trainer: T
                 "prune", phase, out,
                 lambda src=sparse["path"], sel=selection_out, out=out, phase=phase: S.prune(
                     Path(src), sel, cfg, out, phase=phase, base_metrics=base),
-                selection=str(selection_out), metrics=selected,
+                selection=str(selection_out), metrics=selected, extra_seconds=selection_seconds,
             )
         out = chain.output("retrain", phase)
         retrained = chain.checkpoint(

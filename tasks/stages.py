@@ -302,3 +302,11 @@ def log_checkpoint(tracker: Any, name: str, stage: str, phase: str | None, check
 @task(name="register_model", **_LOG_OPTIONS)
 def register_model(tracker: Any, config: PipelineConfig, checkpoint: str, run_id: str, input_example: Any) -> Any:
     return tracker.register_model(config, checkpoint, run_id, input_example=input_example)
+
+
+@task(name="log_export", **_LOG_OPTIONS)
+def log_export(tracker: Any, config: PipelineConfig, checkpoint: str, run_id: str) -> dict[str, Any] | None:
+    """The final checkpoint's ONNX export (files, size, FLOPs) on its MLflow child run; None when
+    ``tracking.log_onnx`` is off."""
+    exported = tracker.log_onnx_export(checkpoint, run_id, config)
+    return plain(exported) if exported is not None else None

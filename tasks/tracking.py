@@ -5,7 +5,8 @@ works from any thread or Prefect task. A child run holds the stage's settings (p
 measurements (size, FLOPs, mAP/top-1, latency, ratios to the base), the per-epoch training curves
 (step = epoch), the checkpoint file, the selection JSON and plots; the parent holds the whole config, the
 checkpoint table and the mAP-vs-FLOPs plot. The final model is registered as a pyfunc built from the
-safetensors checkpoint (``tasks/mlflow_model.py``: models from code, nothing pickled) and gets an alias.
+safetensors checkpoint (``tasks/mlflow_model.py``: models from code, nothing pickled) and gets an alias;
+its ONNX export (files under ``onnx/``, ``onnx_size_bytes``, ``onnx_flops``) goes to its child run too.
 """
 
 from __future__ import annotations
@@ -397,6 +398,31 @@ class RunTracker:
         self.timings["register_model"] = time.perf_counter() - started
         return {"name": name, "version": str(version.version), "alias": cfg.tracking.alias,
                 "uri": f"models:/{name}@{cfg.tracking.alias}", "new_version": "true"}
+
+    def log_onnx_export(self, checkpoint: Path | str, run_id: str, cfg: PipelineConfig) -> dict[str, Any] | None:
+        """Export ``checkpoint`` to ONNX (``compression.export.export_onnx``) and log it on ``run_id``.
+
+        The files (``model.onnx``, ``model.json`` and, for detectors, ``model.anchors.npy``) go to the
+        artifact folder ``onnx``; the metrics ``onnx_size_bytes`` (the .onnx file) and ``onnx_flops`` (counted
+        from the exported graph, comparable with the run's ``flops``). Returns the export's metrics (``files`` as
+        artifact paths), or None when ``tracking.log_onnx`` is off.
+        """
+        if not cfg.tracking.log_onnx:
+            return None
+        from compression.export import export_onnx
+
+        started = time.perf_counter()
+        client = self.client
+        with tempfile.TemporaryDirectory(prefix="prunepipe-onnx-") as folder:
+            exported = export_onnx(checkpoint, Path(folder) / "model.onnx")
+            for path in exported["files"].values():
+                client.log_artifact(run_id, path, artifact_path="onnx")
+        # The temporary folder is gone: point at the artifacts instead.
+        exported["files"] = {kind: f"onnx/{Path(path).name}" for kind, path in exported["files"].items()}
+        client.log_batch(run_id, metrics=_metric_rows({key: exported[key]
+                                                       for key in ("onnx_size_bytes", "onnx_flops")}))
+        self.timings["log_onnx_export"] = time.perf_counter() - started
+        return exported
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.parent_run_id, status)

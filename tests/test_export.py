@@ -21,11 +21,12 @@ from compression.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from compression.data.digits import DIGIT_CLASSES, write_digits_voc
 from compression.data.transforms import eval_transforms
 from compression.data.voc import VOCDetection
-from compression.errors import CheckpointError, ConfigError, PrunepipeError
-from compression.export import export_onnx, export_paths, postprocess_onnx_outputs
+from compression.errors import CheckpointError, ConfigError, ModelError, PrunepipeError
+from compression.export import export_onnx, export_paths, onnx_flops, postprocess_onnx_outputs
 from compression.metrics import count_flops
 from compression.models import SSDNetwork, build_model, ssd_default_boxes
 from compression.pruning import build_dependency_graph, prune_filters
+from compression.pruning import count_flops as checkpoint_flops
 from compression.ssd_fast import preprocess_batch, ssd_detect
 from flows.cli import app
 
@@ -99,6 +100,59 @@ def test_detector_onnx_matches_pytorch_at_batch_1_and_3(checkpoints, exported, n
 def test_pruned_export_is_smaller(exported):
     assert exported["pruned"]["flops"] < exported["lite"]["flops"]
     assert exported["pruned"]["onnx_size_bytes"] < exported["lite"]["onnx_size_bytes"]
+
+
+@pytest.mark.parametrize("name", ["lite", "pruned", "vgg"])
+def test_onnx_flops_equal_the_checkpoints_flops(checkpoints, exported, name):
+    # The graphs hold exactly the ops count_flops counts (Conv, Gemm); the input normalisation and SSD's
+    # L2Norm (Sub/Div/ReduceL2/Mul) are free in both counts, so they agree exactly, not just within 1%.
+    model = load_checkpoint(checkpoints[name]).model
+    counted = onnx_flops(exported[name]["files"]["onnx"])
+    assert counted == exported[name]["onnx_flops"] == checkpoint_flops(model) == exported[name]["flops"]
+    assert counted > 0
+
+
+def test_onnx_flops_of_gemm_and_batched_matmul_match_torch(tmp_path):
+    """Gemm with transA and a broadcast MatMul (dynamic batch counted as 1), against FlopCounterMode."""
+    from onnx import TensorProto, helper
+    from torch.utils.flop_counter import FlopCounterMode
+
+    a, w, x, y = torch.rand(5, 3), torch.rand(4, 5), torch.rand(1, 3, 6, 7), torch.rand(7, 8)
+    with FlopCounterMode(display=False) as counter:
+        torch.addmm(torch.zeros(3, 4), a.t(), w.t())  # Gemm(transA=1, transB=1): 3x5 @ 5x4
+        torch.matmul(x, y)  # (1, 3, 6, 7) @ (7, 8)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["a", "w"], ["gemm"], transA=1, transB=1),
+         helper.make_node("MatMul", ["x", "y"], ["matmul"])],
+        "products",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [5, 3]),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 6, 7])],
+        [helper.make_tensor_value_info("gemm", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("matmul", TensorProto.FLOAT, None)],
+        initializer=[helper.make_tensor("w", TensorProto.FLOAT, [4, 5], w.flatten().tolist()),
+                     helper.make_tensor("y", TensorProto.FLOAT, [7, 8], y.flatten().tolist())],
+    )
+    path = tmp_path / "products.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    assert onnx_flops(path) == counter.get_total_flops() == 2 * (3 * 4 * 5 + 3 * 6 * 8 * 7)
+
+
+def test_onnx_flops_refuse_a_product_of_unknown_shape(tmp_path):
+    from onnx import TensorProto, helper
+
+    # NonZero's output length depends on the data: shape inference cannot know it.
+    graph = helper.make_graph(
+        [helper.make_node("NonZero", ["x"], ["where"]),
+         helper.make_node("Cast", ["where"], ["where_float"], to=TensorProto.FLOAT),
+         helper.make_node("MatMul", ["where_float", "y"], ["out"], name="mystery")],
+        "unknown", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        initializer=[helper.make_tensor("y", TensorProto.FLOAT, [1, 2], [1.0, 2.0])],
+    )
+    path = tmp_path / "unknown.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    with pytest.raises(ModelError, match="MatMul node mystery has no static shape"):
+        onnx_flops(path)
 
 
 def test_classifier_onnx_matches_pytorch(checkpoints, exported):

@@ -160,3 +160,34 @@ def test_an_http_tracking_uri_that_does_not_answer_is_one_clear_error(monkeypatc
     assert tracking_uri(load_config("default").tracking) == uri
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert tracking_uri(load_config("default").tracking) == "sqlite:///mlflow.db"
+
+
+def test_the_onnx_export_goes_to_the_checkpoints_run(setup, tmp_path):
+    import onnx
+
+    from compression.export import onnx_flops
+
+    cfg, uri, checkpoints, _ = setup
+    path, metrics = checkpoints["prune"]
+    tracker = RunTracker.start(cfg)
+    run_id = tracker.log_checkpoint(stage="prune", phase="p1", checkpoint=path, metrics=metrics)
+    exported = tracker.log_onnx_export(path, run_id, cfg)
+    tracker.finish()
+    client = MlflowClient(uri)
+    assert sorted(a.path for a in client.list_artifacts(run_id, "onnx")) == [
+        "onnx/model.anchors.npy", "onnx/model.json", "onnx/model.onnx"]
+    assert sorted(exported["files"].values()) == ["onnx/model.anchors.npy", "onnx/model.json", "onnx/model.onnx"]
+    local = Path(client.download_artifacts(run_id, "onnx", dst_path=str(tmp_path)))
+    onnx.checker.check_model(str(local / "model.onnx"))
+    logged = client.get_run(run_id).data.metrics
+    assert logged["onnx_size_bytes"] == (local / "model.onnx").stat().st_size == exported["onnx_size_bytes"]
+    assert logged["onnx_flops"] == onnx_flops(local / "model.onnx") == exported["onnx_flops"]
+    # The exported graph costs what the checkpoint's own count says (both count Conv/Gemm only).
+    assert logged["onnx_flops"] == logged["flops"] == metrics["flops"]
+    assert json.loads((local / "model.json").read_text())["input"]["height"] == 64
+
+    # tracking.log_onnx off: nothing is exported or logged.
+    quiet = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"log_onnx": False})})
+    other = tracker.log_checkpoint(stage="prune", phase="p1", checkpoint=path, metrics=metrics)
+    assert tracker.log_onnx_export(path, other, quiet) is None
+    assert client.list_artifacts(other, "onnx") == [] and "onnx_flops" not in client.get_run(other).data.metrics

@@ -9,6 +9,7 @@ again. Writes bench/results/compress.json; run bench/report.py afterwards.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import write_result  # noqa: E402
+from bench._common import CHECKPOINTS, write_result  # noqa: E402
 
 COLUMNS = ("stage", "phase", "params", "size_bytes", "flops", "map_voc07", "map_coco", "top1",
            "params_ratio", "flops_ratio", "stage_seconds")
@@ -35,6 +36,8 @@ def main() -> None:
     parser.add_argument("--config", default="default")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--base", type=Path, default=None, help="pretrained checkpoint to start from")
+    parser.add_argument("--keep", type=Path, default=CHECKPOINTS / "compressed.safetensors",
+                        help="where the final checkpoint is kept (bench/speedup.py measures it)")
     args = parser.parse_args()
 
     from compression.config import load_config
@@ -50,6 +53,8 @@ def main() -> None:
         started = time.perf_counter()
         rows = run_pipeline_in_process(cfg, Path(tmp) / "run")
         total = time.perf_counter() - started
+        args.keep.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(rows[-1]["path"], args.keep)
     table = []
     for row in rows:
         metrics = row.get("metrics", {})

@@ -64,7 +64,7 @@ def tiny_preset(root: Path) -> Path:
     cfg = load_config("default", [
         f"name={TINY}", f"workdir={root / 'runs'}", f"data.root={devkit}", "data.builtin=null",
         "data.batch_size=8", "data.eval_batch_size=8", "model.width_mult=0.125", "model.image_size=64",
-        "stages.sparsity.epochs=1", "stages.sparsity.alpha_grid=[1.0]", "stages.retrain.epochs=1",
+        "stages.sparsity.epochs=1", "stages.sparsity.alpha_grid=[1.0]", "stages.selection.gamma=0.9", "stages.retrain.epochs=1",
         "stages.distill.enabled=false", "stages.phases=[{name: p1, layers: [conv1_1, conv1_2]}]",
         "tracking.registered_model=null", f"tracking.experiment={EXPERIMENT}", "compute.num_workers=1",
         "compute.max_failures=0",

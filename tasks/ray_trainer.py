@@ -287,8 +287,11 @@ def load_train_state(directory: Path) -> tuple[dict[str, torch.Tensor], TrainSta
 # The worker loop
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Runs in every Ray Train worker: ``run_train_job`` with DDP, per-epoch reports, resume."""
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, int]:
+    """Runs in every Ray Train worker: ``run_train_job`` with DDP, per-epoch reports, resume.
+
+    Returns the epoch this attempt resumed after (0: from scratch); Ray hands rank 0's value to the
+    driver, which tells from it whether Ray restarted the worker group during the fit."""
     import ray.train
     import ray.train.torch
 
@@ -305,6 +308,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with restored.as_directory() as directory:
             resume_weights, state = load_train_state(Path(directory))
         log.info("%s: resuming after epoch %d", job.stage, state.epoch)
+    resumed_from_epoch = state.epoch if state is not None else 0  # run_train_job advances ``state``
 
     prepared: dict[str, torch.nn.Module] = {}
 
@@ -338,6 +342,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         trained.model.to("cpu")
         save_checkpoint(trained, Path(job.output_checkpoint))
+    return {"resumed_from_epoch": resumed_from_epoch}
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,6 +358,9 @@ class FitTiming:
     epochs_trained: int
     resumed_from_epoch: int
     history: list[dict[str, float]] = field(default_factory=list)
+    # Set when Ray restarted the worker group during this fit (a lost worker or node) and the last
+    # attempt resumed from a checkpoint this fit had reported: the epoch that attempt started after.
+    restarted_from_epoch: int | None = None
 
 
 class RayTrainer:
@@ -392,7 +400,7 @@ class RayTrainer:
         )
         started = time.perf_counter()
         try:
-            trainer.fit()
+            result = trainer.fit()
         except TrainingFailedError as err:
             user_error = worker_user_error(err)
             if user_error is not None:
@@ -403,7 +411,16 @@ class RayTrainer:
         if not output.is_file():
             raise RuntimeError(f"Ray Train run {name} finished without writing {output}")
         history = list(read_metadata(output).get("extra", {}).get("history", []))
-        self.fits.append(FitTiming(name, seconds, len(history) - before, before, history))
+        returned = getattr(result, "return_value", None) or {}  # rank 0's, from the last attempt
+        last_attempt_from = int(returned.get("resumed_from_epoch", before))
+        restarted_from = last_attempt_from if last_attempt_from > before else None
+        if restarted_from is not None:
+            log.warning(
+                "%s: Ray Train fit %s: a worker failed (a lost node or process) and Ray restarted the worker "
+                "group (compute.max_failures=%d); it resumed after epoch %d of %d, none of those was retrained",
+                job.stage, name, compute.max_failures, restarted_from, len(history),
+            )
+        self.fits.append(FitTiming(name, seconds, len(history) - before, before, history, restarted_from))
         log.info("%s: Ray Train fit %s took %.1fs (%d epochs)", job.stage, name, seconds, len(history) - before)
         return TrainResult(output_checkpoint=str(output), history=history)
 
@@ -437,4 +454,7 @@ def is_lost_worker(err: BaseException) -> bool:
     if failures is None:
         cause = getattr(err, "controller_failure", None)
         return cause is not None and not isinstance(cause, PrunepipeError)
-    return any(isinstance(getattr(f, "_base_exc", f), lost) or isinstance(f, lost) for f in failures.values())
+    # A worker on a dead node fails Ray Train's health check: WorkerHealthCheckFailedError wrapping the
+    # ActorUnavailableError / ActorDiedError (the other ranks fail with collective errors meanwhile).
+    causes = [getattr(f, "health_check_failure", getattr(f, "_base_exc", f)) for f in failures.values()]
+    return any(isinstance(cause, lost) for cause in causes)

@@ -9,9 +9,11 @@ import json
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import time
 import tomllib
 import urllib.error
 import urllib.request
@@ -181,10 +183,12 @@ def test_a_service_that_fails_is_named_and_the_others_are_stopped(stack_home):
 
 
 @pytest.fixture
-def ray_two_nodes(tmp_path):
-    """A head and a second node on this machine; both stopped afterwards, whatever happens."""
+def ray_two_nodes(request, tmp_path):
+    """A head and a second node on this machine; both stopped afterwards, whatever happens. A test sizes
+    them with ``@pytest.mark.parametrize("ray_two_nodes", [{"head_cpus": 2}], indirect=True)`` (the
+    arguments of ``start_two_node_cluster``; 1 CPU each by default)."""
     cluster_dir = tmp_path / "cluster"
-    start_two_node_cluster(cluster_dir)
+    start_two_node_cluster(cluster_dir, **getattr(request, "param", {}))
     try:
         yield cluster_dir
     finally:
@@ -221,6 +225,214 @@ def test_ray_train_workers_land_on_both_nodes(ray_two_nodes, tmp_path):
     assert [r["allreduce"] for r in ranks] == [3.0, 3.0]  # 1 + 2, summed across the two nodes
     assert {r["node_id"] for r in ranks} == set(nodes)  # one worker on each node
     assert sorted(nodes[r["node_id"]].get("node2", 0) for r in ranks) == [0, 1]
+
+
+# A driver for the node-loss test, run in a process of its own (Ray reads its auth settings once per
+# interpreter). argv: WORK EPOCHS. It fits the tiniest pretrain stage (test_ray_trainer's config) through
+# RayTrainer with 2 one-CPU workers and compute.max_failures=1. Ray Train packs a worker group onto one node
+# when it can, so until the test says "release" a placement group holds one of the head's 2 CPUs: the
+# first group then spans both nodes; after that the head alone has room for the whole group again.
+_NODE_LOSS_DRIVER = """
+import json, logging, sys, threading, time
+from pathlib import Path
+
+from tasks.env import apply_env_defaults
+
+apply_env_defaults()
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+work, epochs = Path(sys.argv[1]), int(sys.argv[2])
+
+import ray
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+from compression.config import load_config
+from compression.data.digits import write_digits_voc
+from compression.jobs import TrainJob
+from tasks.ray_trainer import RayTrainer, ensure_ray
+
+devkit = write_digits_voc(work / "digits", image_size=64, num_images={"train": 32, "val": 8, "test": 8})
+cfg = load_config("default", [
+    f"data.root={devkit}", "data.builtin=null", "data.batch_size=8", "model.width_mult=0.0625",
+    "model.image_size=64", f"stages.pretrain.epochs={epochs}", "stages.pretrain.warmup_epochs=0",
+    f"workdir={work}", "compute.num_workers=2", "compute.cpus_per_worker=1", "compute.max_failures=1",
+])
+ensure_ray(cfg.compute)
+node2 = {n["NodeID"]: "node2" in n["Resources"] for n in ray.nodes() if n["Alive"]}
+head = next(node for node, is_node2 in node2.items() if not is_node2)
+hold = placement_group([{"CPU": 1}], bundle_label_selector=[{"ray.io/node-id": head}])
+assert hold.wait(120), "the head's placeholder CPU was not reserved"
+facts = {"driver_on_head": ray.get_runtime_context().get_node_id() == head}
+
+def release():
+    while not (work / "release").exists():
+        time.sleep(0.05)
+    groups = [g for g in placement_group_table().values()
+              if g["state"] == "CREATED" and g["placement_group_id"] != hold.id.hex()]
+    facts["bundles_on_node2"] = sorted(node2[n] for g in groups for n in g["bundles_to_node_id"].values())
+    remove_placement_group(hold)
+    (work / "released").write_text("")
+
+threading.Thread(target=release, daemon=True).start()
+job = TrainJob(stage="pretrain", config=cfg.model_dump(mode="json"),
+               optim=cfg.stages.pretrain.model_dump(mode="json", exclude={"checkpoint"}),
+               input_checkpoint=None, output_checkpoint=str(work / "pretrained.safetensors"))
+trainer = RayTrainer(cfg.compute, work / "ray")
+result = trainer.fit(job)
+fit = trainer.fits[-1]
+facts.update(history=result.history, output=result.output_checkpoint, seconds=fit.seconds,
+             resumed_from_epoch=fit.resumed_from_epoch, restarted_from_epoch=fit.restarted_from_epoch,
+             epochs_trained=fit.epochs_trained)
+(work / "result.json").write_text(json.dumps(facts))
+"""
+
+
+def _parents() -> dict[int, int]:
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                found[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except OSError:
+        return False
+
+
+def _reported_epoch(storage: Path) -> int | None:
+    """The epoch of the newest checkpoint the Ray Train controller has registered (what a restarted worker
+    group gets from ``ray.train.get_checkpoint()``). A ``checkpoint_*`` folder alone is not enough: the
+    controller takes a report in at its next poll of the workers, and a report still in flight when a
+    worker dies is dropped with the worker group."""
+    for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # OSError/ValueError: mid-write
+            return int(json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["epoch"])
+    return None
+
+
+def _kill_node(leader: int) -> list[int]:
+    """SIGKILL a ``ray start`` node the way a machine dies, all at once: its process group (raylet and
+    agents) and everything it started (Ray's worker processes lead process groups of their own)."""
+    parents = _parents()
+    node = set(group_members(leader))
+    grown = True
+    while grown:
+        children = {pid for pid, parent in parents.items() if parent in node} - node
+        node |= children
+        grown = bool(children)
+    for pid in node:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return sorted(node)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ray_two_nodes", [{"head_cpus": 2, "worker_cpus": 1}], indirect=True)
+def test_a_node_that_dies_mid_fit_costs_a_restart_on_the_rest_not_the_epochs(ray_two_nodes, tmp_path):
+    started = time.monotonic()
+    epochs = 5
+    state = json.loads((ray_two_nodes / "ray_cluster.json").read_text())
+    node2 = next(node for node in state["nodes"] if node["name"] == "node2")
+    head_temp = Path(state["temp_dirs"][0])
+    work = tmp_path / "work"
+    work.mkdir()
+    log_path = tmp_path / "driver.log"
+    with open(log_path, "w") as log:
+        driver = subprocess.Popen(
+            [sys.executable, "-c", _NODE_LOSS_DRIVER, str(work), str(epochs)],
+            # The controller polls the workers every 2 s by default: it takes reports in and notices a dead
+            # worker that much sooner.
+            env={**os.environ, **cluster_env(ray_two_nodes), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"},
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+
+        def wait_for(what: str, done) -> None:
+            # Generous: on a busy 2-core machine the first worker group alone has taken minutes to start.
+            deadline = time.monotonic() + 600
+            while not done():
+                assert driver.poll() is None, f"driver ended before {what}: {log_path.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"no {what} after 600 s: {log_path.read_text()[-3000:]}"
+                time.sleep(0.05)
+
+        wait_for("the first reported checkpoint", lambda: _reported_epoch(work / "ray") is not None)
+        (work / "release").touch()
+        wait_for("the head's placeholder CPU was released", (work / "released").exists)
+        reported_before_kill = _reported_epoch(work / "ray")
+        killed = _kill_node(node2["pid"])
+        killed_at = time.monotonic()
+        driver.wait(timeout=600)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    driver_log = log_path.read_text()
+    assert driver.returncode == 0, driver_log[-3000:]
+    assert not [pid for pid in killed if _alive(pid)]  # the whole node is gone, not just its raylet
+    facts = json.loads((work / "result.json").read_text())
+    print(f"\nnode loss: killed node2 at {killed_at - started:.0f}s after epoch {reported_before_kill} was "
+          f"reported, fit took {facts['seconds']:.0f}s, test {time.monotonic() - started:.0f}s")
+
+    assert facts["driver_on_head"]  # the Ray Train controller runs on the driver's node: it must survive
+    assert facts["bundles_on_node2"] == [False, True]  # the first worker group had a worker on node2
+    # The fit finished, with every epoch's history, and its checkpoint loads.
+    from compression.checkpoint import load_checkpoint
+
+    assert [h["epoch"] for h in facts["history"]] == list(range(1, epochs + 1))
+    assert load_checkpoint(facts["output"]).model_name == "ssd_vgg_lite"
+    # Ray restarted the worker group once (max_failures=1) and the restarted group resumed from the last
+    # reported checkpoint: it trained only the epochs after it, not all of them again.
+    assert facts["resumed_from_epoch"] == 0  # the fit itself started from scratch ...
+    assert facts["restarted_from_epoch"] is not None, driver_log[-3000:]  # ... Ray restarted it mid-fit ...
+    assert reported_before_kill <= facts["restarted_from_epoch"] < epochs  # ... and the restart resumed
+    restarted = facts["restarted_from_epoch"]
+    assert re.search(
+        rf"pretrain: Ray Train fit pretrain-\w+: a worker failed \(a lost node or process\) and Ray "
+        rf"restarted the worker group \(compute.max_failures=1\); it resumed after epoch {restarted} of "
+        rf"{epochs}, none of those was retrained",
+        driver_log,
+    ), driver_log[-3000:]
+    # Ray's own account, in the controller's log on the head: one retry, charged to the worker group.
+    messages = [
+        json.loads(line)["message"]
+        for path in head_temp.glob("session_latest/logs/train/ray-train-app-controller-*.log")
+        for line in path.read_text().splitlines()
+    ]
+    retries = [m for m in messages if m.startswith("[FailurePolicy] RETRY")]
+    assert len(retries) == 1, messages
+    assert "Source: worker group\n  Error count: 1 (max allowed: 1)" in retries[0]
+
+
+def test_a_worker_lost_with_its_node_is_a_transient_stage_failure():
+    """The error Ray Train raises once a node's worker is lost and max_failures is spent, as its worker group
+    builds it (ray/train/v2/_internal/execution/worker_group): the dead rank fails the health check with an
+    actor error, the other rank's collective breaks. The stage's Prefect retry must see it as transient;
+    a serialization failure in the same wrapper, or a PrunepipeError in a worker, must not."""
+    from tasks.env import apply_env_defaults
+
+    apply_env_defaults()
+    from ray.exceptions import ActorUnavailableError
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback, WorkerHealthCheckFailedError
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from compression.errors import DataError
+    from tasks.stages import is_transient
+
+    def group_error(rank0: Exception) -> WorkerGroupError:
+        broken_collective = RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+        return WorkerGroupError("...", {0: rank0, 1: UserExceptionWithTraceback(broken_collective, "...")})
+
+    def health_check_failed(cause: Exception) -> WorkerHealthCheckFailedError:
+        return WorkerHealthCheckFailedError("A worker health check failed.", failure=cause)
+
+    unavailable = ActorUnavailableError("RpcError: failed to connect to all addresses", None)
+    assert is_transient(group_error(health_check_failed(unavailable)))
+    not_serializable = TypeError("cannot pickle '_thread.lock' object")
+    assert not is_transient(group_error(health_check_failed(not_serializable)))
+    assert not is_transient(group_error(UserExceptionWithTraceback(DataError("x.xml: no boxes"), "...")))
 
 
 # ------------------------------------------------------------------------------ deployment files

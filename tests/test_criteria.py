@@ -19,13 +19,7 @@ from compression.errors import ConfigError, StageError
 from compression.models import build_model
 from compression.pruning import build_dependency_graph, prune_filters
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

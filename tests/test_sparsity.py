@@ -18,12 +18,7 @@ from compression.sparsity import choose_alpha, l1_penalty, threshold_weights, we
 LAYERS = ["0", "3"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_net(seed: int = 0) -> nn.Sequential:

@@ -47,12 +47,55 @@ def render(result: dict) -> str:
     ]
     if result.get("notes"):
         lines += ["", result["notes"]]
+    checks = TARGETS.get(result.get("benchmark"), lambda r: [])(result)
+    if checks and not smoke:
+        lines += ["", "Targets (from the issues), checked against the numbers above:", ""]
+        lines += [f"- {'met' if ok else '**not met**'}: {text}" for text, ok in checks]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# The issues' targets, evaluated on each result's own numbers
+
+
+def _pretrain_targets(r: dict) -> list[tuple[str, bool]]:
+    seconds, score = r["train_seconds"], r["metrics"].get("map_voc07", 0.0)
+    return [(f"VOC07 mAP@0.5 >= 0.80 (measured {score:.3f})", score >= 0.80),
+            (f"training under 6 min on 2 CPU cores (measured {seconds / 60:.1f} min)", seconds < 360)]
+
+
+def _compress_targets(r: dict) -> list[tuple[str, bool]]:
+    base, final = r["rows"][0], r["rows"][-1]
+    key = "map_voc07" if base.get("map_voc07") is not None else "top1"
+    drop = 100 * (base[key] - final[key])
+    params, flops = final.get("params_ratio") or 1.0, final.get("flops_ratio") or 1.0
+    return [
+        (f"parameters >= 4x fewer (method issue): {params:.2f}x", params >= 4),
+        (f"parameters >= 6.7x fewer (benchmark issue, the paper's SSD300 figure): {params:.2f}x", params >= 6.7),
+        (f"FLOPs >= 2.5x fewer (method issue): {flops:.2f}x", flops >= 2.5),
+        (f"FLOPs >= 4x fewer (benchmark issue): {flops:.2f}x", flops >= 4),
+        (f"{key} at most 1.0 point below the pretrained model: {drop:+.2f} points", drop <= 1.0),
+    ]
+
+
+def _overhead_targets(r: dict) -> list[tuple[str, bool]]:
+    checks = [(f"`make run` (the flow on the default preset) under 10 min after setup: "
+               f"{r['flow_total_s'] / 60:.1f} min", r["flow_total_s"] < 600)] if r.get("config") == "default" else []
+    for stage in r["stages"]:
+        if (stage.get("in_process_s") or 0) >= 60 and stage.get("added_pct") is not None:
+            checks.append((f"orchestration adds at most 15% to {stage['stage']} ({stage['in_process_s']:.0f} s "
+                           f"in-process): {stage['added_pct']:+.0f}%", stage["added_pct"] <= 15))
+    return checks
+
+
+TARGETS = {"pretrain": _pretrain_targets, "compress": _compress_targets, "overhead": _overhead_targets}
 
 
 def main() -> None:
     parts = [HEADER]
-    for name in ORDER + sorted(p.stem for p in RESULTS.glob("*.json") if p.stem not in ORDER):
+    # *.partial.json are a long benchmark's progress files, not results.
+    names = sorted(p.stem for p in RESULTS.glob("*.json") if p.stem not in ORDER and ".partial" not in p.stem)
+    for name in ORDER + names:
         path = RESULTS / f"{name}.json"
         if not path.exists():
             continue

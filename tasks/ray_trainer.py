@@ -381,7 +381,7 @@ class RayTrainer:
         resources: dict[str, float] = {"CPU": compute.cpus_per_worker}
         if compute.use_gpu:
             resources["GPU"] = 1
-        config = job.to_dict()
+        config = absolute_paths(job.to_dict())
         # The job's pipeline config must carry this trainer's compute settings (threads per worker).
         config["config"] = {**config["config"], "compute": compute.model_dump(mode="json")}
         before = _reported_epochs(self.storage_path / name)
@@ -423,6 +423,30 @@ class RayTrainer:
         self.fits.append(FitTiming(name, seconds, len(history) - before, before, history, restarted_from))
         log.info("%s: Ray Train fit %s took %.1fs (%d epochs)", job.stage, name, seconds, len(history) - before)
         return TrainResult(output_checkpoint=str(output), history=history)
+
+
+def absolute_paths(job: dict[str, Any]) -> dict[str, Any]:
+    """``job`` with every path resolved against the driver's working directory.
+
+    Ray Train workers do not run in the driver's working directory, so a relative path in a config
+    (``data.root: data/digits-voc/VOCdevkit`` in the presets) must be made absolute before it travels.
+    """
+    job = dict(job)
+    for key in ("input_checkpoint", "output_checkpoint", "teacher_checkpoint"):
+        if job.get(key):
+            job[key] = str(Path(job[key]).resolve())
+    cfg = json.loads(json.dumps(job["config"]))  # a deep copy of plain JSON
+    for section, key in (("data", "root"), ("model", "weights"), ("workdir", None)):
+        if key is None:
+            if cfg.get(section):
+                cfg[section] = str(Path(cfg[section]).resolve())
+        elif cfg.get(section, {}).get(key):
+            cfg[section][key] = str(Path(cfg[section][key]).resolve())
+    pretrain = cfg.get("stages", {}).get("pretrain", {})
+    if pretrain.get("checkpoint"):
+        pretrain["checkpoint"] = str(Path(pretrain["checkpoint"]).resolve())
+    job["config"] = cfg
+    return job
 
 
 def _reported_epochs(run_dir: Path) -> int:

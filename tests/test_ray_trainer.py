@@ -39,8 +39,10 @@ pytestmark = pytest.mark.slow
 def cfg(tmp_path_factory):
     devkit = write_digits_voc(tmp_path_factory.mktemp("digits"), image_size=64,
                               num_images={"train": 32, "val": 8, "test": 8})
+    # data.root relative to the driver's working directory, as in the presets: Ray Train workers run
+    # elsewhere, so the trainer must hand them an absolute path.
     return load_config("default", [
-        f"data.root={devkit}", "data.builtin=null", "data.batch_size=8",
+        f"data.root={os.path.relpath(devkit)}", "data.builtin=null", "data.batch_size=8",
         "model.width_mult=0.0625", "model.image_size=64",
         "stages.pretrain.epochs=1", "stages.pretrain.warmup_epochs=0",
         f"workdir={tmp_path_factory.mktemp('work')}", "compute.max_failures=0",

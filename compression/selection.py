@@ -15,6 +15,9 @@ On the thresholded model Θ_L1^th, for each layer l of the phase and each filter
 ``select_filters`` turns flags into removal lists with two safety rules **(ours)**: at least
 ``min_channels`` filters stay (the least sparse ones), and the kept count may be rounded to a multiple
 of ``round_to``. The result is plain JSON-able data, ready for ``pruning.prune_filters``.
+
+With a FLOPs budget instead of γ **(ours)**, ``sparsity_importance`` turns the same scores into one
+global ranking (higher sparsity = less important) for ``criteria.select_by_flops``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from torch import nn
 from compression.errors import ConfigError
 from compression.pruning import LayerRef, _as_layers, _channel_group
 
-__all__ = ["filter_sparsity_scores", "rounded_keep", "select_filters", "sparsity_rank"]
+__all__ = ["filter_sparsity_scores", "relative_l1_norms", "rounded_keep", "select_filters", "sparsity_importance",
+           "sparsity_rank"]
 
 
 @torch.no_grad()
@@ -87,6 +91,41 @@ def sparsity_rank(s_out: list[float], s_in: list[float]) -> list[int]:
     """Filter indices from most to least sparse: by max(s_out, s_in), then s_out + s_in, then index."""
     keys = [(-max(o, i), -(o + i), f) for f, (o, i) in enumerate(zip(s_out, s_in, strict=True))]
     return [f for _, _, f in sorted(keys)]
+
+
+@torch.no_grad()
+def relative_l1_norms(model: nn.Module, layers: Iterable[LayerRef]) -> dict[str, list[float]]:
+    """``{layer: [‖W_l[f]‖₁ / mean_f ‖W_l[f]‖₁]}``: each filter's L1 norm relative to its layer's mean."""
+    out: dict[str, list[float]] = {}
+    for name, layer in _as_layers(model, layers):
+        norms = layer.weight.detach().abs().reshape(layer.weight.shape[0], -1).sum(1).float()
+        mean = float(norms.mean())
+        out[name] = [float(v) / mean if mean > 0 else 0.0 for v in norms]
+    return out
+
+
+def sparsity_importance(
+    scores: Mapping[str, Mapping[str, list[float]]],
+    relative_l1: Mapping[str, list[float]] | None = None,
+) -> dict[str, list[float]]:
+    """Per-filter importance (higher = keep) from the seed's scores, comparable across layers.
+
+    One global order, most removable first: by max(s_out, s_in) (as γ flags), then s_out + s_in, then the
+    filter's ``relative_l1`` norm in the L1-trained model (smaller first; the ties left when few weights
+    were thresholded), then layer order and index. A filter's importance is its position in that order
+    divided by the number of filters, so ``criteria.select_by_flops(..., scope="global")`` removes the
+    sparsest filters first, whatever their layer.
+    """
+    keys = []
+    for position, (name, score) in enumerate(scores.items()):
+        tie = relative_l1.get(name) if relative_l1 is not None else None
+        for f, (o, i) in enumerate(zip(score["s_out"], score["s_in"], strict=True)):
+            keys.append((-max(o, i), -(o + i), tie[f] if tie is not None else 0.0, position, f, name))
+    keys.sort()
+    importance = {name: [0.0] * len(score["s_out"]) for name, score in scores.items()}
+    for rank, (*_, f, name) in enumerate(keys):
+        importance[name][f] = (rank + 1) / len(keys)
+    return importance
 
 
 def rounded_keep(keep: int, n: int, min_channels: int, round_to: int) -> int:

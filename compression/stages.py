@@ -386,7 +386,9 @@ def select_filters(input_path: Path, cfg: PipelineConfig, out_json: Path, *, pha
     """Choose the filters to remove and write them as JSON (atomically) to ``out_json``.
 
     ``seed``: on Θ_L1^th (α from the input's metadata), s_out / s_in over all consumers, flagged at γ,
-    at least ``min_channels`` kept (``selection.select_filters``). ``l1_norm`` / ``bn_scale`` / ``random``:
+    at least ``min_channels`` kept (``selection.select_filters``); with ``target_flops_ratio`` set, γ is
+    not used: the filters are ranked globally by max(s_out, s_in) (``selection.sparsity_importance``) and
+    cut at the FLOPs budget (``criteria.select_by_flops``). ``l1_norm`` / ``bn_scale`` / ``random``:
     ranked, then ``prune_ratio`` or ``target_flops_ratio`` (both set: the one that removes fewer filters).
     ``taylor`` is iterative (``taylor_prune_stage``) and refused here. ``trainer`` is unused (no criterion
     here trains); it is accepted so every stage has the same shape.
@@ -396,7 +398,7 @@ def select_filters(input_path: Path, cfg: PipelineConfig, out_json: Path, *, pha
     """
     from compression.criteria import DEFAULT_SCOPE, rank_filters
     from compression.pruning import build_dependency_graph
-    from compression.selection import filter_sparsity_scores
+    from compression.selection import filter_sparsity_scores, relative_l1_norms, sparsity_importance
     from compression.selection import select_filters as flag_sparse_filters
     from compression.sparsity import threshold_weights
 
@@ -431,8 +433,16 @@ def select_filters(input_path: Path, cfg: PipelineConfig, out_json: Path, *, pha
         # α None: no grid value kept the metric, so only the weights L1 drove to exactly zero count.
         thresholded, taus = threshold_weights(ckpt.model, layers, alpha if alpha is not None else 0.0)
         scores = filter_sparsity_scores(thresholded, build_dependency_graph(thresholded), layers)
-        chosen = flag_sparse_filters(scores, settings.gamma, settings.min_channels, settings.round_to)
-        record.update(gamma=settings.gamma, taus=taus)
+        if settings.target_flops_ratio is None:
+            chosen = flag_sparse_filters(scores, settings.gamma, settings.min_channels, settings.round_to)
+            record.update(gamma=settings.gamma, taus=taus)
+        else:
+            # A FLOPs budget instead of γ: the same scores, ranked globally (sparser = less important).
+            ranked = sparsity_importance(scores, relative_l1_norms(ckpt.model, layers))
+            chosen, info = _select_ranked(ckpt.model, build_dependency_graph(ckpt.model), ranked, cfg, "global")
+            for name, entry in chosen.items():
+                entry.update(s_out=scores[name]["s_out"], s_in=scores[name]["s_in"])
+            record.update(taus=taus, ranking="max(s_out, s_in), global", **info)
     else:
         dg = build_dependency_graph(ckpt.model)
         scores = rank_filters(settings.criterion, ckpt.model, dg, layers, seed=settings.seed)

@@ -120,3 +120,70 @@ def test_threshold_select_prune_on_ssd_vgg_lite():
     assert model.backbone.conv8_1.out_channels == 32 - 5 and model.backbone.conv8_2.in_channels == 27
     with torch.no_grad():
         model.eval()(torch.rand(3, 128, 128)[None].unbind(0))
+
+
+def _seed_stage_input(tmp_path):
+    """A vgg16_cifar "sparsity" checkpoint: random weights, conv4_1 with 24 of its 32 filters all zero."""
+    from compression.checkpoint import Checkpoint, save_checkpoint
+    from compression.config import validate_config
+    from compression.models import layer_names
+
+    torch.manual_seed(0)
+    model = build_model("vgg16_cifar", 10, width_mult=0.125)
+    with torch.no_grad():
+        model.features.conv4_1.weight[8:] = 0
+    ckpt = Checkpoint(model=model, model_name="vgg16_cifar", model_args={"num_classes": 10, "width_mult": 0.125},
+                      class_names=[str(d) for d in range(10)], stage="sparsity", phase="all", extra={"alpha": 1.0})
+    path = save_checkpoint(ckpt, tmp_path / "sparse.safetensors")
+    phase = {"name": "all", "layers": list(layer_names("vgg16_cifar"))}
+
+    def config(**selection):
+        return validate_config({
+            "data": {"kind": "imagefolder", "root": str(tmp_path / "unused"), "builtin": None},
+            "model": {"name": "vgg16_cifar", "width_mult": 0.125},
+            "stages": {"selection": {"criterion": "seed", "min_channels": 4, **selection}, "phases": [phase]},
+        })
+
+    return path, config
+
+
+def test_seed_scores_with_a_flops_budget_reach_the_target(tmp_path):
+    from compression import metrics
+    from compression import stages as S
+    from compression.checkpoint import load_checkpoint
+
+    path, config = _seed_stage_input(tmp_path)
+    cfg = config(target_flops_ratio=3.0)
+    phase = S.phases_for(cfg)[0]
+    out, summary = S.select_filters(path, cfg, tmp_path / "selection.json", phase=phase)
+    record = json.loads(out.read_text())
+    assert record["target_flops_ratio"] == 3.0 and "gamma" not in record
+    layers = record["layers"]
+    # The 24 all-zero filters of conv4_1 (s_out = 1) are the first to go.
+    assert set(range(8, 32)) <= set(layers["features.conv4_1"]["remove"])
+    assert all(len(entry["s_out"]) == len(entry["remove"]) + entry["keep"] for entry in layers.values())
+    model = load_checkpoint(path).model
+    before = metrics.count_flops(model, (32, 32))
+    prune_filters(model, layers)
+    after = metrics.count_flops(model, (32, 32))
+    assert after == pytest.approx(record["flops_after"])
+    assert 3.0 <= before / after < 3.0 * 1.05  # reached, with little overshoot
+    assert summary["filters_removed_total"] == sum(len(e["remove"]) for e in layers.values())
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_seed_without_a_flops_budget_still_flags_at_gamma(tmp_path):
+    from compression import stages as S
+    from compression.checkpoint import load_checkpoint
+
+    path, config = _seed_stage_input(tmp_path)
+    cfg = config(gamma=0.9)
+    record = json.loads(S.select_filters(path, cfg, tmp_path / "selection.json", phase=S.phases_for(cfg)[0])[0].read_text())
+    assert record["gamma"] == 0.9 and "target_flops_ratio" not in record
+    # Exactly the γ rule on Θ_L1^th (α = 1 from the checkpoint), as before the FLOPs-budget option existed.
+    model = load_checkpoint(path).model
+    layers = [path for path, _ in resolve_layers(model, "vgg16_cifar", cfg.stages.phases[0].layers)]
+    thresholded, _ = threshold_weights(model, layers, alpha=1.0)
+    scores = filter_sparsity_scores(thresholded, build_dependency_graph(thresholded), layers)
+    assert record["layers"] == select_filters(scores, gamma=0.9, min_channels=4)
+    assert set(range(8, 32)) <= set(record["layers"]["features.conv4_1"]["remove"])

@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from compression.errors import CheckpointError
+from compression.errors import CheckpointError, ModelError
 
 FORMAT = "prunepipe-checkpoint/1"
 _META_KEY = "prunepipe"
@@ -102,11 +102,19 @@ def save_checkpoint(ckpt: Checkpoint, path: Path | str) -> Path:
     try:
         save_file(tensors, tmp, metadata={_META_KEY: json.dumps(meta, default=_json_default)})
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as err:  # a full disk, a quota, a read-only folder
+        kept = "the previous file is kept" if path.exists() else "nothing was written"
+        raise CheckpointError(f"{path}: could not write the checkpoint ({_os_reason(err)}); {kept}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     ckpt.path = path
     return path
+
+
+def _os_reason(err: BaseException) -> str:
+    lines = str(err).splitlines()
+    return getattr(err, "strerror", None) or (lines[0] if lines else type(err).__name__)
 
 
 def _json_default(obj: Any) -> Any:
@@ -135,8 +143,14 @@ def read_metadata(path: Path | str) -> dict[str, Any]:
         meta = json.loads(header[_META_KEY])
     except json.JSONDecodeError:
         raise CheckpointError(f"{path}: checkpoint metadata is not valid JSON") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{path}: unsupported checkpoint format {found!r} (expected {FORMAT})")
+    for key, kind in (("model_name", str), ("model_args", dict), ("class_names", list)):
+        if not isinstance(meta.get(key), kind):
+            raise CheckpointError(
+                f"{path}: checkpoint metadata {key!r} is {meta.get(key)!r}, expected a {kind.__name__}"
+            )
     return meta
 
 
@@ -154,7 +168,10 @@ def load_checkpoint(path: Path | str, expect_model: str | None = None) -> Checkp
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot read weights ({_short(exc)}); the file may be truncated") from None
-    model = build_model(meta["model_name"], **meta["model_args"])
+    try:
+        model = build_model(meta["model_name"], **meta["model_args"])
+    except (ModelError, TypeError, ValueError) as exc:  # metadata naming no model this version can build
+        raise CheckpointError(f"{path}: cannot rebuild its model ({_short(exc)})") from None
     resize_to_state_dict(model, tensors, path)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:

@@ -163,7 +163,7 @@ def run_train_job(
     state = train_model(
         trainable, loader, optim, device=device, extra_loss=job_extra_loss(job, ckpt.model),
         callbacks=callbacks, state=state, amp_bf16=cfg.compute.amp_bf16,
-        channels_last=cfg.compute.channels_last, context=context, progress=progress,
+        channels_last=cfg.compute.channels_last, context=context, progress=progress, seed=cfg.seed,
     )
     trained = ckpt.derive(ckpt.model, stage=job.stage, phase=job.phase)
     trained.parent = job.input_checkpoint
@@ -177,6 +177,7 @@ class _first_batches:
     def __init__(self, loader: Any, n: int) -> None:
         self.loader, self.n = loader, n
         self.sampler = getattr(loader, "sampler", None)
+        self.generator = getattr(loader, "generator", None)
 
     def __len__(self) -> int:
         return min(self.n, len(self.loader))

@@ -136,6 +136,16 @@ def move_batch(batch: Any, device: torch.device, channels_last: bool = False) ->
 # The loop
 
 
+def seed_epoch(loader: Any, seed: int, epoch: int) -> None:
+    """Reseed the global RNGs and the loader's shuffle generator for ``epoch`` (and this DDP rank)."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    seed_everything(seed + 1009 * (epoch + 1) + rank)
+    generator = getattr(loader, "generator", None)
+    if isinstance(generator, torch.Generator):
+        generator.manual_seed(seed + 1009 * (epoch + 1))
+
+
 @dataclass
 class TrainState:
     """What a resumed run needs besides the weights, and the history so far."""
@@ -159,6 +169,7 @@ def train_model(
     channels_last: bool = False,
     context: str = "",
     progress: bool | None = None,
+    seed: int | None = None,
 ) -> TrainState:
     """Train ``objective`` for ``cfg.epochs`` epochs (resuming after ``state.epoch`` if given).
 
@@ -184,6 +195,8 @@ def train_model(
     )
 
     for epoch in range(state.epoch, cfg.epochs):
+        if seed is not None:
+            seed_epoch(loader, seed, epoch)
         set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
         if callable(set_epoch):
             set_epoch(epoch)  # DistributedSampler: a new shuffle each epoch

@@ -30,7 +30,7 @@ from compression.train import primary_metric
 from tasks import stages as T
 from tasks.env import apply_env_defaults
 from tasks.ray_trainer import check_gpu, check_ray_address, ray_address, ray_summary
-from tasks.tracking import RunTracker, check_tracking, open_results_hint, tracking_uri
+from tasks.tracking import RunTracker, TrackingError, check_tracking, open_results_hint, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -142,21 +142,47 @@ class StageRunner:
         metrics = metrics or result["metrics"]
         logging_started = time.perf_counter()
         history = read_metadata(path).get("extra", {}).get("history", [])
-        run_id = T.log_checkpoint(
-            self.tracker, path.stem, stage=stage, phase=phase.name if phase else None, checkpoint=str(path),
-            metrics=metrics, params={**(params or {}), **({"layers": phase.layers} if phase else {})},
-            history=history, selection=selection, cached=result["cached"],
-        )
+        # > 0: this stage's training continued a Ray Train run that an earlier (killed) flow run began.
+        resumed_from = 0 if result["cached"] else max((f["resumed_from_epoch"] for f in result.get("fits", [])),
+                                                      default=0)
+        try:
+            run_id = T.log_checkpoint(
+                self.tracker, path.stem, stage=stage, phase=phase.name if phase else None, checkpoint=str(path),
+                metrics={**metrics, **({"resumed_from_epoch": resumed_from} if resumed_from else {})},
+                params={**(params or {}), **({"layers": phase.layers} if phase else {})},
+                history=history, selection=selection, cached=result["cached"],
+            )
+        except Exception as exc:
+            lost = tracking_lost(self.tracker, exc, f"checkpoint {path.name}", self.plan.run_dir)
+            if lost is None:
+                raise
+            raise lost from exc
         row = {"checkpoint": path.stem, "stage": stage, "phase": phase.name if phase else None, "path": str(path),
                **{k: v for k, v in metrics.items() if not isinstance(v, dict | list)},
                "cached": result["cached"], "mlflow_run_id": run_id,
                # Time spent in this flow run (a cached stage took none).
                "fit_seconds": 0.0 if result["cached"] else sum(f["seconds"] for f in result.get("fits", [])),
                "task_seconds": 0.0 if result["cached"] else result.get("task_seconds"),
+               "resumed_from_epoch": resumed_from,
+               # Set when Ray restarted the stage's workers (a lost worker or node) after this epoch.
+               "restarted_from_epoch": None if result["cached"] else max(
+                   (f.get("restarted_from_epoch") or 0 for f in result.get("fits", [])), default=0) or None,
                # The stage as the flow ran it (task, orchestration, MLflow logging), for bench/overhead.py.
                "call_seconds": result["call_seconds"] + extra_seconds + time.perf_counter() - logging_started}
         self.rows.append(row)
         return row
+
+
+def tracking_lost(tracker: RunTracker, exc: BaseException, what: str, run_dir: Path) -> TrackingError | None:
+    """A one-line error for a tracking server that stopped answering (after the task's retries)."""
+    if not T.is_transient(exc) or isinstance(exc, PrunepipeError):
+        return None
+    reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+    return TrackingError(
+        f"MLflow at {tracker.uri} stopped answering while logging {what} ({reason}); the checkpoints are kept "
+        f"in {run_dir}: run the same command again once it is back (finished stages are not recomputed, "
+        "they are logged then)"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,8 +259,13 @@ def compress(config: PipelineConfig) -> dict[str, Any]:
         try:
             tracker.log_failed_stage(stage, phase, exc)
             tracker.finish("FAILED")
-        except Exception:  # noqa: BLE001 - the original error matters more than a logging failure
-            logger.exception("could not mark the MLflow runs FAILED")
+        except Exception as logging_error:  # noqa: BLE001 - the original error matters more
+            # The next run on this host closes the parent as KILLED (its process will be gone).
+            logger.warning("could not mark the MLflow runs FAILED: %s", str(logging_error).splitlines()[0][:200])
+        if isinstance(exc, Exception) and not isinstance(exc, PrunepipeError):
+            lost = tracking_lost(tracker, exc, f"{stage} results", plan.run_dir)
+            if lost is not None:
+                raise lost from exc
         raise
     tracker.finish("FINISHED")
     timings.update({f"mlflow_{k}": v for k, v in tracker.timings.items()})

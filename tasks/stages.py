@@ -194,7 +194,8 @@ def plain(value: Any) -> Any:
 
 def _result(path: Any, metrics: dict[str, Any], trainer: RayTrainer | None, started: float) -> dict[str, Any]:
     fits = [{"run_name": f.run_name, "seconds": f.seconds, "epochs_trained": f.epochs_trained,
-             "resumed_from_epoch": f.resumed_from_epoch} for f in (trainer.fits if trainer else [])]
+             "resumed_from_epoch": f.resumed_from_epoch, "restarted_from_epoch": f.restarted_from_epoch}
+            for f in (trainer.fits if trainer else [])]
     return {"path": str(path), "sha256": _digest(path), "metrics": plain(metrics), "fits": fits,
             "task_seconds": time.perf_counter() - started}
 

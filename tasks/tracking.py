@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import re
+import socket
 import subprocess
 import tempfile
 import time
@@ -42,6 +43,58 @@ TABLE_KEYS = ("params", "nonzero_params", "size_bytes", "flops", "map_voc07", "m
 
 class TrackingError(PrunepipeError):
     """The MLflow tracking server/store cannot be used."""
+
+
+# --------------------------------------------------------------------------------------------
+# Runs left RUNNING by a killed process
+
+# ``host:pid:start`` of the process that opened a run. A run still RUNNING whose process is gone was
+# killed (SIGKILL, OOM, power): the next pipeline run on that host closes it as KILLED.
+PROCESS_TAG = "prunepipe.process"
+
+
+def _start_ticks(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux), or "" where /proc is absent."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name in (...) may contain spaces
+
+
+def process_id(pid: int | None = None) -> str:
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}:{pid}:{_start_ticks(pid)}"
+
+
+def process_is_gone(tag: str) -> bool:
+    """Whether the process named by ``tag`` surely no longer runs (only decidable on its own host)."""
+    host, _, rest = tag.partition(":")
+    pid_text, _, start = rest.partition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return bool(start) and _start_ticks(pid) != start  # the pid was reused by a newer process
+
+
+def close_orphaned_runs(client: Any, experiment_id: str) -> list[str]:
+    """Set every RUNNING run of the experiment whose process is gone to KILLED; returns their ids."""
+    from mlflow.entities import ViewType
+
+    orphans = []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                  run_view_type=ViewType.ACTIVE_ONLY, max_results=1000):
+        tag = run.data.tags.get(PROCESS_TAG)
+        if tag and process_is_gone(tag):
+            client.set_terminated(run.info.run_id, "KILLED")
+            orphans.append(run.info.run_id)
+    return orphans
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,8 +308,9 @@ class RunTracker:
             )
         else:
             experiment_id = experiment.experiment_id
+        closed = close_orphaned_runs(client, experiment_id)
         tags = {"prunepipe.config_hash": cfg.config_hash(), "prunepipe.preset": cfg.name,
-                "prunepipe.model": cfg.model.name}
+                "prunepipe.model": cfg.model.name, PROCESS_TAG: process_id()}
         if flow_run_id:
             tags["prefect.flow_run_id"] = str(flow_run_id)
         commit = git_commit()
@@ -267,6 +321,11 @@ class RunTracker:
         for chunk in range(0, len(params), 100):
             client.log_batch(run.info.run_id, params=params[chunk:chunk + 100])
         tracker = cls(uri=uri, experiment_id=experiment_id, parent_run_id=run.info.run_id)
+        if closed:
+            log.warning("closed %d MLflow run(s) as KILLED: their pipeline process on this host is gone (%s)",
+                        len(closed), ", ".join(closed))
+            for run_id in closed:
+                client.set_tag(run_id, "prunepipe.closed_by", run.info.run_id)
         tracker.timings["start_parent_run"] = time.perf_counter() - started
         return tracker
 
@@ -298,7 +357,8 @@ class RunTracker:
         checkpoint = Path(checkpoint)
         name = stage + (f"-{phase}" if phase else "")
         tags = {"mlflow.parentRunId": self.parent_run_id, "prunepipe.stage": stage,
-                "prunepipe.checkpoint": str(checkpoint.resolve()), "prunepipe.cached": str(cached).lower()}
+                "prunepipe.checkpoint": str(checkpoint.resolve()), "prunepipe.cached": str(cached).lower(),
+                PROCESS_TAG: process_id()}
         if phase:
             tags["prunepipe.phase"] = phase
         run = client.create_run(self.experiment_id, tags=tags, run_name=name)

@@ -67,5 +67,8 @@ def build_loader(cfg: DataConfig, split: str, train: bool, image_size: int, seed
         num_workers=cfg.num_workers,
         collate_fn=collate_detection if cfg.kind == "voc" else None,
         generator=generator,
-        persistent_workers=cfg.num_workers > 0,
+        # Workers start afresh each epoch, seeded from ``generator``: a training run resumed after epoch k
+        # draws the same augmentations as one that never stopped (persistent workers would carry their
+        # RNG state across epochs).
+        persistent_workers=False,
     )

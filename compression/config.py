@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from compression.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# VOC image sets are "YEAR:SPLIT" (the loader parses them the same way: compression.data.voc).
+_IMAGE_SET = re.compile(r"^[^:/\\\s]+:[^:/\\\s]+$")
 
 
 class _Strict(BaseModel):
@@ -46,6 +49,14 @@ class DataConfig(_Strict):
     num_workers: int = Field(0, ge=0, le=64)
     max_images: int | None = Field(None, ge=1, description="use only the first N images of each split (smoke tests)")
     seed: int = Field(0, description="seed of the built-in dataset generator")
+
+    @field_validator("train_sets", "val_sets", "test_sets")
+    @classmethod
+    def _year_split(cls, sets: list[str]) -> list[str]:
+        bad = [spec for spec in sets if not _IMAGE_SET.match(spec)]
+        if bad:
+            raise ValueError(f"image set {bad[0]!r}: expected 'YEAR:SPLIT', e.g. '2007:trainval'")
+        return sets
 
 
 class ModelConfig(_Strict):
@@ -197,11 +208,16 @@ def load_config(path: Path | str | None = None, overrides: list[str] | None = No
         file = resolve_preset(path)
         source = str(file)
         try:
-            loaded = yaml.safe_load(file.read_text())
+            loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{file}: is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r})") from None
+        except OSError as exc:
+            raise ConfigError(f"{file}: cannot read it ({exc.strerror or exc})") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{file}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+            problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # PyYAML's can span lines
+            raise ConfigError(f"{file}:{where} is not valid YAML ({problem})") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -252,10 +268,14 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> PipelineConf
 def describe_error(err: dict[str, Any]) -> str:
     loc = [str(p) for p in err.get("loc", ())]
     key = ".".join(loc) or "(top level)"
+    if not key.isprintable():  # a key with a line break or a control character: show it escaped, on one line
+        key = key.encode("unicode_escape").decode("ascii")
     if err.get("type") == "extra_forbidden":
         valid = _valid_keys(loc[:-1])
         return f"unknown key '{key}' (valid keys here: {', '.join(valid)})"
-    msg = err.get("msg", "invalid value")
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")  # our validators' own words
+    if not loc:  # a check across sections (model vs data): its message names the keys
+        return msg
     if "input" in err and err.get("type") != "missing":
         got = err["input"]
         if not isinstance(got, dict):

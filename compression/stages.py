@@ -146,6 +146,12 @@ def evaluate_checkpoint(path: Path, cfg: PipelineConfig, split: str = "test",
                         base: dict[str, Any] | None = None, latency: bool = True) -> dict[str, Any]:
     """Measure an existing checkpoint (CLI ``eval``, the flow's ``evaluate`` task)."""
     ckpt = load_checkpoint(path)
+    needs = "voc" if ckpt.task == "detection" else "cifar10 or imagefolder"
+    if (ckpt.task == "detection") != (cfg.data.kind == "voc"):  # the model is the checkpoint's, the data the config's
+        raise ConfigError(
+            f"{path}: holds a {ckpt.task} model ({ckpt.model_name!r}) that needs data.kind {needs}, "
+            f"but the config's data.kind is {cfg.data.kind!r}"
+        )
     if ckpt.model_name != cfg.model.name:
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": ckpt.model_name})})
     return measure(ckpt, cfg, split=split, latency=latency, base=base)

@@ -109,7 +109,7 @@ def tracking_uri(tracking: TrackingConfig) -> str:
 def check_tracking(uri: str, timeout: float = 5.0) -> None:
     """Fail with one line when the tracking store cannot be reached (before the flow starts any work)."""
     if uri.startswith(("http://", "https://")):
-        url = uri.rstrip("/") + "/health"
+        url, uri = uri.rstrip("/") + "/health", redact_text(uri)  # the messages show the URI without userinfo
         try:
             with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - http(s) only
                 if response.status != 200:
@@ -142,6 +142,7 @@ def artifact_root(uri: str) -> str | None:
 
 
 def open_results_hint(uri: str) -> str:
+    uri = redact_text(uri)  # printed: no user:password@
     if uri.startswith(("http://", "https://")):
         return f"open {uri}"
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1"
@@ -160,20 +161,55 @@ def git_commit(cwd: Path | None = None) -> str | None:
 # Small converters
 
 
+REDACTED = "***"
+# A key naming a secret: one of these words as a whole part of the key (``db_password``, ``api-key``,
+# ``access_token``), not inside another word (``tokens_per_second``).
+_SECRET_KEY = re.compile(
+    r"(?:^|[._\-])(?:password|passwd|passphrase|token|secret|api[_\-]?key|access[_\-]?key|private[_\-]?key|"
+    r"credentials?|auth)(?:$|[._\-])", re.IGNORECASE)
+# ``scheme://user:password@host``: the userinfo part goes, the rest (where it points) stays.
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)[^/?#@\s]+@")
+
+
+def redact_text(text: str) -> str:
+    """``https://user:pass@host`` -> ``https://***@host`` wherever a URI with userinfo occurs in ``text``."""
+    return _USERINFO.sub(lambda match: f"{match['scheme']}{REDACTED}@", text)
+
+
+def _redacted(key: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if _SECRET_KEY.search(key):
+        return REDACTED
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, list | tuple):
+        return [_redacted("", item) for item in value]
+    return value
+
+
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values.
+
+    Secrets never leave: the value of a key that names one (``password``, ``token``, ``api_key``, ...; a whole
+    section under such a key too) becomes ``***``, and so does the ``user:password@`` of any URI.
+    """
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            flat.update(flatten(value, name + "."))
+            inner = flatten(value, name + ".")
+            secret = _SECRET_KEY.search(str(key))
+            flat.update({k: REDACTED if secret and v is not None else v for k, v in inner.items()})
         else:
-            flat[name] = value
+            flat[name] = _redacted(str(key), value)
     return flat
 
 
 def param_value(value: Any) -> str:
+    """A value as an MLflow param (text, at most 6000 characters), URIs without their userinfo."""
     text = value if isinstance(value, str) else json.dumps(value, default=str)
+    text = redact_text(text)
     return text if len(text) <= 6000 else text[:5997] + "..."
 
 

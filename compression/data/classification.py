@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets
-from torchvision.datasets.folder import find_classes
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
 from torchvision.transforms import v2
 
 from compression.errors import ConfigError, DataError
@@ -122,7 +122,15 @@ def build_classification_dataset(
     if split_classes != classes:
         raise DataError(f"{folder}: class folders {split_classes} differ from {root / 'train'}'s {classes}")
     transform = _image_transforms(train_aug, hflip, image_size, resize=True)
+    inside = folder.resolve()
+
+    def image_inside_root(path: str) -> bool:
+        # torchvision walks class folders following links: a link out of the split folder is refused, not read.
+        if not Path(path).resolve().is_relative_to(inside):
+            raise DataError(f"{path}: leads outside {folder} (a link to {Path(path).resolve()}); images must lie inside it")
+        return has_file_allowed_extension(path, IMG_EXTENSIONS)
+
     try:
-        return datasets.ImageFolder(str(folder), transform=transform)
+        return datasets.ImageFolder(str(folder), transform=transform, is_valid_file=image_inside_root)
     except FileNotFoundError as err:  # a class folder without any image
         raise DataError(f"{folder}: {' '.join(str(err).split())}") from None

@@ -6,11 +6,13 @@ seconds with one line naming the file, not hours later inside a DataLoader worke
 
 from __future__ import annotations
 
+import math
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from pyexpat import ExpatError, ParserCreate
 from typing import Any
 
 import torch
@@ -46,6 +48,8 @@ VOC_CLASSES: tuple[str, ...] = (
 
 _IMAGE_SET = re.compile(r"^(?P<year>[^:/\\\s]+):(?P<split>[^:/\\\s]+)$")
 _BOX_TAGS = ("xmin", "ymin", "xmax", "ymax")
+# An image id names files inside Annotations/ and JPEGImages/: no folder separators, no NUL, not "." or "..".
+_PLAIN_ID = re.compile(r"[^/\\\x00]+")
 
 
 @dataclass(frozen=True)
@@ -75,18 +79,48 @@ def _one_line(err: Exception) -> str:
 def _read_number(xml_path: Path, element: ET.Element, tag: str, where: str) -> float:
     text = element.findtext(tag)
     try:
-        return float(text)  # some VOC annotations write coordinates as floats ("273.0")
+        value = float(text)  # some VOC annotations write coordinates as floats ("273.0")
     except (TypeError, ValueError):
         raise DataError(f"{xml_path}: {where} <{tag}> is {text!r}, not a number") from None
+    if not math.isfinite(value):  # "nan" would pass every comparison below
+        raise DataError(f"{xml_path}: {where} <{tag}> is {text!r}, not a finite number")
+    return value
+
+
+class _DocumentTypeFound(Exception):
+    pass
+
+
+def _read_xml(xml_path: Path) -> ET.Element:
+    """The annotation's root element; a file that declares a DTD or entities is refused, not expanded.
+
+    VOC annotations never have a <!DOCTYPE>; refusing it rules out entity tricks (billion laughs, external
+    entities) whatever the expat version. The first pass is pyexpat itself, so it sees a DOCTYPE in any
+    encoding the file declares.
+    """
+
+    def refuse(*_: Any) -> None:
+        raise _DocumentTypeFound
+
+    try:
+        data = xml_path.read_bytes()
+        checker = ParserCreate()
+        checker.StartDoctypeDeclHandler = refuse
+        checker.EntityDeclHandler = refuse
+        checker.Parse(data, True)
+        return ET.fromstring(data)
+    except _DocumentTypeFound:
+        raise DataError(f"{xml_path}: declares a DTD or entities (<!DOCTYPE>); VOC annotations have none") from None
+    except (ExpatError, ET.ParseError, LookupError, ValueError) as err:  # LookupError: an unknown encoding
+        raise DataError(f"{xml_path}: malformed XML ({_one_line(err)})") from None
+    except OSError as err:
+        raise DataError(f"{xml_path}: cannot read the annotation ({err.strerror or _one_line(err)})") from None
 
 
 def _parse_annotation(
     xml_path: Path, image_path: Path, class_index: dict[str, int], keep_difficult: bool
 ) -> VOCAnnotation:
-    try:
-        root = ET.parse(xml_path).getroot()
-    except ET.ParseError as err:
-        raise DataError(f"{xml_path}: malformed XML ({_one_line(err)})") from None
+    root = _read_xml(xml_path)
     if root.tag != "annotation":
         raise DataError(f"{xml_path}: root element is <{root.tag}>, expected <annotation>")
     size = root.find("size")
@@ -151,7 +185,7 @@ def _check_image_header(image_path: Path, annotation: VOCAnnotation) -> None:
     try:
         with Image.open(image_path) as image:
             width, height = image.size
-    except (UnidentifiedImageError, OSError) as err:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
         raise DataError(f"{image_path}: not a readable image ({_one_line(err)})") from None
     if (width, height) != (annotation.width, annotation.height):
         raise DataError(
@@ -208,10 +242,20 @@ class VOCDetection(Dataset):
             split_file = year_dir / "ImageSets" / "Main" / f"{split}.txt"
             if not split_file.is_file():
                 raise DataError(f"{split_file}: split list for image set {spec!r} not found")
-            image_ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+            try:
+                image_ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+            except UnicodeDecodeError as err:
+                raise DataError(f"{split_file}: split list is not UTF-8 text ({_one_line(err)})") from None
             if not image_ids:
                 raise DataError(f"{split_file}: split list is empty")
+            # Image files must lie inside these folders (resolved: the folders themselves may be symlinks).
+            inside = {sub: (year_dir / sub).resolve() for sub in ("Annotations", "JPEGImages")}
             for image_id in image_ids:
+                if not _PLAIN_ID.fullmatch(image_id) or image_id in (".", ".."):
+                    raise DataError(
+                        f"{split_file}: image id {image_id!r} is not a plain file name "
+                        "(ids name files inside Annotations/ and JPEGImages/)"
+                    )
                 xml_path = year_dir / "Annotations" / f"{image_id}.xml"
                 image_path = year_dir / "JPEGImages" / f"{image_id}.jpg"
                 if not xml_path.is_file():
@@ -222,6 +266,12 @@ class VOCDetection(Dataset):
                     raise DataError(
                         f"{image_path}: image missing (image {image_id!r} is listed in {split_file})"
                     )
+                for path, sub in ((xml_path, "Annotations"), (image_path, "JPEGImages")):
+                    if not path.resolve().is_relative_to(inside[sub]):
+                        raise DataError(
+                            f"{path}: leads outside {year_dir / sub} (a link to {path.resolve()}); "
+                            "the devkit's files must lie inside it"
+                        )
                 annotation = _parse_annotation(xml_path, image_path, class_index, keep_difficult)
                 _check_image_header(image_path, annotation)
                 self.ids.append(f"{year}/{image_id}")
@@ -236,7 +286,7 @@ class VOCDetection(Dataset):
         try:
             with Image.open(annotation.image_path) as decoded:
                 pixels = F.pil_to_tensor(decoded.convert("RGB"))
-        except OSError as err:
+        except (OSError, Image.DecompressionBombError) as err:
             raise DataError(f"{annotation.image_path}: cannot decode image ({_one_line(err)})") from None
         if tuple(pixels.shape[1:]) != (annotation.height, annotation.width):
             raise DataError(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -475,6 +476,10 @@ CASES = [
 ]
 
 
+# What each case printed, paths relative to its sandbox (the README's table quotes these lines).
+PRINTED: dict[str, str] = {}
+
+
 def snapshot(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
@@ -511,6 +516,7 @@ def test_bad_input_ends_in_one_line(case: Case, sandbox: Sandbox, capsys, monkey
     assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}: {err}"
     line = lines[0]
     assert line.startswith("error: ")
+    PRINTED[case.id] = re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", line.replace(f"{sandbox.root}/", ""))
     for expected in case.expect:
         assert expected.format(**values) in line, f"{expected.format(**values)!r} not in {line!r}"
     after = snapshot(sandbox.root)
@@ -518,6 +524,20 @@ def test_bad_input_ends_in_one_line(case: Case, sandbox: Sandbox, capsys, monkey
     assert not changed, f"files changed or removed: {changed}"
     if not case.new_files_ok:
         assert sorted(set(after) - set(before)) == []
+
+
+def test_readme_table_quotes_what_the_cli_prints():
+    """Every message in README.md's "Bad input" table is a line one of the cases above printed, verbatim."""
+    expected = {case.id for case in CASES if not any(m.name == "skipif" and m.args[0] for m in case.marks)}
+    if not expected <= set(PRINTED):
+        pytest.skip("needs the whole table run first (in this module, before this test)")
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("\n## Bad input\n", 1)[1].split("\n## ", 1)[0]
+    quoted = [re.sub(r"^`+ ?| ?`+$", "", row.rsplit("|", 2)[1].strip())
+              for row in section.splitlines() if row.startswith("| ") and "error: " in row]
+    assert len(quoted) >= 20
+    printed = set(PRINTED.values())
+    assert [line for line in quoted if line not in printed] == []
 
 
 def test_every_kind_of_bad_input_is_covered():

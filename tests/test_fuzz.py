@@ -25,7 +25,7 @@ from compression.data.digits import DIGIT_CLASSES, write_digits_voc
 from compression.data.voc import VOCDetection
 from compression.errors import DataError, PrunepipeError
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None,
                 derandomize=True)
 
 

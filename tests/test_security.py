@@ -100,6 +100,58 @@ def test_shipped_code_never_unpickles():
     assert found == [], "\n".join(found)
 
 
+def prefect_pickling_options(source: str, filename: str = "<source>") -> list[str]:
+    """``file:line`` of every ``@task``/``@flow`` whose results Prefect would persist with its default (pickle)
+    serializer: results persist when ``persist_result=True`` or a cache policy other than ``NO_CACHE`` is set
+    (unless ``persist_result=False``); they must then be ``result_serializer="json"``."""
+    tree = ast.parse(source, filename)
+    literals = {target.id: node.value for node in ast.walk(tree) if isinstance(node, ast.Assign | ast.AnnAssign)
+                for target in ([node.target] if isinstance(node, ast.AnnAssign) else node.targets)
+                if isinstance(target, ast.Name) and isinstance(node.value, ast.Dict)}
+    found = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and ast.unparse(node.func).split(".")[-1] in ("task", "flow", "with_options")):
+            continue
+        options: dict[str, str] = {}
+        for keyword in node.keywords:
+            if keyword.arg is not None:
+                options[keyword.arg] = ast.unparse(keyword.value)
+            elif isinstance(keyword.value, ast.Name) and keyword.value.id in literals:
+                spread = literals[keyword.value.id]
+                options.update({ast.literal_eval(k): ast.unparse(v) for k, v in zip(spread.keys, spread.values, strict=True)
+                                if isinstance(k, ast.Constant)})
+        persists = options.get("persist_result") == "True" or (
+            "cache_policy" in options and options["cache_policy"] != "NO_CACHE")
+        if persists and options.get("persist_result") != "False" and options.get("result_serializer") != "'json'":
+            found.append(f"{filename}:{node.lineno}: results persisted without result_serializer='json'")
+    return found
+
+
+def test_scanner_flags_prefect_results_persisted_as_pickles():
+    sample = """
+OPTS = {"cache_policy": STAGE_CACHE, "persist_result": True}
+SAFE = {"cache_policy": STAGE_CACHE, "persist_result": True, "result_serializer": "json"}
+@task(**OPTS)
+def a(): ...
+@task(**SAFE)
+def b(): ...
+@task(cache_policy=NO_CACHE)
+def c(): ...
+@flow(persist_result=True)
+def d(): ...
+@task(cache_policy=INPUTS, persist_result=False)
+def e(): ...
+"""
+    assert [hit.split(":")[1] for hit in prefect_pickling_options(sample, "s.py")] == ["4", "10"]
+
+
+def test_prefect_results_that_persist_are_json():
+    files = sorted(p for folder in ("tasks", "flows") for p in (REPO / folder).rglob("*.py"))
+    assert any("result_serializer" in p.read_text() for p in files)  # the scan has something to look at
+    found = [hit for path in files for hit in prefect_pickling_options(path.read_text(), str(path.relative_to(REPO)))]
+    assert found == [], "\n".join(found)
+
+
 # ---------------------------------------------------------------------------------------------- pickles
 
 
@@ -165,6 +217,22 @@ def test_a_planted_pickle_is_refused_without_running(tmp_path, capsys, monkeypat
                 "load_weights": lambda p: load_weights(build_model("ssd_vgg_lite", num_classes=11), p)}[reader]
         with pytest.raises(CheckpointError, match=str(path)):
             call(path)
+    assert not marker.exists()
+
+
+def test_planted_cifar_batches_are_never_unpickled(tmp_path):
+    """CIFAR-10's python batches are pickles that torchvision unpickles; it first checks every file's MD5
+    against the official release, so a planted batch is refused as corrupted and never loaded."""
+    from torchvision.datasets import CIFAR10
+
+    marker = tmp_path / "ran"
+    folder = tmp_path / "cifar" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name, _ in CIFAR10.train_list + CIFAR10.test_list + [(CIFAR10.meta["filename"], None)]:
+        plant("pickle-protocol-2", folder / name, marker)
+    for split in ("train", "val", "test"):
+        with pytest.raises(DataError, match="CIFAR-10 files missing or corrupted"):
+            build_classification_dataset("cifar10", tmp_path / "cifar", split, train_aug=False)
     assert not marker.exists()
 
 

@@ -142,7 +142,8 @@ numbers_as_text = st.one_of(
 xml_safe_text = numbers_as_text.map(lambda t: "".join(c for c in t if c.isprintable() and c not in "\ud800\udfff"))
 
 # An element-level edit: (operation, which element (index into the document's elements), new text/tag).
-edits = st.tuples(st.sampled_from(["drop", "duplicate", "text", "tag", "empty"]), st.integers(0, 200), xml_safe_text)
+edits = st.tuples(st.sampled_from(["drop", "duplicate", "text", "tag", "empty", "root"]), st.integers(0, 200),
+                  xml_safe_text)
 
 # A byte-level edit after serialising: truncation, garbage bytes (not UTF-8), declarations and entities.
 byte_edits = st.one_of(
@@ -166,6 +167,9 @@ byte_edits = st.one_of(
 def _mutate(original: bytes, element_edits, byte_level) -> bytes:
     root = ET.fromstring(original)
     for operation, index, text in element_edits:
+        if operation == "root":  # the wrong root element (<annotations>, <x1>, ...)
+            root.tag = "t" + "".join(c for c in text if c.isascii() and c.isalnum())
+            continue
         elements = [(parent, child) for parent in root.iter() for child in parent]
         if not elements:
             break
@@ -278,3 +282,25 @@ def test_documents_with_a_dtd_are_refused(devkit, tmp_path, document):
         assert "do-not-read" not in str(caught.value)
     finally:
         xml_path.write_bytes(original)
+
+
+@settings(FUZZ, max_examples=80)
+@given(lines=st.lists(st.text(max_size=14) | st.sampled_from(["..", ".", "/etc/passwd", "../../x", "a\\b", "000001",
+                                                                "~root", "con", "a\x00b"]), max_size=4),
+       raw=st.binary(max_size=12))
+def test_random_split_lists_load_or_raise_a_data_error(devkit, lines, raw):
+    """Image ids come from the split list: anything in it ends in a dataset of files inside the devkit, or a DataError."""
+    split = devkit / "VOC2007" / "ImageSets" / "Main" / "test.txt"
+    original = split.read_bytes()
+    try:
+        split.write_bytes("\n".join(lines).encode("utf-8", "surrogatepass") + b"\n" + raw)
+        try:
+            dataset = VOCDetection(devkit, ["2007:test"], DIGIT_CLASSES)
+        except PrunepipeError as exc:
+            assert isinstance(exc, DataError), exc
+            assert_one_line(exc)
+        else:
+            inside = (devkit / "VOC2007").resolve()
+            assert all(a.image_path.resolve().is_relative_to(inside) for a in dataset.annotations)
+    finally:
+        split.write_bytes(original)

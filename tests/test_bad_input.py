@@ -161,6 +161,10 @@ def box_outside_image(box: Sandbox) -> dict:
     return {**edit_xml(old, "<xmax>500</xmax>")(box)}
 
 
+def nan_coordinate(box: Sandbox) -> dict:
+    return edit_xml(f"<xmin>{xml_text(box, 'xmin')}</xmin>", "<xmin>nan</xmin>")(box)
+
+
 def unknown_class(box: Sandbox) -> dict:
     return edit_xml(f"<name>{xml_text(box, 'name')}</name>", "<name>eleven</name>")(box)
 
@@ -403,6 +407,11 @@ CASES = [
          ["{xml}", "malformed XML", "mismatched tag"]),
     Case("data-xml-number-garbage", "VOC annotation parsing", edit_xml("<width>128</width>", "<width>12B</width>"),
          EVAL, ["{xml}", "<size> <width> is '12B', not a number"]),
+    Case("data-xml-nan-coordinate", "VOC annotation parsing", nan_coordinate, EVAL,
+         ["{xml}", "object 1 <bndbox> <xmin> is 'nan', not a finite number"]),
+    Case("data-xml-entities", "VOC annotation parsing (DTD check)",
+         edit_xml("<annotation>", '<!DOCTYPE annotation [<!ENTITY e SYSTEM "file:///etc/passwd">]>\n<annotation>'),
+         EVAL, ["{xml}", "declares a DTD or entities (<!DOCTYPE>)"]),
     Case("data-box-outside-image", "VOC annotation parsing", box_outside_image, EVAL,
          ["{xml}", "object 1 box", "x2=500", "lies outside the 128x128 image"]),
     Case("data-unknown-class", "VOC annotation parsing", unknown_class, EVAL,

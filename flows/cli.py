@@ -158,8 +158,25 @@ def _si(value: object) -> str:
 
 
 @app.command()
-def run(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
+def run(
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    budget: Annotated[str | None, typer.Option(
+        "--budget", help="search for the most compressed model within map_drop=POINTS, or the best one reaching "
+        "flops=RATIOx / params=RATIOx (see README: Budgeted compression)")] = None,
+    search: Annotated[list[str] | None, typer.Option(
+        "--search", help="with --budget: a search setting, e.g. --search max_trials=4 or "
+        "--search knobs.stages.selection.gamma=[0.6,0.8]")] = None,
+) -> None:
     """Run the whole pipeline (Prefect flow, Ray Train, MLflow) and print the checkpoint table."""
+    if budget is not None:
+        from compression.search import load_search, parse_budget
+
+        parse_budget(budget)  # a bad budget, search setting or config stops here, before Prefect or Ray start
+        _run_budget(_load(config, overrides), budget, load_search(search or []))
+        return
+    if search:
+        raise PrunepipeError("--search needs --budget (e.g. --budget map_drop=1.0)")
     cfg = _load(config, overrides)  # a bad config stops here, before Prefect or Ray start
     from tasks.env import apply_env_defaults
 
@@ -186,6 +203,57 @@ def run(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
         f"{key} {value:.1f}s" for key, value in summary["timings"].items() if not key.startswith("mlflow_log_")))
     for line in results_hint(summary):
         console.print(line, markup=False, highlight=False)
+
+
+def _run_budget(cfg, budget: str, search) -> None:
+    """``run --budget``: the budget flow, then the chosen trial, its ratios and the trials' table."""
+    from tasks.env import apply_env_defaults
+
+    apply_env_defaults()  # before Prefect is imported: it reads its settings once
+    from flows.budget import run_budget
+    from flows.compress import results_hint
+
+    summary = run_budget(cfg, budget, search)
+    metric = summary["metric"]
+    table = Table(title=f"{cfg.name}: budget {summary['budget']['text']}, trials of {cfg.model.name} "
+                  "(x = base / model; drops in points, test split; val = validation split)")
+    columns = [("trial", "trial", str), ("knobs", "knobs", str), ("status", "status", str),
+               ("FLOPs x", "flops_ratio", _fmt), ("params x", "params_ratio", _fmt),
+               ("val thresholded", "val_thresholded", _fmt), ("val pruned", "val_pruned", _fmt),
+               ("pruned", "map_pruned", _fmt), ("retrained", "map", _fmt), ("drop", "drop_points", _fmt),
+               ("final drop", "final_drop_points", _fmt)]
+    for title, _, _ in columns:
+        table.add_column(title, justify="left" if title in ("trial", "knobs", "status") else "right")
+    for row in summary["table"]:
+        front = " *" if row.get("front_flops_ratio") or row.get("front_params_ratio") else ""
+        table.add_row(*("" if row.get(key) is None else show(row[key]) + (front if key == "trial" else "")
+                        for _, key, show in columns))
+    console.print(table, width=max(console.width, 160))
+    console.print(f"base {metric}: {_fmt(summary['base_metrics'].get(metric))} (test); * = on a Pareto front "
+                  "(retrained trials, mAP vs FLOPs or vs params)", markup=False, highlight=False)
+    chosen = summary["chosen"]
+    if chosen is None:
+        console.print(f"no trial is within the budget {summary['budget']['text']}: retrain longer, add knobs "
+                      "(--search) or relax the budget", markup=False, highlight=False)
+    else:
+        console.print(
+            f"chosen: trial {chosen['trial']} ({chosen['knobs']}): {_fmt(chosen['flops_ratio'])}x fewer FLOPs, "
+            f"{_fmt(chosen['params_ratio'])}x fewer params, {metric} {_fmt(chosen['final_map'])} "
+            f"({100 * chosen['final_drop']:+.2f} points drop, after {chosen['final_stage']})",
+            markup=False, highlight=False, soft_wrap=True)
+        console.print(f"final checkpoint: {summary['final_checkpoint']}", markup=False, highlight=False)
+    rho = summary["spearman"]
+    shown = {k: v for k, v in rho.items() if v is not None}
+    console.print("cheap signals vs retrained " + metric + ": " + (", ".join(
+        f"Spearman {k.removeprefix('spearman_')} {v:+.2f}" for k, v in shown.items()) if shown else
+        "too few retrained trials for a rank correlation"), markup=False, highlight=False)
+    if summary.get("registered_model"):
+        console.print(f"registered model: {summary['registered_model']['uri']}", markup=False, highlight=False)
+    console.print(f"search: {summary['timings']['total_seconds']:.0f}s", markup=False, highlight=False)
+    for line in results_hint(summary):
+        console.print(line, markup=False, highlight=False)
+    if chosen is None:
+        raise typer.Exit(1)
 
 
 # --------------------------------------------------------------------------------------------

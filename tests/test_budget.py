@@ -1,0 +1,199 @@
+"""``prunepipe run --budget``: the budget flow end to end on a tiny config (real Prefect test server, Ray, MLflow).
+
+A tiny detector (ssd_vgg_lite at width 1/8, 64x64 digits) is pretrained in this process first (a base with
+some mAP, so that a drop can exceed the budget), then the flow searches three trials (λ x γ, two at once,
+one Ray Train worker each) and retrains at most two. The tests check the chosen checkpoint against the
+pretrained one on the test split themselves, and read the trials, the Pareto artifacts and the registered
+model back from MLflow and the trial subflows from the Prefect API. Durations are printed with ``-s``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tasks.env import apply_env_defaults
+
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))  # before Prefect loads
+apply_env_defaults()
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from prefect.client.orchestration import get_client  # noqa: E402
+from prefect.client.schemas.filters import (  # noqa: E402
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowFilter,
+    FlowFilterName,
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterParentFlowRunId,
+)
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+from compression import stages as S  # noqa: E402
+from compression.checkpoint import file_digest  # noqa: E402
+from compression.config import load_config  # noqa: E402
+from compression.data.digits import write_digits_voc  # noqa: E402
+from compression.search import load_search, parse_budget  # noqa: E402
+from flows.budget import run_budget  # noqa: E402
+from tasks.ray_trainer import ensure_ray  # noqa: E402
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+BUDGET = "map_drop=2.0"
+# One λ (one sparsity stage, shared) and three γ: 0.3 prunes too much for the budget, 0.9 nothing.
+SEARCH = ["knobs={stages.selection.gamma: [0.3, 0.6, 0.9]}", "trials_in_parallel=2", "trial_workers=1",
+          "retrain_top_k=2"]
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    root = tmp_path_factory.mktemp("budget")
+    devkit = write_digits_voc(root / "data", image_size=64, num_images={"train": 400, "val": 32, "test": 32})
+    overrides = [
+        "name=tiny", f"workdir={root / 'runs'}", f"tracking.mlflow_uri=sqlite:///{root / 'mlflow.db'}",
+        f"data.root={devkit}", "data.builtin=null", "data.batch_size=16", "data.eval_batch_size=32",
+        "data.num_workers=0", "model.image_size=64",
+        "stages.pretrain.epochs=5", "stages.pretrain.lr=0.01", "stages.sparsity.epochs=1",
+        "stages.sparsity.alpha_grid=[1.0]", "stages.sparsity.max_drop=1.0",
+        "stages.selection.min_channels=2", "stages.retrain.epochs=1", "stages.distill.epochs=1",
+        "stages.phases=[{name: p1, layers: [conv3_1, conv3_2, conv3_3]}]", "compute.max_failures=0",
+    ]
+    # The base is trained here, in-process (no Ray fit to pay for); the flow adopts it as its pretrained model.
+    started = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        base, metrics = S.pretrain(load_config("default", overrides), root / "base.safetensors")
+    finally:
+        torch.set_num_threads(threads)
+    print(f"\nin-process pretraining: {time.perf_counter() - started:.1f}s, test mAP {metrics['map_voc07']:.4f}")
+    return load_config("default", [*overrides, f"stages.pretrain.checkpoint={base}"])
+
+
+@pytest.fixture(scope="module")
+def searched(cfg):
+    started = time.perf_counter()
+    with prefect_test_harness(server_startup_timeout=None):
+        print(f"\nPrefect test server: {time.perf_counter() - started:.1f}s")
+        ensure_ray(cfg.compute)
+        began = time.perf_counter()
+        summary = run_budget(cfg, BUDGET, load_search(SEARCH))
+        print(f"\nbudget flow: {time.perf_counter() - began:.1f}s; timings {summary['timings']}")
+        for row in summary["table"]:
+            print({k: v for k, v in row.items() if k != "mlflow_run_id"})
+        with get_client(sync_client=True) as client:
+            parent = client.read_flow_run(summary["flow_run_id"])
+            children = client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=["budget-trial"])),
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id])))
+            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["budget-tiny"])))
+            task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[parent.id])))
+        yield {"summary": summary, "subflows": children, "artifacts": artifacts, "task_runs": task_runs}
+
+
+def test_the_chosen_model_is_within_the_budget_on_the_test_split(cfg, searched):
+    summary = searched["summary"]
+    chosen = summary["chosen"]
+    assert chosen is not None, summary["table"]
+    # Measured here, independently of the flow: the pretrained base and the chosen checkpoint, test split.
+    base = S.evaluate_checkpoint(Path(summary["base_checkpoint"]), cfg, split="test", latency=False)
+    final = S.evaluate_checkpoint(Path(summary["final_checkpoint"]), cfg, split="test", latency=False)
+    assert base["map_voc07"] > 0.02  # a base that a pruned model can fall 2 points below
+    drop = base["map_voc07"] - final["map_voc07"]
+    assert drop <= parse_budget(BUDGET).max_drop + 1e-9, (base["map_voc07"], final["map_voc07"])
+    assert drop == pytest.approx(chosen["final_drop"], abs=1e-6)
+    assert base["flops"] / final["flops"] == pytest.approx(chosen["flops_ratio"], rel=1e-6)
+    assert chosen["flops_ratio"] > 1  # it is pruned
+    # The most compressed of the retrained trials within the budget.
+    within = [t for t in summary["trials"] if t.get("drop") is not None and t["drop"] <= 0.02 + 1e-9]
+    assert max(t["flops_ratio"] for t in within) == chosen["flops_ratio"]
+    assert chosen["final_stage"] in ("distill", "retrain")
+
+
+def overlapping(spans) -> bool:
+    spans = sorted(spans)
+    return any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:], strict=False))
+
+
+def test_trials_ran_as_concurrent_subflows_and_shared_their_sparsity_stage(searched):
+    summary, subflows = searched["summary"], searched["subflows"]
+    assert sorted(run.name for run in subflows) == sorted(t["trial"] for t in summary["trials"])
+    assert all(run.state.is_completed() for run in subflows)
+    assert overlapping([(run.start_time, run.end_time) for run in subflows])
+    # The two retrains of a wave trained at the same time (one Ray Train worker each).
+    retrains = [run for run in searched["task_runs"] if run.name.startswith("retrain")]
+    assert len(retrains) == 2 and overlapping([(run.start_time, run.end_time) for run in retrains])
+    # One λ: one sparsity stage, trained once and found in the cache by the other trials.
+    assert len({t["sparsity_path"] for t in summary["trials"]}) == 1
+    assert sorted(t["sparsity_cached"] for t in summary["trials"]) == [False, True, True]
+
+
+def test_every_trial_is_an_mlflow_child_run_and_the_parent_holds_the_pareto_front(cfg, searched):
+    summary = searched["summary"]
+    client = MlflowClient(cfg.tracking.mlflow_uri)
+    parent = client.get_run(summary["mlflow"]["run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["prunepipe.budget"] == BUDGET
+    runs = client.search_runs([summary["mlflow"]["experiment_id"]],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' "
+                                            "and tags.`prunepipe.stage` = 'trial'")
+    trials = {t["trial"]: t for t in summary["trials"]}
+    assert sorted(r.info.run_name for r in runs) == sorted(trials)
+    for run in runs:
+        trial = trials[run.info.run_name]
+        assert run.info.status == "FINISHED"
+        for key, value in trial["knob_values"].items():
+            assert json.loads(run.data.params[f"knob.{key}"]) == value
+        for key in ("flops_ratio", "params_ratio", "val_thresholded", "val_pruned", "map_pruned"):
+            assert run.data.metrics[key] == pytest.approx(trial[key]), key
+        if trial.get("drop") is not None:
+            assert run.data.metrics["drop"] == pytest.approx(trial["drop"])
+        assert run.data.tags["prunepipe.trial_status"] == trial["status"]
+        nested = client.search_runs([summary["mlflow"]["experiment_id"]],
+                                    filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+        assert {"sparsity", "prune"} <= {r.data.tags["prunepipe.stage"] for r in nested}
+    assert sum(t["status"] in ("retrained", "chosen") for t in trials.values()) <= 2  # retrain_top_k
+
+    names = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "pareto_front.json" in names
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "plots")] == ["plots/pareto_front.png"]
+    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "pareto_front.json")).read_text())
+    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+    assert sorted(r["trial"] for r in rows) == sorted(trials)
+    front = [r["trial"] for r in rows if r["front_flops_ratio"]]
+    assert front and front == [t for t in summary["pareto"]["flops_ratio"]] or sorted(front) == sorted(
+        summary["pareto"]["flops_ratio"])
+    png = Path(client.download_artifacts(parent.info.run_id, "plots/pareto_front.png")).read_bytes()
+    assert png.startswith(b"\x89PNG")
+
+    artifact = searched["artifacts"][0]
+    assert artifact.type == "table" and str(artifact.flow_run_id) == summary["flow_run_id"]
+    assert summary["chosen"]["trial"] in artifact.description
+
+
+def test_the_chosen_model_is_registered_with_the_budget_alias(cfg, searched):
+    summary = searched["summary"]
+    client = MlflowClient(cfg.tracking.mlflow_uri)
+    version = client.get_model_version_by_alias("prunepipe-ssd_vgg_lite", "budget")
+    assert str(version.version) == summary["registered_model"]["version"]
+    assert version.tags["prunepipe_sha256"] == file_digest(summary["final_checkpoint"])
+    trial_run = client.get_run(client.get_run(version.run_id).data.tags["mlflow.parentRunId"])
+    assert trial_run.info.run_name == summary["chosen"]["trial"]
+
+
+def test_cli_refuses_a_bad_budget_in_one_line_before_anything_starts(tmp_path):
+    for args, says in ((["--budget", "map_drop<1"], "'map_drop<1'"),
+                       (["--budget", "flops=4x", "--search", "max_trials=0"], "max_trials")):
+        result = subprocess.run([sys.executable, "-m", "flows.cli", "run", *args], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().count("\n") == 0 and says in result.stderr
+        assert "Traceback" not in result.stderr
+        assert not (tmp_path / "mlflow.db").exists()

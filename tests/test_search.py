@@ -1,0 +1,182 @@
+"""compression.search: budgets, the knob grid, the retrain order, early stop, the choice, Pareto, Spearman."""
+
+from __future__ import annotations
+
+import pytest
+
+from compression.config import load_config
+from compression.errors import ConfigError
+from compression.search import (
+    Budget,
+    SearchConfig,
+    choose,
+    load_search,
+    pareto_front,
+    parse_budget,
+    plan_trials,
+    retrain_order,
+    should_stop,
+    spearman,
+)
+
+
+@pytest.mark.parametrize(("text", "kind", "value", "max_drop"), [
+    ("map_drop=1.0", "map_drop", 1.0, 0.01),
+    (" map_drop = 0.5 ", "map_drop", 0.5, 0.005),
+    ("map_drop=0", "map_drop", 0.0, 0.0),
+    ("flops=4x", "flops", 4.0, None),
+    ("flops=2.5", "flops", 2.5, None),
+    ("params=6x", "params", 6.0, None),
+])
+def test_budget_strings_parse(text, kind, value, max_drop):
+    budget = parse_budget(text)
+    assert (budget.kind, budget.value) == (kind, value)
+    assert budget.max_drop == pytest.approx(max_drop) if max_drop is not None else budget.max_drop is None
+    assert budget.ratio_key == ("params_ratio" if kind == "params" else "flops_ratio")
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("map_drop", "expected map_drop=POINTS"),
+    ("mAP<1", "expected map_drop=POINTS"),
+    ("latency=2x", "expected map_drop=POINTS"),
+    ("flops=4x;rm -rf /", "expected map_drop=POINTS"),
+    ("map_drop=2x", "in mAP points, not a ratio"),
+    ("map_drop=150", "between 0 and 100"),
+    ("flops=0.5x", "must be above 1"),
+    ("params=1", "must be above 1"),
+])
+def test_bad_budget_strings_are_one_line_config_errors_naming_the_text(text, says):
+    with pytest.raises(ConfigError) as info:
+        parse_budget(text)
+    message = str(info.value)
+    assert says in message and repr(text) in message and "\n" not in message
+
+
+def test_budget_meets():
+    drop = parse_budget("map_drop=1.0")
+    assert drop.meets({"drop": 0.01}) and drop.meets({"drop": -0.2})
+    assert not drop.meets({"drop": 0.0101}) and not drop.meets({"drop": None}) and not drop.meets({})
+    flops = parse_budget("flops=4x")
+    assert flops.meets({"flops_ratio": 4.0, "drop": 0.5}) and not flops.meets({"flops_ratio": 3.99})
+    assert parse_budget("params=6x").meets({"params_ratio": 7, "flops_ratio": 1})
+
+
+def test_search_overrides():
+    search = load_search(["max_trials=3", "knobs.stages.selection.gamma=[0.6, 0.8]", "knobs.stages.sparsity.l1_lambda=null",
+                          "early_stop=false"])
+    assert search.max_trials == 3 and not search.early_stop
+    assert search.knobs == {"stages.selection.gamma": [0.6, 0.8]}
+    assert load_search(["knobs.stages.selection.gamma=0.7"]).knobs["stages.selection.gamma"] == [0.7]
+    for bad, says in (("max_trials=0", "max_trials"), ("trials=3", "unknown key 'trials'"), ("nokey", "KEY=VALUE"),
+                      ("knobs.tracking.alias=[x]", "only method settings"), ("knobs={}", "at least one knob")):
+        with pytest.raises(ConfigError, match=says) as info:
+            load_search([bad])
+        assert "\n" not in str(info.value)
+
+
+def test_plan_trials_is_the_knob_grid_validated_and_ordered_to_share_sparsity():
+    cfg = load_config("default")
+    search = SearchConfig(knobs={"stages.sparsity.l1_lambda": [0.01, 0.03], "stages.selection.gamma": [0.5, 0.7, 0.9]},
+                          trial_workers=1)
+    trials = plan_trials(cfg, search)
+    assert len(trials) == 6
+    assert sorted((t.knobs["stages.sparsity.l1_lambda"], t.knobs["stages.selection.gamma"]) for t in trials) == [
+        (a, g) for a in (0.01, 0.03) for g in (0.5, 0.7, 0.9)]
+    # The first two trials differ in λ (their sparsity stages can run at once); then the others alternate.
+    assert [t.knobs["stages.sparsity.l1_lambda"] for t in trials] == [0.01, 0.03] * 3
+    for trial in trials:
+        assert trial.config.stages.sparsity.l1_lambda == trial.knobs["stages.sparsity.l1_lambda"]
+        assert trial.config.stages.selection.gamma == trial.knobs["stages.selection.gamma"]
+        assert trial.config.compute.num_workers == 1 and trial.config.name == cfg.name
+    assert len({t.folder for t in trials}) == 6 and len({t.name for t in trials}) == 6
+    assert len({t.group for t in trials}) == 2
+
+    sampled = plan_trials(cfg, search.model_copy(update={"max_trials": 4, "seed": 1}))
+    assert len(sampled) == 4 and sampled == plan_trials(cfg, search.model_copy(update={"max_trials": 4, "seed": 1}))
+
+
+@pytest.mark.parametrize(("knobs", "says"), [
+    ({"stages.selection.gama": [0.5]}, "unknown key 'stages.selection.gama'"),
+    ({"stages.selection.gamma": [1.5]}, "stages.selection.gamma"),
+    ({"stages.selection.criterion": ["taylor"]}, "taylor"),
+    ({"stages.retrain.epochs.x": [1]}, "is a value, not a section"),
+])
+def test_bad_knobs_fail_in_one_line_naming_the_knob(knobs, says):
+    with pytest.raises(ConfigError, match=says) as info:
+        plan_trials(load_config("default"), SearchConfig(knobs=knobs))
+    assert "\n" not in str(info.value)
+
+
+def trial(name, flops, params, drop=None, val_pruned=None, val_thresholded=None, **extra):
+    return {"trial": name, "flops_ratio": flops, "params_ratio": params, "drop": drop, "val_pruned": val_pruned,
+            "val_thresholded": val_thresholded, **extra}
+
+
+def test_choose_the_most_compressed_within_a_drop_budget():
+    trials = [trial("a", 3.0, 5.0, drop=0.012), trial("b", 2.0, 4.0, drop=0.004), trial("c", 2.0, 6.0, drop=0.009),
+              trial("d", 1.2, 2.0, drop=-0.01)]
+    assert choose(trials, parse_budget("map_drop=1.0"))["trial"] == "c"  # a is over; c beats b on params
+    assert choose(trials, parse_budget("map_drop=1.5"))["trial"] == "a"
+    assert choose(trials, parse_budget("map_drop=0"))["trial"] == "d"
+    assert choose([trial("a", 3.0, 5.0, drop=0.2)], parse_budget("map_drop=1.0")) is None
+    assert choose([trial("a", 3.0, 5.0)], parse_budget("map_drop=1.0")) is None  # not retrained: no drop
+
+
+def test_choose_the_smallest_drop_reaching_a_ratio_budget():
+    trials = [trial("a", 5.0, 5.0, drop=0.03), trial("b", 4.0, 9.0, drop=0.01), trial("c", 3.0, 12.0, drop=0.0)]
+    assert choose(trials, parse_budget("flops=4x"))["trial"] == "b"
+    assert choose(trials, parse_budget("params=6x"))["trial"] == "c"
+    assert choose(trials, parse_budget("flops=6x")) is None
+
+
+def test_retrain_order_for_a_drop_budget_is_the_cheap_front_most_compressed_first():
+    screened = [trial("a", 4.0, 8.0, val_pruned=0.10), trial("b", 3.0, 6.0, val_pruned=0.40),
+                trial("c", 2.0, 3.0, val_pruned=0.30),  # beaten by b on both: retrained last
+                trial("d", 1.5, 2.0, val_pruned=0.60), trial("e", 5.0, 9.0, status="failed")]
+    budget = parse_budget("map_drop=1.0")
+    assert [t["trial"] for t in retrain_order(screened, budget, top_k=10)] == ["a", "b", "d", "c"]
+    assert [t["trial"] for t in retrain_order(screened, budget, top_k=2)] == ["a", "b"]
+    # Trials whose pruned validation mAP is more than 30 points below the base's (0.5) are not retrained.
+    assert [t["trial"] for t in retrain_order(screened, budget, 10, base_val=0.5, max_pruned_drop=30)] == ["b", "d", "c"]
+
+
+def test_retrain_order_for_a_ratio_budget_keeps_only_trials_reaching_it_best_signal_first():
+    screened = [trial("a", 4.0, 8.0, val_pruned=0.10), trial("b", 4.5, 6.0, val_pruned=0.40),
+                trial("c", 2.0, 3.0, val_pruned=0.90), trial("d", 6.0, 2.0, val_pruned=0.40, val_thresholded=0.5)]
+    assert [t["trial"] for t in retrain_order(screened, parse_budget("flops=4x"), 10)] == ["d", "b", "a"]
+    assert [t["trial"] for t in retrain_order(screened, parse_budget("params=5x"), 1)] == ["b"]
+
+
+def test_early_stop():
+    budget = parse_budget("map_drop=1.0")
+    done = [trial("a", 4.0, 8.0, drop=0.005)]
+    assert should_stop(done, [trial("b", 3.0, 6.0), trial("c", 4.0, 7.0)], budget)
+    assert not should_stop(done, [trial("b", 5.0, 6.0)], budget)  # a more compressed one could still make it
+    assert not should_stop([trial("a", 4.0, 8.0, drop=0.05)], [trial("b", 3.0, 6.0)], budget)  # none within yet
+    flops = parse_budget("flops=2x")
+    assert not should_stop([trial("a", 4.0, 8.0, drop=0.005)], [trial("b", 3.0, 6.0)], flops)
+    assert should_stop([trial("a", 4.0, 8.0, drop=-0.001)], [trial("b", 3.0, 6.0)], flops)
+
+
+def test_pareto_front():
+    points = [{"n": "base", "flops_ratio": 1.0, "map": 0.70}, {"n": "a", "flops_ratio": 2.0, "map": 0.69},
+              {"n": "b", "flops_ratio": 2.0, "map": 0.60}, {"n": "c", "flops_ratio": 4.0, "map": 0.50},
+              {"n": "d", "flops_ratio": 3.0, "map": 0.40}, {"n": "e", "flops_ratio": 4.0, "map": 0.50},
+              {"n": "f", "flops_ratio": None, "map": 0.9}]
+    assert [p["n"] for p in pareto_front(points)] == ["base", "a", "c"]
+    assert [p["n"] for p in pareto_front(points, x="map", y="flops_ratio")] == ["c", "a", "base"]
+    assert pareto_front([]) == []
+
+
+def test_spearman():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)
+    assert spearman([1, 2], [1, 2]) is None  # too few pairs
+    assert spearman([1, 1, 1], [1, 2, 3]) is None  # constant: undefined
+    assert spearman([1, None, 2, 3], [1, 5, 2, 3]) == pytest.approx(1.0)  # missing values are dropped
+
+
+def test_budget_describe():
+    assert "1 points" in Budget("map_drop", 1.0).describe()
+    assert "4x fewer FLOPs" in parse_budget("flops=4x").describe()

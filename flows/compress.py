@@ -175,7 +175,11 @@ class StageRunner:
 
 def tracking_lost(tracker: RunTracker, exc: BaseException, what: str, run_dir: Path) -> TrackingError | None:
     """A one-line error for a tracking server that stopped answering (after the task's retries)."""
-    if not T.is_transient(exc) or isinstance(exc, PrunepipeError):
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    # Only MLflow's own failures: a lost Ray worker is transient too, but not a tracking outage.
+    if not isinstance(exc, MlflowException | requests.RequestException) or not T.is_transient(exc):
         return None
     reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
     return TrackingError(

@@ -47,6 +47,7 @@ STAGES = ("pretrain", "sparsity", "prune", "retrain", "distill")
 # fixed reduction order); a resumed stage too. What may differ is the evaluation's floating-point
 # summation order with other thread counts: the tolerance the README states for a resumed run.
 MAP_TOLERANCE = 0.01
+WEIGHT_TOLERANCE = 1e-4
 
 
 def tiny_overrides(root: Path) -> list[str]:
@@ -278,10 +279,17 @@ def test_a_run_killed_in_every_stage_resumes_and_ends_like_an_uninterrupted_one(
     assert list(rows) == ["pretrain", "sparsity", "prune", "retrain", "distill"]
     assert all(rows[s]["cached"] for s in STAGES[:-1]) and not rows["distill"]["cached"]
     assert rows["distill"]["resumed_from_epoch"] == 1  # it went on after the epoch the kill interrupted
-    for key in ("params", "flops", "size_bytes"):
+    for key in ("params", "flops"):
         assert final["final_metrics"][key] == baseline["final_metrics"][key], key
+    print(f"\nVOC07 mAP: uninterrupted {baseline['final_metrics']['map_voc07']:.4f}, "
+          f"after five kills {final['final_metrics']['map_voc07']:.4f}")
     assert final["final_metrics"]["map_voc07"] == pytest.approx(baseline["final_metrics"]["map_voc07"],
                                                                 abs=MAP_TOLERANCE)
+    ours = load_checkpoint(final["final_checkpoint"]).model.state_dict()
+    theirs = load_checkpoint(baseline["final_checkpoint"]).model.state_dict()
+    worst = max((ours[k].float() - theirs[k].float()).abs().max().item() for k in theirs)
+    print(f"largest weight difference: {worst:.3g}")
+    assert worst <= WEIGHT_TOLERANCE
 
     # MLflow: the five killed runs are closed as KILLED by the next start; each relaunch logged the
     # stage the kill before it interrupted, resumed (training) or redone (prune), and the finished ones cached.
@@ -305,41 +313,53 @@ def test_a_run_killed_in_every_stage_resumes_and_ends_like_an_uninterrupted_one(
 
 
 @pytest.mark.fault
-def test_a_killed_ray_worker_restarts_from_the_last_epoch_and_the_stage_finishes(cfg, baseline, tmp_path):
+def test_a_killed_ray_worker_restarts_from_the_last_epoch_and_the_stage_finishes(cfg, baseline, ray_session):
     import ray
-    from ray.util.state import list_actors
+    import ray._private.state as ray_state
 
     # Only distill is new (another temperature); Ray may restart the worker group once.
     restarting = cfg.model_copy(deep=True)
     restarting.compute.max_failures = 1
     restarting.stages.distill.temperature = cfg.stages.distill.temperature + 1.0
+    restarting.stages.distill.epochs = 3  # the kill lands after epoch 1, with epochs still to go
     storage = storage_path(restarting)
     before = {p.name for p in storage.glob("distill*")}
-    killed: list[int] = []
+    killed: list[int] = []  # the epochs checkpointed when a worker was killed
+    errors: list[BaseException] = []
 
     def kill_a_worker() -> None:
         deadline = time.time() + 600
-        while time.time() < deadline:
-            new = [p for p in storage.glob("distill*") if p.name not in before]
-            if new and reported_epochs(storage, new[0].name) >= 1:
-                workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-                if workers:
-                    pid = workers[-1].pid
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-                    return
-            time.sleep(0.05)
+        try:
+            while time.time() < deadline:
+                new = [p for p in storage.glob("distill*") if p.name not in before]
+                done = reported_epochs(storage, new[0].name) if new else 0
+                if done >= 3:
+                    return  # too late: the fit is over
+                if done >= 1:
+                    # The GCS's actor table (ray.util.state would need the dashboard, which is off).
+                    workers = [a["Pid"] for a in ray_state.actors().values()
+                               if a["ActorClassName"] == "RayTrainWorker" and a["State"] == "ALIVE"]
+                    if workers:
+                        pid = workers[-1]
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(done)
+                        return
+                time.sleep(0.05)
+        except BaseException as err:  # noqa: BLE001 - reported by the test below
+            errors.append(err)
 
     assert ray.is_initialized()
     killer = threading.Thread(target=kill_a_worker, daemon=True)
     killer.start()
     summary = run_flow(restarting, "distill with a killed worker")
     killer.join(timeout=5)
+    assert not errors, errors
     assert killed, "no worker was killed"
     distill = summary["checkpoints"][-1]
     assert distill["stage"] == "distill" and not distill["cached"]
     assert summary["final_metrics"]["params"] == baseline["final_metrics"]["params"]
-    assert distill["restarted_from_epoch"] == 1  # Ray restarted the workers; epoch 1 was not redone
+    # Ray restarted the workers from the last checkpoint: no finished epoch was trained again.
+    assert distill["restarted_from_epoch"] is not None and killed[0] <= distill["restarted_from_epoch"] < 3
     assert all(row["restarted_from_epoch"] is None for row in summary["checkpoints"][:-1])
     assert Path(summary["final_checkpoint"]).is_file()
 

@@ -98,6 +98,18 @@ def _post_json(url: str, body: dict, headers: dict[str, str] | None = None) -> i
 
 
 @pytest.mark.slow
+def _non_loopback_ipv4() -> list[str]:
+    """This machine's IPv4 addresses other than 127.x (from the routing table's view of the outside)."""
+    found = set()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("198.51.100.1", 9))  # no packet is sent: this only picks the outgoing interface
+            found.add(sock.getsockname()[0])
+        except OSError:
+            pass
+    return sorted(a for a in found if not a.startswith("127."))
+
+
 def test_stack_up_status_env_down(stack_home):
     ports = _ports(4)
     services = stack_up(stack_home, ray_num_cpus=1, **ports)
@@ -118,6 +130,12 @@ def test_stack_up_status_env_down(stack_home):
     search = f"{urls['mlflow']}/api/2.0/mlflow/experiments/search?max_results=1"
     assert http_get(search, headers={"Host": "evil.example:80"})[0] == 403
     assert _post_json(create, {"name": "from-evil"}, {"Origin": "http://evil.example"}) == 403
+    # Prefect and MLflow listen on loopback only: the machine's other addresses do not answer.
+    for address in _non_loopback_ipv4():
+        for name in ("prefect", "mlflow"):
+            with socket.socket() as probe:
+                probe.settimeout(2)
+                assert probe.connect_ex((address, ports[f"{name}_port"])) != 0, f"{name} answers on {address}"
 
     statuses = stack_status(stack_home)
     assert [(s.name, s.alive, s.healthy) for s in statuses] == [

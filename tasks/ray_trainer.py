@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 WEIGHTS_FILE = "objective.safetensors"
 STATE_TENSORS_FILE = "state.safetensors"
 STATE_JSON_FILE = "state.json"
+# Ray Train V2 keeps the registered checkpoints of a run here (storage_path/name/).
+RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 # Ray Train V2 (the default since Ray 2.5x) extras that cost a process each per fit and do nothing for a
 # one-node run we own: the preemption watcher actor and the metrics callbacks. Set only if unset, so a
@@ -384,7 +386,7 @@ class RayTrainer:
         config = absolute_paths(job.to_dict())
         # The job's pipeline config must carry this trainer's compute settings (threads per worker).
         config["config"] = {**config["config"], "compute": compute.model_dump(mode="json")}
-        before = _reported_epochs(self.storage_path / name)
+        before = registered_epochs(self.storage_path / name)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=config,
@@ -449,15 +451,17 @@ def absolute_paths(job: dict[str, Any]) -> dict[str, Any]:
     return job
 
 
-def _reported_epochs(run_dir: Path) -> int:
-    """Epochs already checkpointed in a Ray Train run directory (0 when it does not exist)."""
-    best = 0
-    for state_file in run_dir.glob("checkpoint_*/" + STATE_JSON_FILE):
-        try:
-            best = max(best, int(json.loads(state_file.read_text())["epoch"]))
-        except (OSError, ValueError, KeyError):
-            continue
-    return best
+def registered_epochs(run_dir: Path) -> int:
+    """Epochs of the checkpoint Ray Train would resume a run from (0 when there is none).
+
+    Ray restores the latest checkpoint its controller *registered* (``checkpoint_manager_snapshot.json``);
+    a checkpoint folder written just before a crash, but never registered, is not resumed from.
+    """
+    try:
+        snapshot = json.loads((run_dir / RAY_CHECKPOINT_SNAPSHOT).read_text())
+        return int(((snapshot.get("latest_checkpoint_result") or {}).get("metrics") or {}).get("epoch", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
 
 
 def worker_user_error(err: BaseException) -> PrunepipeError | None:

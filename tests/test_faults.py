@@ -37,7 +37,7 @@ from compression.config import load_config  # noqa: E402
 from compression.data.digits import write_digits_voc  # noqa: E402
 from compression.errors import CheckpointError  # noqa: E402
 from compression.jobs import TrainJob, initial_checkpoint, run_train_job  # noqa: E402
-from tasks.ray_trainer import STATE_JSON_FILE, ensure_ray  # noqa: E402
+from tasks.ray_trainer import ensure_ray, registered_epochs  # noqa: E402
 from tasks.stages import storage_path  # noqa: E402
 from tasks.tracking import PROCESS_TAG, process_id, process_is_gone  # noqa: E402
 
@@ -198,14 +198,8 @@ def launch(config_file: Path, env: dict, overrides: list[str] = ()) -> subproces
 
 
 def reported_epochs(storage: Path, stage: str) -> int:
-    """The highest epoch a Ray Train run of ``stage`` under ``storage`` has checkpointed."""
-    best = 0
-    for state_file in storage.glob(f"{stage}*/checkpoint_*/{STATE_JSON_FILE}"):
-        try:
-            best = max(best, int(yaml.safe_load(state_file.read_text())["epoch"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # being written
-    return best
+    """The highest epoch Ray Train registered for a run of ``stage`` under ``storage`` (what it resumes from)."""
+    return max((registered_epochs(run) for run in storage.glob(f"{stage}*") if run.is_dir()), default=0)
 
 
 def task_running(name_prefix: str, since: float) -> bool:
@@ -434,7 +428,7 @@ def test_the_tracking_server_going_away_fails_clearly_and_the_next_run_logs_ever
         assert retrained.stat().st_mtime == trained_at  # kept, not recomputed
         experiment = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
         logged = child_runs(client, experiment, rerun["mlflow"]["run_id"])
-        assert sorted(r.data.tags["prunepipe.stage"] for r in logged) == ["prune", "pretrain", "retrain", "sparsity"]
+        assert sorted(r.data.tags["prunepipe.stage"] for r in logged) == ["pretrain", "prune", "retrain", "sparsity"]
         assert all(r.info.status == "FINISHED" for r in logged)
         earlier = [r for r in client.search_runs([experiment]) if r.info.run_id != rerun["mlflow"]["run_id"]
                    and "mlflow.parentRunId" not in r.data.tags]

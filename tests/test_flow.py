@@ -159,6 +159,7 @@ def test_a_second_run_trains_nothing(cfg, first_run):
     assert sorted(children(cfg, again)) == sorted(expected_stages())
 
 
+@pytest.mark.fault  # long: make test-faults (CI)
 def test_a_killed_run_resumes_without_redoing_finished_stages(cfg, first_run, prefect_server, ray_session,
                                                               tmp_path):
     # New settings for the stage to interrupt (retrain): the stages before it stay cached, it must run.

@@ -347,7 +347,7 @@ def _kill_node(leader: int) -> list[int]:
     return sorted(node)
 
 
-@pytest.mark.slow
+@pytest.mark.fault  # long: make test-faults (CI)
 @pytest.mark.parametrize("ray_two_nodes", [{"head_cpus": 2, "worker_cpus": 1}], indirect=True)
 def test_a_node_that_dies_mid_fit_costs_a_restart_on_the_rest_not_the_epochs(ray_two_nodes, tmp_path):
     started = time.monotonic()

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import RESULTS  # noqa: E402
 
-ORDER = ["pretrain", "pretrain_10_epochs", "compress", "overhead", "quality", "speedup", "gpu"]
+ORDER = ["pretrain", "pretrain_10_epochs", "compress", "overhead", "quality", "speedup", "gpu", "budget"]
 TITLES = {
     "pretrain": "Pretraining the default preset (issue: foundation)",
     "pretrain_10_epochs": "Pretraining for 10 epochs (the thorough preset's base model)",
@@ -25,6 +25,7 @@ TITLES = {
     "quality": "Quality at equal FLOPs: criteria and torch-pruning's pruners",
     "speedup": "Real CPU speedup of pruned models",
     "gpu": "GPU throughput: stock torchvision SSD vs prunepipe's batched path",
+    "budget": "Budgeted compression: `prunepipe run --budget` (issue: budget)",
 }
 HEADER = """# Benchmarks
 
@@ -89,7 +90,25 @@ def _overhead_targets(r: dict) -> list[tuple[str, bool]]:
     return checks
 
 
-TARGETS = {"pretrain": _pretrain_targets, "compress": _compress_targets, "overhead": _overhead_targets}
+BUDGET_TIME_LIMIT_MIN = 40  # the limit README.md documents for the default preset on 2 cores
+
+
+def _budget_targets(r: dict) -> list[tuple[str, bool]]:
+    chosen = r.get("chosen")
+    checks = []
+    if r.get("config") == "default":
+        checks.append((f"`--budget {r['budget']}` on the default preset within the documented {BUDGET_TIME_LIMIT_MIN} min "
+                       f"on 2 cores: {r['seconds'] / 60:.1f} min", r["seconds"] <= 60 * BUDGET_TIME_LIMIT_MIN))
+    if r["budget"].startswith("map_drop="):
+        limit = float(r["budget"].split("=", 1)[1])
+        checks.append((f"the chosen model is within {limit:g} points of the pretrained one on the test split: "
+                       + (f"{100 * chosen['final_drop']:+.2f} points" if chosen else "no trial chosen"),
+                       bool(chosen) and 100 * chosen["final_drop"] <= limit + 1e-9))
+    return checks
+
+
+TARGETS = {"pretrain": _pretrain_targets, "compress": _compress_targets, "overhead": _overhead_targets,
+           "budget": _budget_targets}
 
 
 def main() -> None:

@@ -112,7 +112,7 @@ def pareto_figure(table: Sequence[Mapping[str, Any]], base: Mapping[str, Any], m
                     color="black", linewidth=1, label="Pareto front")
         chosen = [r for r in table if r.get("status") == "chosen" and r.get(ratio) is not None]
         ax.scatter([r[ratio] for r in chosen], [r.get("final_map", r.get("map")) for r in chosen], marker="*",
-                   s=250, color="#d62728", zorder=4, label="chosen (distilled)")
+                   s=250, color="#d62728", zorder=4, label="chosen")
         if base.get(metric) is not None:
             ax.scatter([1.0], [base[metric]], marker="s", color="black", label="pretrained")
         ax.set_xscale("log")

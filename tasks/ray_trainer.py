@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import tempfile
@@ -386,6 +387,7 @@ class RayTrainer:
         config = absolute_paths(job.to_dict())
         # The job's pipeline config must carry this trainer's compute settings (threads per worker).
         config["config"] = {**config["config"], "compute": compute.model_dump(mode="json")}
+        config["config"]["data"] = per_worker_batch(config["config"]["data"], compute.num_workers)
         before = registered_epochs(self.storage_path / name)
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -425,6 +427,16 @@ class RayTrainer:
         self.fits.append(FitTiming(name, seconds, len(history) - before, before, history, restarted_from))
         log.info("%s: Ray Train fit %s took %.1fs (%d epochs)", job.stage, name, seconds, len(history) - before)
         return TrainResult(output_checkpoint=str(output), history=history)
+
+
+def per_worker_batch(data: dict[str, Any], num_workers: int) -> dict[str, Any]:
+    """``data`` with ``batch_size`` split over the workers: the config's batch size is the global batch.
+
+    DDP averages the workers' gradients, so N workers at the config's batch each would train with an
+    N-times larger batch and N times fewer steps per epoch than the same preset in one process (measured:
+    5 pretrain epochs on 2 workers reached 0.355 VOC07 mAP against 0.659 in-process).
+    """
+    return {**data, "batch_size": max(1, math.ceil(int(data["batch_size"]) / max(1, num_workers)))}
 
 
 def absolute_paths(job: dict[str, Any]) -> dict[str, Any]:

@@ -153,3 +153,12 @@ def test_a_ray_address_that_does_not_answer_is_one_clear_error():
     with pytest.raises(ComputeError, match="expected HOST:PORT"):
         check_ray_address("not-an-address")
     assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
+
+
+def test_the_configured_batch_is_the_global_batch_split_over_the_workers():
+    from tasks.ray_trainer import per_worker_batch
+
+    assert per_worker_batch({"batch_size": 32, "num_workers": 1}, 2) == {"batch_size": 16, "num_workers": 1}
+    assert per_worker_batch({"batch_size": 33}, 3)["batch_size"] == 11
+    assert per_worker_batch({"batch_size": 5}, 2)["batch_size"] == 3  # never fewer samples than asked
+    assert per_worker_batch({"batch_size": 8}, 1)["batch_size"] == 8

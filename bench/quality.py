@@ -291,7 +291,8 @@ def _prune_selection(source: Path, selection: Path, cfg, phase, out: Path) -> No
 
     record = S.read_selection(selection)
     ckpt = load_checkpoint(source, expect_model=cfg.model.name)
-    prune_filters(ckpt.model, record["layers"], model_name=ckpt.model_name)
+    means = S._removed_channel_means(ckpt, record["layers"], cfg) if cfg.stages.selection.compensate else None
+    prune_filters(ckpt.model, record["layers"], model_name=ckpt.model_name, compensate=means)
     save_checkpoint(ckpt.derive(ckpt.model, stage="prune", phase=phase.name, selection=str(selection),
                                 criterion=record.get("criterion"), alpha=record.get("alpha")), out)
 

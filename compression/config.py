@@ -114,6 +114,10 @@ class SelectionConfig(_Strict):
     taylor_batches: int = Field(10, ge=1, description="batches over which Taylor scores are accumulated")
     taylor_step_filters: int = Field(8, ge=1, description="filters removed per Taylor step")
     taylor_finetune_batches: int = Field(20, ge=0, description="fine-tuning batches between Taylor steps")
+    compensate: bool = Field(
+        True, description="fold each removed filter's mean output into its consumers' biases when pruning (ours)"
+    )
+    compensation_batches: int = Field(4, ge=1, description="training batches (no augmentation) those means are taken over")
     seed: int = 0
 
 
@@ -134,6 +138,13 @@ class DistillConfig(OptimConfig):
 class PhaseConfig(_Strict):
     name: str
     layers: list[str] = Field(min_length=1, description="layers pruned in this phase (paper names or module paths)")
+    # The paper tunes each phase; unset means the stage's setting (see ``for_phase``).
+    l1_lambda: float | None = Field(None, ge=0, description="this phase's λ (default stages.sparsity.l1_lambda)")
+    gamma: float | None = Field(None, gt=0, le=1, description="this phase's γ (default stages.selection.gamma)")
+    prune_ratio: float | None = Field(None, gt=0, le=1, description="this phase's stages.selection.prune_ratio")
+    target_flops_ratio: float | None = Field(
+        None, gt=1, description="this phase's stages.selection.target_flops_ratio (FLOPs of the phase's input model)"
+    )
 
 
 class StagesConfig(_Strict):
@@ -159,6 +170,9 @@ class ComputeConfig(_Strict):
     use_gpu: bool = False
     num_workers: int = Field(2, ge=1, le=1024, description="Ray Train workers per training stage")
     cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(
+        1.0, gt=0, le=64, description="GPUs each worker reserves when use_gpu; a fraction lets small fits share a GPU"
+    )
     threads_per_worker: int | None = Field(None, ge=1, description="torch threads per worker (default: cpus)")
     ray_address: str | None = Field(None, description="empty: $RAY_ADDRESS, else a local Ray for the run")
     max_failures: int = Field(1, ge=0, le=100)
@@ -189,6 +203,21 @@ class PipelineConfig(_Strict):
         if task == "classification" and self.data.kind == "voc":
             raise ValueError(f"model {self.model.name!r} is a classifier and needs data.kind 'cifar10' or 'imagefolder'")
         return self
+
+    def for_phase(self, phase: PhaseConfig | None) -> PipelineConfig:
+        """This config with ``phase``'s own λ / γ / ratios in place of the stages' settings (a copy)."""
+        if phase is None:
+            return self
+        sparsity = {"l1_lambda": phase.l1_lambda} if phase.l1_lambda is not None else {}
+        selection = {key: getattr(phase, key) for key in ("gamma", "prune_ratio", "target_flops_ratio")
+                     if getattr(phase, key) is not None}
+        if not sparsity and not selection:
+            return self
+        stages = self.stages.model_copy(update={
+            "sparsity": self.stages.sparsity.model_copy(update=sparsity),
+            "selection": self.stages.selection.model_copy(update=selection),
+        })
+        return self.model_copy(update={"stages": stages})
 
     def config_hash(self) -> str:
         """Stable digest of every setting (caching keys, MLflow tags)."""

@@ -14,7 +14,7 @@ already normalised input of the model's size), whose module paths equal the SSD'
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,6 +27,7 @@ from compression.errors import ConfigError, StageError
 __all__ = [
     "LayerRef",
     "build_dependency_graph",
+    "consumer_input_means",
     "consumers_of",
     "count_flops",
     "count_parameters",
@@ -283,12 +284,85 @@ def removal_indices(selection: Mapping[str, Any]) -> dict[str, list[int]]:
     return out
 
 
+def _compensable(module: Any, channels: int) -> bool:
+    """A consumer whose bias can absorb removed input channels: a dense conv or linear reading all of them."""
+    if getattr(module, "bias", None) is None:
+        return False
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1 and module.in_channels == channels
+    return isinstance(module, nn.Linear) and module.in_features == channels
+
+
+def consumer_input_means(
+    model: nn.Module,
+    selection: Mapping[str, Any],
+    forward: Callable[[nn.Module], None],
+    *,
+    model_name: str | None = None,
+    dg: tp.DependencyGraph | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-channel mean input of every conv/linear consumer of the selected layers: ``{consumer: (C,)}``.
+
+    ``forward(model)`` runs a few batches through the model (eval mode and no_grad are set here). The
+    means feed ``prune_filters(compensate=...)``.
+    """
+    wanted = removal_indices(selection)
+    dg = dg or build_dependency_graph(model)
+    targets: dict[str, nn.Module] = {}
+    for _path, layer in resolve_layers(model, model_name, [n for n, i in wanted.items() if i], dg=dg):
+        for name, module, kind in consumers_of(dg, layer):
+            if kind in ("conv", "head", "linear") and _compensable(module, layer_channels(layer)):
+                targets[name] = module
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = dict.fromkeys(targets, 0)
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, inputs: tuple[Any, ...]) -> None:
+            x = inputs[0].detach().float()
+            dims = [0, *range(2, x.dim())]
+            total = x.sum(dim=dims).cpu()
+            sums[name] = sums[name] + total if name in sums else total
+            counts[name] += x.numel() // x.shape[1]
+
+        return hook
+
+    hooks = [module.register_forward_pre_hook(make_hook(name)) for name, module in targets.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            forward(model)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return {name: sums[name] / counts[name] for name in sums if counts[name]}
+
+
+def _fold_into_consumers(dg: tp.DependencyGraph, layer: nn.Module, idxs: list[int],
+                         means: Mapping[str, torch.Tensor]) -> None:
+    """Add what the removed channels fed each consumer on average to its bias (a removed filter whose
+    weights are near zero still outputs ReLU(bias), a constant that the next layer has learnt to expect)."""
+    channels = layer_channels(layer)
+    for name, module, _kind in consumers_of(dg, layer):
+        mean = means.get(name)
+        if mean is None or not _compensable(module, channels) or mean.numel() != channels:
+            continue
+        index = torch.tensor(idxs, dtype=torch.long)
+        with torch.no_grad():
+            weight = module.weight.detach()
+            per_input = weight.flatten(2).sum(dim=2) if weight.dim() > 2 else weight  # (out, in)
+            shift = per_input[:, index].float() @ mean[index].to(per_input.device)
+            module.bias.add_(shift.to(module.bias.dtype))
+
+
 def prune_filters(
     model: nn.Module,
     selection: Mapping[str, Any],
     *,
     model_name: str | None = None,
     dg: tp.DependencyGraph | None = None,
+    compensate: Mapping[str, torch.Tensor] | None = None,
 ) -> nn.Module:
     """Remove exactly the selected output channels of each layer, with every consumer's inputs. In place.
 
@@ -297,7 +371,9 @@ def prune_filters(
     layer as it is now. Refuses an unknown/non-prunable layer (``ConfigError``), an index out of range and
     a selection that would remove every filter of a layer or every input of a consumer (``StageError``).
     Returns ``model`` (now smaller); optimizers built on its old parameters must be rebuilt.
-    ``dg`` (a graph of this very model) is reused and stays valid.
+    ``dg`` (a graph of this very model) is reused and stays valid. ``compensate`` (the
+    ``consumer_input_means`` of this model) folds the removed channels' mean contribution into the
+    consumers' biases first (exact for a constant channel, up to the zero padding at the borders).
     """
     wanted = removal_indices(selection)
     dg = dg or build_dependency_graph(model)
@@ -317,6 +393,8 @@ def prune_filters(
         group = _channel_group(dg, layer, idxs)
         if not dg.check_pruning_group(group):
             raise StageError(f"prune: removing {len(idxs)} filters of {path!r} would empty one of its consumers")
+        if compensate:
+            _fold_into_consumers(dg, layer, idxs, compensate)
         group.prune()
     return model
 

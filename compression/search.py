@@ -115,6 +115,9 @@ class SearchConfig(BaseModel):
     max_trials: int = Field(6, ge=1, le=256, description="at most this many trials (a seeded sample of the grid)")
     trials_in_parallel: int = Field(2, ge=1, le=64, description="trials (and retrains) running at once")
     trial_workers: int = Field(1, ge=1, le=1024, description="Ray Train workers per trial fit")
+    trial_gpus: float | None = Field(
+        None, gt=0, le=64, description="GPU share of each trial worker when compute.use_gpu (default: "
+        "1 / trials_in_parallel, so the parallel trials share one GPU)")
     retrain_top_k: int = Field(3, ge=1, le=256, description="at most this many trials are retrained")
     early_stop: bool = Field(True, description="stop retraining once a trial meets the budget and the rest "
                              "cannot beat it")
@@ -188,7 +191,8 @@ class Trial:
 def plan_trials(cfg: PipelineConfig, search: SearchConfig) -> list[Trial]:
     """The trials: the knob grid (a seeded sample of ``max_trials`` when larger), each a validated config.
 
-    Trials train with ``search.trial_workers`` Ray workers each. A bad key or value fails with one line naming
+    Trials train with ``search.trial_workers`` Ray workers each (on a GPU run, each reserving
+    ``search.trial_gpus`` of a GPU). A bad key or value fails with one line naming
     the knob. Trials are ordered so that the first ones have different early settings (their sparsity stages
     can run at once) and those sharing them come later (they find the shared stage done).
     """
@@ -202,6 +206,8 @@ def plan_trials(cfg: PipelineConfig, search: SearchConfig) -> list[Trial]:
     for index, knobs in enumerate(grid):
         raw = json.loads(json.dumps(base))
         raw["compute"]["num_workers"] = search.trial_workers
+        if cfg.compute.use_gpu:
+            raw["compute"]["gpus_per_worker"] = search.trial_gpus or round(1 / search.trials_in_parallel, 6)
         for key, value in knobs.items():
             try:
                 apply_override(raw, f"{key}={json.dumps(value)}")

@@ -233,8 +233,10 @@ def _check_ranking_target(cfg: PipelineConfig) -> None:
 
 def check_method_config(cfg: PipelineConfig) -> list[PhaseConfig]:
     """Everything about the method's settings that can be checked before any training; returns the phases."""
-    _check_ranking_target(cfg)
-    return phases_for(cfg)
+    phases = phases_for(cfg)
+    for phase in phases or [None]:
+        _check_ranking_target(cfg.for_phase(phase))
+    return phases
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> Path:
@@ -343,6 +345,7 @@ def induce_sparsity(input_path: Path, cfg: PipelineConfig, out: Path, *, phase: 
     from compression.sparsity import choose_alpha, weight_sparsity
 
     started = time.perf_counter()
+    cfg = cfg.for_phase(phase)
     input_path, out = Path(input_path), Path(out)
     _same_file(input_path, out)
     source = load_checkpoint(input_path, expect_model=cfg.model.name)
@@ -409,6 +412,7 @@ def select_filters(input_path: Path, cfg: PipelineConfig, out_json: Path, *, pha
     from compression.sparsity import threshold_weights
 
     started = time.perf_counter()
+    cfg = cfg.for_phase(phase)
     settings = cfg.stages.selection
     if settings.criterion == "taylor":
         raise ConfigError(
@@ -516,6 +520,25 @@ def read_selection(path: Path) -> dict[str, Any]:
 # Stage 4: prune
 
 
+def _removed_channel_means(ckpt, layers: dict[str, Any], cfg: PipelineConfig) -> dict[str, Any]:
+    """The consumers' mean inputs over ``selection.compensation_batches`` un-augmented training batches."""
+    from compression.data.loaders import build_loader
+    from compression.jobs import _first_batches
+    from compression.models import model_input_size
+    from compression.pruning import consumer_input_means
+    from compression.train import move_batch
+
+    device = next(ckpt.model.parameters()).device
+    loader = build_loader(cfg.data, "train", train=False, image_size=model_input_size(ckpt.model)[0], seed=cfg.seed)
+
+    def forward(model) -> None:
+        for batch in _first_batches(loader, cfg.stages.selection.compensation_batches):
+            inputs, _targets = move_batch(batch, device)
+            model(inputs)
+
+    return consumer_input_means(ckpt.model, layers, forward, model_name=ckpt.model_name)
+
+
 def prune(input_path: Path, selection_path: Path, cfg: PipelineConfig, out: Path, *, phase: PhaseConfig,
           base_metrics: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
     """Remove the selected filters from Θ_L1 (the un-thresholded L1-trained weights) with their consumers.
@@ -542,7 +565,8 @@ def prune(input_path: Path, selection_path: Path, cfg: PipelineConfig, out: Path
                 f"{input_path} has {layer_channels(layer)}; select again on this checkpoint"
             )
     try:
-        prune_filters(ckpt.model, selection["layers"], model_name=ckpt.model_name)
+        means = _removed_channel_means(ckpt, selection["layers"], cfg) if cfg.stages.selection.compensate else None
+        prune_filters(ckpt.model, selection["layers"], model_name=ckpt.model_name, compensate=means)
     except (StageError, ConfigError) as exc:
         raise type(exc)(f"{selection_path}: {exc}") from None
     modules = dict(ckpt.model.named_modules())
@@ -634,6 +658,7 @@ def taylor_prune_stage(input_path: Path, cfg: PipelineConfig, out: Path, *, phas
     from compression.train import make_objective, move_batch, seed_everything, train_model
 
     started = time.perf_counter()
+    cfg = cfg.for_phase(phase)
     _check_ranking_target(cfg)
     input_path, out = Path(input_path), Path(out)
     _same_file(input_path, out)

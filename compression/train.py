@@ -190,6 +190,9 @@ def train_model(
     if state.scheduler is not None:
         scheduler.load_state_dict(state.scheduler)
     show = sys.stderr.isatty() if progress is None else progress
+    if amp_bf16 and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        log.warning("compute.amp_bf16: this CPU has no oneDNN bf16 support, bf16 runs emulated and slower than "
+                    "float32; set compute.amp_bf16=false")
     autocast = (
         torch.autocast(device_type=device.type, dtype=torch.bfloat16) if amp_bf16 else nullcontext()
     )

@@ -153,11 +153,11 @@ def ensure_ray(compute: ComputeConfig) -> RayInfo:
 
 def _check_resources(compute: ComputeConfig, info: RayInfo) -> None:
     """A fit that asks for more than the cluster has would wait forever: refuse it with one line."""
-    needed_gpus = compute.num_workers if compute.use_gpu else 0
+    needed_gpus = compute.num_workers * compute.gpus_per_worker if compute.use_gpu else 0
     if info.gpus < needed_gpus:
         raise ComputeError(
-            f"compute.use_gpu: {compute.num_workers} workers need {needed_gpus} GPUs, the Ray cluster at "
-            f"{info.address} has {info.gpus:g}"
+            f"compute.use_gpu: {compute.num_workers} workers x gpus_per_worker need {needed_gpus:g} GPUs, the Ray "
+            f"cluster at {info.address} has {info.gpus:g}"
         )
     needed_cpus = compute.num_workers * compute.cpus_per_worker
     if info.cpus < needed_cpus:
@@ -383,7 +383,7 @@ class RayTrainer:
         name = run_name(job)
         resources: dict[str, float] = {"CPU": compute.cpus_per_worker}
         if compute.use_gpu:
-            resources["GPU"] = 1
+            resources["GPU"] = compute.gpus_per_worker  # Ray packs fractional workers onto one GPU
         config = absolute_paths(job.to_dict())
         # The job's pipeline config must carry this trainer's compute settings (threads per worker).
         config["config"] = {**config["config"], "compute": compute.model_dump(mode="json")}

@@ -72,3 +72,26 @@ def test_json_schema_carries_bounds_for_the_ui_form():
     schema = PipelineConfig.model_json_schema()
     gamma = schema["$defs"]["SelectionConfig"]["properties"]["gamma"]
     assert gamma["exclusiveMinimum"] == 0 and gamma["maximum"] == 1
+
+
+def test_a_phase_overrides_lambda_gamma_and_targets_of_its_own_stages_only():
+    from compression.stages import check_method_config
+
+    cfg = load_config("default", [
+        "stages.selection.criterion=l1_norm",
+        "stages.phases=[{name: p1, layers: [conv1_1], target_flops_ratio: 2.0, l1_lambda: 0.05},"
+        " {name: p2, layers: [conv5_1], prune_ratio: 0.3, gamma: 0.5}]",
+    ])
+    first, second = check_method_config(cfg)  # each phase has a target though the stage has none
+    one, two = cfg.for_phase(first), cfg.for_phase(second)
+    assert one.stages.sparsity.l1_lambda == 0.05 and one.stages.selection.target_flops_ratio == 2.0
+    assert one.stages.selection.gamma == cfg.stages.selection.gamma and one.stages.selection.prune_ratio is None
+    assert two.stages.sparsity.l1_lambda == cfg.stages.sparsity.l1_lambda
+    assert (two.stages.selection.gamma, two.stages.selection.prune_ratio) == (0.5, 0.3)
+    assert cfg.stages.selection.target_flops_ratio is None  # the config itself is untouched
+    with pytest.raises(ConfigError, match="needs prune_ratio or target_flops_ratio"):
+        check_method_config(load_config("default", [
+            "stages.selection.criterion=l1_norm",
+            "stages.phases=[{name: p1, layers: [conv1_1], prune_ratio: 0.5}, {name: p2, layers: [conv5_1]}]"]))
+    with pytest.raises(ConfigError, match="gamma"):
+        load_config("default", ["stages.phases=[{name: p1, layers: [conv1_1], gamma: 1.5}]"])

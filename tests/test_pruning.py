@@ -20,6 +20,7 @@ from compression.errors import ConfigError, PrunepipeError, StageError
 from compression.models import DEFAULT_PHASES, build_model, layer_names
 from compression.pruning import (
     build_dependency_graph,
+    consumer_input_means,
     consumers_of,
     count_flops,
     count_parameters,
@@ -213,6 +214,52 @@ def test_zeroed_filters_do_not_change_the_output_when_removed():
     assert conv.out_channels == 16 - 2
     for a, b in zip(reference, pruned, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_compensation_folds_a_constant_filter_into_the_next_bias_exactly():
+    """A removed filter with zero weights still outputs ReLU(bias); folding that constant into the consumer's
+    bias keeps the function exact (no padding here), while plain removal shifts the output."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 1)).eval()
+    with torch.no_grad():
+        net[0].weight[[2, 5]] = 0
+        net[0].bias[[2, 5]] = torch.tensor([0.7, 1.3])
+    x = torch.rand(4, 3, 12, 12)
+    with torch.no_grad():
+        reference = net(x)
+    plain = copy.deepcopy(net)
+    means = consumer_input_means(net, {"0": [2, 5]}, lambda m: m(x), dg=build_dependency_graph(net, (12, 12)))
+    assert set(means) == {"2"}
+    torch.testing.assert_close(means["2"][[2, 5]], torch.tensor([0.7, 1.3]))
+    prune_filters(net, {"0": [2, 5]}, compensate=means, dg=build_dependency_graph(net, (12, 12)))
+    prune_filters(plain, {"0": [2, 5]}, dg=build_dependency_graph(plain, (12, 12)))
+    assert net[0].out_channels == plain[0].out_channels == 6
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), reference)
+        assert (plain(x) - reference).abs().max() > 0.05
+
+
+def test_compensation_shrinks_the_error_of_removing_near_constant_filters_in_ssd():
+    """ssd_vgg_lite, conv3_1 (3x3 consumers with zero padding, so exact only away from the borders)."""
+    torch.manual_seed(0)
+    model = build_model("ssd_vgg_lite", NUM_CLASSES).eval()
+    conv = model.backbone.conv3_1
+    with torch.no_grad():
+        conv.weight[[0, 3, 6]] *= 0.01
+        conv.bias[[0, 3, 6]] = 0.5
+    from compression.models import SSDNetwork
+
+    x = torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        reference = SSDNetwork(model)(x)
+    plain = copy.deepcopy(model)
+    means = consumer_input_means(model, {"conv3_1": [0, 3, 6]}, lambda m: SSDNetwork(m)(x), model_name="ssd_vgg_lite")
+    prune_filters(model, {"conv3_1": [0, 3, 6]}, model_name="ssd_vgg_lite", compensate=means)
+    prune_filters(plain, {"conv3_1": [0, 3, 6]}, model_name="ssd_vgg_lite")
+    with torch.no_grad():
+        folded, removed = SSDNetwork(model)(x), SSDNetwork(plain)(x)
+    error = lambda out: sum((a - b).abs().mean().item() for a, b in zip(out, reference, strict=True))  # noqa: E731
+    assert error(folded) < 0.2 * error(removed), (error(folded), error(removed))
 
 
 @pytest.mark.parametrize(

@@ -95,6 +95,23 @@ def test_plan_trials_is_the_knob_grid_validated_and_ordered_to_share_sparsity():
     assert len(sampled) == 4 and sampled == plan_trials(cfg, search.model_copy(update={"max_trials": 4, "seed": 1}))
 
 
+def test_trials_share_a_gpu_in_fractions_on_a_gpu_run():
+    from tasks.ray_trainer import ComputeError, RayInfo, _check_resources
+
+    cpu = plan_trials(load_config("default"), SearchConfig(trials_in_parallel=4))
+    assert {t.config.compute.gpus_per_worker for t in cpu} == {1.0}  # CPU runs reserve no GPU at all
+    gpu_cfg = load_config("default", ["compute.use_gpu=true"])
+    shared = plan_trials(gpu_cfg, SearchConfig(trials_in_parallel=4, trial_workers=1))
+    assert {t.config.compute.gpus_per_worker for t in shared} == {0.25}
+    assert {t.config.compute.gpus_per_worker for t in plan_trials(gpu_cfg, SearchConfig(trial_gpus=0.5))} == {0.5}
+    # Four 1-worker trials at 0.25 GPU fit a 1-GPU cluster; whole-GPU workers would not.
+    one_gpu = RayInfo(address="local", started_here=True, cpus=16, gpus=1, init_seconds=0)
+    for trial in shared:
+        _check_resources(trial.config.compute, one_gpu)
+    with pytest.raises(ComputeError, match="need 2 GPUs"):
+        _check_resources(gpu_cfg.compute, one_gpu)
+
+
 @pytest.mark.parametrize(("knobs", "says"), [
     ({"stages.selection.gama": [0.5]}, "unknown key 'stages.selection.gama'"),
     ({"stages.selection.gamma": [1.5]}, "stages.selection.gamma"),

@@ -16,10 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import RESULTS  # noqa: E402
 
-ORDER = ["pretrain", "pretrain_10_epochs", "compress", "overhead", "quality", "speedup", "gpu", "budget"]
+ORDER = ["pretrain", "compress", "overhead", "quality", "speedup", "gpu", "budget"]
 TITLES = {
     "pretrain": "Pretraining the default preset (issue: foundation)",
-    "pretrain_10_epochs": "Pretraining for 10 epochs (the thorough preset's base model)",
     "compress": "The seed method end to end, in-process (issue: method)",
     "overhead": "Orchestration overhead: in-process vs Prefect + Ray Train + MLflow",
     "quality": "Quality at equal FLOPs: criteria and torch-pruning's pruners",

@@ -109,7 +109,7 @@ class SearchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     knobs: dict[str, list[Any]] = Field(
-        default_factory=lambda: {"stages.sparsity.l1_lambda": [0.01, 0.03], "stages.selection.gamma": [0.5, 0.7, 0.9]},
+        default_factory=lambda: {"stages.sparsity.l1_lambda": [0.01, 0.03], "stages.selection.gamma": [0.6, 0.7, 0.8]},
         description="config key path -> candidate values; trials are their combinations",
     )
     max_trials: int = Field(6, ge=1, le=256, description="at most this many trials (a seeded sample of the grid)")

@@ -54,7 +54,7 @@ TASK_SECTION = {
     "evaluate": None,  # measuring a checkpoint depends on no stage's settings
 }
 _PATH_INPUTS = ("input_path", "selection_path", "student_path", "teacher_path", "checkpoint")
-_INFRA_COMPUTE_KEYS = ("ray_address", "storage_path", "max_failures")
+_INFRA_COMPUTE_KEYS = ("ray_address", "storage_path", "max_failures", "gpus_per_worker")
 
 
 # --------------------------------------------------------------------------------------------

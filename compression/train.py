@@ -218,9 +218,13 @@ def train_model(
                 loss = loss + penalty
             if not torch.isfinite(loss):
                 where = f" ({context})" if context else ""
+                # bf16 autocast with channels-last tensors on CPU has produced NaN within two steps for
+                # small models (tests/conftest.py FLOAT32); each switch alone trains them fine.
+                hint = ("; bf16 with channels_last on CPU can do this for small models: try "
+                        "compute.channels_last=false" if amp_bf16 and channels_last and device.type == "cpu" else "")
                 raise StageError(
                     f"training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}{where}; "
-                    "the last finished epoch's checkpoint is kept"
+                    f"the last finished epoch's checkpoint is kept{hint}"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

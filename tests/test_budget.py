@@ -24,6 +24,7 @@ apply_env_defaults()
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from conftest import FLOAT32  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import (  # noqa: E402
@@ -60,7 +61,7 @@ def cfg(tmp_path_factory):
     overrides = [
         "name=tiny", f"workdir={root / 'runs'}", f"tracking.mlflow_uri=sqlite:///{root / 'mlflow.db'}",
         f"data.root={devkit}", "data.builtin=null", "data.batch_size=16", "data.eval_batch_size=32",
-        "data.num_workers=0", "model.image_size=64",
+        "data.num_workers=0", "model.image_size=64", *FLOAT32,
         "stages.pretrain.epochs=5", "stages.pretrain.lr=0.01", "stages.sparsity.epochs=1",
         "stages.sparsity.alpha_grid=[1.0]", "stages.sparsity.max_drop=1.0",
         "stages.selection.min_channels=2", "stages.retrain.epochs=1", "stages.distill.epochs=1",

@@ -18,6 +18,7 @@ from tasks.env import apply_env_defaults
 apply_env_defaults()
 
 import pytest  # noqa: E402
+from conftest import FLOAT32  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
 from compression.checkpoint import save_checkpoint  # noqa: E402
@@ -48,7 +49,7 @@ def store(tmp_path_factory):
     devkit = write_digits_voc(root / "data", image_size=64, num_images={"train": 4, "val": 4, "test": 4})
     uri = f"sqlite:///{root / 'mlflow.db'}"
     cfg = load_config("default", [f"data.root={devkit}", "data.builtin=null", "model.width_mult=0.125",
-                                  "model.image_size=64", f"tracking.mlflow_uri={uri}", f"workdir={root}",
+                                  "model.image_size=64", *FLOAT32, f"tracking.mlflow_uri={uri}", f"workdir={root}",
                                   "tracking.experiment=compare-test"])
     base_path, base = checkpoint(cfg, 0.125, "pretrain", root / "00_pretrain.safetensors", None)
     parents = {}

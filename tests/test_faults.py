@@ -30,6 +30,7 @@ apply_env_defaults()
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from conftest import FLOAT32  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
 from compression.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
@@ -55,7 +56,7 @@ def tiny_overrides(root: Path) -> list[str]:
     return [
         "name=faults", f"workdir={root / 'baseline'}", f"tracking.mlflow_uri=sqlite:///{root / 'mlflow.db'}",
         f"data.root={devkit}", "data.builtin=null", "data.batch_size=8", "data.eval_batch_size=8",
-        "model.width_mult=0.0625", "model.image_size=64",
+        "model.width_mult=0.0625", "model.image_size=64", *FLOAT32,
         "stages.pretrain.epochs=2", "stages.pretrain.warmup_epochs=0", "stages.sparsity.epochs=2",
         "stages.sparsity.alpha_grid=[3.0]", "stages.selection.min_channels=2",
         "stages.retrain.epochs=2", "stages.distill.epochs=2",

@@ -25,6 +25,7 @@ apply_env_defaults()
 
 import pytest  # noqa: E402
 import yaml  # noqa: E402
+from conftest import FLOAT32  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import (  # noqa: E402
@@ -69,7 +70,7 @@ def cfg(tmp_path_factory):
     return load_config("default", [
         "name=tiny", f"workdir={root / 'runs'}", f"tracking.mlflow_uri=sqlite:///{root / 'mlflow.db'}",
         f"data.root={devkit}", "data.builtin=null", "data.batch_size=8", "data.eval_batch_size=8",
-        "model.width_mult=0.0625", "model.image_size=64",
+        "model.width_mult=0.0625", "model.image_size=64", *FLOAT32,
         "stages.pretrain.epochs=1", "stages.pretrain.warmup_epochs=0", "stages.sparsity.epochs=1",
         "stages.sparsity.alpha_grid=[3.0]",
         "stages.selection.min_channels=2", "stages.retrain.epochs=1", "stages.distill.epochs=1",

@@ -16,6 +16,7 @@ apply_env_defaults()
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from conftest import FLOAT32  # noqa: E402
 
 from compression.checkpoint import load_checkpoint, read_metadata  # noqa: E402
 from compression.config import ComputeConfig, load_config  # noqa: E402
@@ -43,7 +44,7 @@ def cfg(tmp_path_factory):
     # elsewhere, so the trainer must hand them an absolute path.
     return load_config("default", [
         f"data.root={os.path.relpath(devkit)}", "data.builtin=null", "data.batch_size=8",
-        "model.width_mult=0.0625", "model.image_size=64",
+        "model.width_mult=0.0625", "model.image_size=64", *FLOAT32,
         "stages.pretrain.epochs=1", "stages.pretrain.warmup_epochs=0",
         f"workdir={tmp_path_factory.mktemp('work')}", "compute.max_failures=0",
     ])

@@ -16,6 +16,7 @@ apply_env_defaults()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from conftest import FLOAT32  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
 from compression.checkpoint import save_checkpoint  # noqa: E402
@@ -32,7 +33,7 @@ def setup(tmp_path_factory):
     devkit = write_digits_voc(root / "data", image_size=64, num_images={"train": 8, "val": 4, "test": 4})
     uri = f"sqlite:///{root / 'mlflow.db'}"
     cfg = load_config("default", [f"data.root={devkit}", "data.builtin=null", "model.width_mult=0.0625",
-                                  "model.image_size=64", f"tracking.mlflow_uri={uri}", f"workdir={root}",
+                                  "model.image_size=64", *FLOAT32, f"tracking.mlflow_uri={uri}", f"workdir={root}",
                                   "name=tracking-test"])
     checkpoints = {}
     base = None

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import FLOAT32
 
 from compression.checkpoint import save_checkpoint
 from compression.config import load_config
@@ -63,7 +64,7 @@ def tiny_preset(root: Path) -> Path:
     devkit = write_digits_voc(root / "data", image_size=64, num_images={"train": 16, "val": 8, "test": 8})
     cfg = load_config("default", [
         f"name={TINY}", f"workdir={root / 'runs'}", f"data.root={devkit}", "data.builtin=null",
-        "data.batch_size=8", "data.eval_batch_size=8", "model.width_mult=0.125", "model.image_size=64",
+        "data.batch_size=8", "data.eval_batch_size=8", "model.width_mult=0.125", "model.image_size=64", *FLOAT32,
         "stages.sparsity.epochs=1", "stages.sparsity.alpha_grid=[1.0]", "stages.selection.gamma=0.9", "stages.retrain.epochs=1",
         "stages.distill.enabled=false", "stages.phases=[{name: p1, layers: [conv1_1, conv1_2]}]",
         "tracking.registered_model=null", f"tracking.experiment={EXPERIMENT}", "compute.num_workers=1",

@@ -271,7 +271,8 @@ from tasks.ray_trainer import RayTrainer, ensure_ray
 devkit = write_digits_voc(work / "digits", image_size=64, num_images={"train": 32, "val": 8, "test": 8})
 cfg = load_config("default", [
     f"data.root={devkit}", "data.builtin=null", "data.batch_size=8", "model.width_mult=0.0625",
-    "model.image_size=64", *FLOAT32, f"stages.pretrain.epochs={epochs}", "stages.pretrain.warmup_epochs=0",
+    "model.image_size=64", "compute.amp_bf16=false", "compute.channels_last=false",
+    f"stages.pretrain.epochs={epochs}", "stages.pretrain.warmup_epochs=0",
     f"workdir={work}", "compute.num_workers=2", "compute.cpus_per_worker=1", "compute.max_failures=1",
 ])
 ensure_ray(cfg.compute)

@@ -287,12 +287,10 @@ def _prune_selection(source: Path, selection: Path, cfg, phase, out: Path) -> No
     """``stages.prune`` without its measurement: the selected filters out of ``source``, saved to ``out``."""
     from compression import stages as S
     from compression.checkpoint import load_checkpoint, save_checkpoint
-    from compression.pruning import prune_filters
 
     record = S.read_selection(selection)
     ckpt = load_checkpoint(source, expect_model=cfg.model.name)
-    means = S._removed_channel_means(ckpt, record["layers"], cfg) if cfg.stages.selection.compensate else None
-    prune_filters(ckpt.model, record["layers"], model_name=ckpt.model_name, compensate=means)
+    S.prune_selected(ckpt, record["layers"], cfg)
     save_checkpoint(ckpt.derive(ckpt.model, stage="prune", phase=phase.name, selection=str(selection),
                                 criterion=record.get("criterion"), alpha=record.get("alpha")), out)
 

@@ -310,8 +310,8 @@ def consumer_input_means(
     dg = dg or build_dependency_graph(model)
     targets: dict[str, nn.Module] = {}
     for _path, layer in resolve_layers(model, model_name, [n for n, i in wanted.items() if i], dg=dg):
-        for name, module, kind in consumers_of(dg, layer):
-            if kind in ("conv", "head", "linear") and _compensable(module, layer_channels(layer)):
+        for name, module, _kind in consumers_of(dg, layer):
+            if _compensable(module, layer_channels(layer)):
                 targets[name] = module
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = dict.fromkeys(targets, 0)

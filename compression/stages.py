@@ -520,23 +520,29 @@ def read_selection(path: Path) -> dict[str, Any]:
 # Stage 4: prune
 
 
-def _removed_channel_means(ckpt, layers: dict[str, Any], cfg: PipelineConfig) -> dict[str, Any]:
-    """The consumers' mean inputs over ``selection.compensation_batches`` un-augmented training batches."""
-    from compression.data.loaders import build_loader
-    from compression.jobs import _first_batches
-    from compression.models import model_input_size
-    from compression.pruning import consumer_input_means
-    from compression.train import move_batch
+def prune_selected(ckpt, layers: dict[str, Any], cfg: PipelineConfig) -> None:
+    """Remove ``layers``' selected filters from ``ckpt.model`` in place; with ``selection.compensate``, first
+    fold their mean output (over ``compensation_batches`` un-augmented training batches) into the consumers."""
+    from compression.pruning import consumer_input_means, prune_filters
 
-    device = next(ckpt.model.parameters()).device
-    loader = build_loader(cfg.data, "train", train=False, image_size=model_input_size(ckpt.model)[0], seed=cfg.seed)
+    means = None
+    if cfg.stages.selection.compensate:
+        from compression.data.loaders import build_loader
+        from compression.jobs import _first_batches
+        from compression.models import model_input_size
+        from compression.train import move_batch
 
-    def forward(model) -> None:
-        for batch in _first_batches(loader, cfg.stages.selection.compensation_batches):
-            inputs, _targets = move_batch(batch, device)
-            model(inputs)
+        device = next(ckpt.model.parameters()).device
+        loader = build_loader(cfg.data, "train", train=False, image_size=model_input_size(ckpt.model)[0],
+                              seed=cfg.seed)
 
-    return consumer_input_means(ckpt.model, layers, forward, model_name=ckpt.model_name)
+        def forward(model) -> None:
+            for batch in _first_batches(loader, cfg.stages.selection.compensation_batches):
+                inputs, _targets = move_batch(batch, device)
+                model(inputs)
+
+        means = consumer_input_means(ckpt.model, layers, forward, model_name=ckpt.model_name)
+    prune_filters(ckpt.model, layers, model_name=ckpt.model_name, compensate=means)
 
 
 def prune(input_path: Path, selection_path: Path, cfg: PipelineConfig, out: Path, *, phase: PhaseConfig,
@@ -546,7 +552,7 @@ def prune(input_path: Path, selection_path: Path, cfg: PipelineConfig, out: Path
     Real structural removal through torch-pruning's dependency graph (``pruning.prune_filters``). Refuses
     (one line) a selection of another phase, one made for other layer sizes, and one that would empty a layer.
     """
-    from compression.pruning import layer_channels, prune_filters
+    from compression.pruning import layer_channels
 
     started = time.perf_counter()
     input_path, selection_path, out = Path(input_path), Path(selection_path), Path(out)
@@ -565,8 +571,7 @@ def prune(input_path: Path, selection_path: Path, cfg: PipelineConfig, out: Path
                 f"{input_path} has {layer_channels(layer)}; select again on this checkpoint"
             )
     try:
-        means = _removed_channel_means(ckpt, selection["layers"], cfg) if cfg.stages.selection.compensate else None
-        prune_filters(ckpt.model, selection["layers"], model_name=ckpt.model_name, compensate=means)
+        prune_selected(ckpt, selection["layers"], cfg)
     except (StageError, ConfigError) as exc:
         raise type(exc)(f"{selection_path}: {exc}") from None
     modules = dict(ckpt.model.named_modules())

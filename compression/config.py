@@ -104,6 +104,12 @@ class SelectionConfig(_Strict):
     criterion: Literal["seed", "taylor", "l1_norm", "bn_scale", "random"] = "seed"
     gamma: float = Field(0.9, gt=0, le=1, description="a filter is removed when s_out or s_in reaches γ")
     min_channels: int = Field(4, ge=1, description="never keep fewer filters than this in a layer")
+    max_layer_ratio: float = Field(
+        1.0, gt=0, le=1,
+        description="never remove more than this share of a layer's filters in one selection (torch-pruning's "
+                    "max_pruning_ratio); below 1 it keeps a global ranking from squeezing a whole stretch of the "
+                    "network to min_channels",
+    )
     round_to: int = Field(1, ge=1, description="round kept filter counts to a multiple of this")
     prune_ratio: float | None = Field(
         None, gt=0, le=1, description="ranking criteria: fraction of the phase's filters to remove"
@@ -145,6 +151,7 @@ class PhaseConfig(_Strict):
     target_flops_ratio: float | None = Field(
         None, gt=1, description="this phase's stages.selection.target_flops_ratio (FLOPs of the phase's input model)"
     )
+    max_layer_ratio: float | None = Field(None, gt=0, le=1, description="this phase's stages.selection.max_layer_ratio")
 
 
 class StagesConfig(_Strict):
@@ -209,7 +216,7 @@ class PipelineConfig(_Strict):
         if phase is None:
             return self
         sparsity = {"l1_lambda": phase.l1_lambda} if phase.l1_lambda is not None else {}
-        selection = {key: getattr(phase, key) for key in ("gamma", "prune_ratio", "target_flops_ratio")
+        selection = {key: getattr(phase, key) for key in ("gamma", "prune_ratio", "target_flops_ratio", "max_layer_ratio")
                      if getattr(phase, key) is not None}
         if not sparsity and not selection:
             return self

@@ -53,7 +53,7 @@ from compression.pruning import (
     prune_filters,
     resolve_layers,
 )
-from compression.selection import rounded_keep
+from compression.selection import layer_floor, rounded_keep
 
 log = logging.getLogger(__name__)
 
@@ -216,12 +216,14 @@ def select_by_ratio(
     min_channels: int = 1,
     round_to: int = 1,
     scope: str = "layer",
+    max_layer_ratio: float = 1.0,
 ) -> dict[str, dict[str, Any]]:
     """Remove the lowest-scored ``ratio`` of the filters: ``{layer: {"remove", "keep", "scores"}}``.
 
     ``scope="layer"``: round(ratio·n) per layer; ``"global"``: round(ratio·Σn) overall, lowest scores first
-    across layers (scores must be comparable). Each layer keeps at least ``min(min_channels, n)`` (≥ 1)
-    and its kept count is then rounded to a multiple of ``round_to`` (as ``selection.rounded_keep``).
+    across layers (scores must be comparable). Each layer keeps at least
+    ``selection.layer_floor(n, min_channels, max_layer_ratio)`` and its kept count is then rounded to a
+    multiple of ``round_to`` (as ``selection.rounded_keep``).
     """
     if not 0 <= ratio <= 1:
         raise ConfigError(f"selection.prune_ratio must be in [0, 1], got {ratio}")
@@ -229,7 +231,7 @@ def select_by_ratio(
     if scope == "layer":
         keeps = {name: n - int(round(ratio * n)) for name, n in sizes.items()}
     elif scope == "global":
-        floors = {name: max(1, min(min_channels, n)) for name, n in sizes.items()}
+        floors = {name: layer_floor(n, min_channels, max_layer_ratio) for name, n in sizes.items()}
         keeps = dict(sizes)
         budget = int(round(ratio * sum(sizes.values())))
         ranked = sorted((float(s), name, f) for name, values in scores.items() for f, s in enumerate(values))
@@ -244,7 +246,7 @@ def select_by_ratio(
     selection = {}
     for name, values in scores.items():
         n = sizes[name]
-        keep = rounded_keep(keeps[name], n, min_channels, round_to)
+        keep = rounded_keep(keeps[name], n, min_channels, round_to, max_layer_ratio)
         selection[name] = _entry(_ascending(values), n, keep, list(values))
     return selection
 
@@ -329,13 +331,15 @@ def select_by_flops(
     min_channels: int = 1,
     round_to: int = 1,
     scope: str = "layer",
+    max_layer_ratio: float = 1.0,
     dg: tp.DependencyGraph | None = None,
     input_size: tuple[int, int] | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
     """The smallest ratio (``select_by_ratio``) whose pruned model has FLOPs ≤ base / ``target_flops_ratio``.
 
     Returns (selection, {"flops_before", "flops_after", "flops_ratio", "prune_ratio"}) with the FLOPs
-    estimated by ``FlopsModel``. ``StageError`` when even the floors (``min_channels``) cannot reach it.
+    estimated by ``FlopsModel``. ``StageError`` when even the floors (``min_channels``, ``max_layer_ratio``)
+    cannot reach it.
     """
     if not target_flops_ratio > 1:
         raise ConfigError(f"selection.target_flops_ratio must be > 1, got {target_flops_ratio}")
@@ -344,14 +348,14 @@ def select_by_flops(
     goal = estimate.base / target_flops_ratio
 
     def after(ratio: float) -> tuple[dict[str, dict[str, Any]], float]:
-        chosen = select_by_ratio(scores, ratio, min_channels, round_to, scope)
+        chosen = select_by_ratio(scores, ratio, min_channels, round_to, scope, max_layer_ratio)
         return chosen, estimate.flops({name: len(entry["remove"]) for name, entry in chosen.items()})
 
     best, lowest = after(1.0)
     if lowest > goal:
         raise StageError(
             f"target_flops_ratio {target_flops_ratio:g} is out of reach: pruning these layers down to "
-            f"min_channels={min_channels} gives at most {estimate.base / lowest:.2f}x"
+            f"min_channels={min_channels}, max_layer_ratio={max_layer_ratio:g} gives at most {estimate.base / lowest:.2f}x"
         )
     low, high = 0.0, 1.0
     for _ in range(40):
@@ -433,7 +437,8 @@ def taylor_prune(
         if done():
             break
         scores = taylor_scores(model, dg, pairs, loss_fn, stream, cfg.taylor_batches)
-        room = {name: layer_channels(layer) - max(1, min(cfg.min_channels, len(original[name]))) for name, layer in pairs}
+        room = {name: layer_channels(layer) - layer_floor(len(original[name]), cfg.min_channels, cfg.max_layer_ratio)
+                for name, layer in pairs}
         want = cfg.taylor_step_filters
         if target_removed is not None:
             want = min(want, target_removed - removed_total)

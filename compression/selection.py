@@ -22,6 +22,7 @@ global ranking (higher sparsity = less important) for ``criteria.select_by_flops
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -32,7 +33,7 @@ from torch import nn
 from compression.errors import ConfigError
 from compression.pruning import LayerRef, _as_layers, _channel_group
 
-__all__ = ["filter_sparsity_scores", "relative_l1_norms", "rounded_keep", "select_filters", "sparsity_importance",
+__all__ = ["filter_sparsity_scores", "layer_floor", "relative_l1_norms", "rounded_keep", "select_filters", "sparsity_importance",
            "sparsity_rank"]
 
 
@@ -128,9 +129,18 @@ def sparsity_importance(
     return importance
 
 
-def rounded_keep(keep: int, n: int, min_channels: int, round_to: int) -> int:
-    """The kept count after the floor and the rounding rules (see ``select_filters``)."""
-    floor = max(1, min(min_channels, n))
+def layer_floor(n: int, min_channels: int, max_layer_ratio: float = 1.0) -> int:
+    """The fewest filters a layer of ``n`` may keep: ``min(min_channels, n)`` (at least 1), and at least
+    ``(1 - max_layer_ratio)·n`` rounded up."""
+    if not 0 < max_layer_ratio <= 1:
+        raise ConfigError(f"selection.max_layer_ratio must be in (0, 1], got {max_layer_ratio}")
+    share = math.ceil(round((1 - max_layer_ratio) * n, 9))  # round: 0.75 of 64 is 16, not 16.000000000000004
+    return min(n, max(1, min(min_channels, n), share))
+
+
+def rounded_keep(keep: int, n: int, min_channels: int, round_to: int, max_layer_ratio: float = 1.0) -> int:
+    """The kept count after the floor (``layer_floor``) and the rounding rules (see ``select_filters``)."""
+    floor = layer_floor(n, min_channels, max_layer_ratio)
     keep = min(n, max(keep, floor))
     if keep == n or round_to <= 1 or keep % round_to == 0:  # a layer with nothing to remove stays whole
         return keep
@@ -148,12 +158,13 @@ def select_filters(
     gamma: float = 0.9,
     min_channels: int = 4,
     round_to: int = 1,
+    max_layer_ratio: float = 1.0,
 ) -> dict[str, dict[str, Any]]:
     """``{layer: {"remove": [idx...], "keep": n_kept, "flagged": n_flagged, "s_out": [...], "s_in": [...]}}``.
 
     A filter is flagged when ``s_out >= gamma`` or ``s_in >= gamma``. Filters are ranked from most to
     least sparse (``sparsity_rank``); the layer keeps ``n - flagged`` filters, raised to
-    ``min(min_channels, n)`` (at least 1) by keeping the least sparse flagged ones, then rounded to the
+    ``layer_floor(n, min_channels, max_layer_ratio)`` by keeping the least sparse flagged ones, then rounded to the
     nearest multiple of ``round_to`` (ties: keep more; never below the floor or above n; a layer with
     nothing to remove is left whole) by removing
     the next-ranked unflagged filters or keeping the last-ranked flagged ones. ``remove`` is sorted.
@@ -167,7 +178,7 @@ def select_filters(
         s_out, s_in = list(score["s_out"]), list(score["s_in"])
         n = len(s_out)
         flagged = sum(1 for o, i in zip(s_out, s_in, strict=True) if o >= gamma or i >= gamma)
-        keep = rounded_keep(n - flagged, n, min_channels, round_to)
+        keep = rounded_keep(n - flagged, n, min_channels, round_to, max_layer_ratio)
         order = sparsity_rank(s_out, s_in)
         selection[name] = {
             "remove": sorted(order[: n - keep]),

@@ -428,6 +428,7 @@ def select_filters(input_path: Path, cfg: PipelineConfig, out_json: Path, *, pha
         "phase": phase.name,
         "input_checkpoint": str(input_path),
         "min_channels": settings.min_channels,
+        "max_layer_ratio": settings.max_layer_ratio,
         "round_to": settings.round_to,
         "alpha": ckpt.extra.get("alpha"),
         "taus": ckpt.extra.get("taus"),
@@ -444,7 +445,8 @@ def select_filters(input_path: Path, cfg: PipelineConfig, out_json: Path, *, pha
         thresholded, taus = threshold_weights(ckpt.model, layers, alpha if alpha is not None else 0.0)
         scores = filter_sparsity_scores(thresholded, build_dependency_graph(thresholded), layers)
         if settings.target_flops_ratio is None:
-            chosen = flag_sparse_filters(scores, settings.gamma, settings.min_channels, settings.round_to)
+            chosen = flag_sparse_filters(scores, settings.gamma, settings.min_channels, settings.round_to,
+                                         settings.max_layer_ratio)
             record.update(gamma=settings.gamma, taus=taus)
         else:
             # A FLOPs budget instead of γ: the same scores, ranked globally (sparser = less important).
@@ -473,11 +475,13 @@ def _select_ranked(model, dg, scores: dict[str, list[float]], cfg: PipelineConfi
     options: list[tuple[dict[str, dict[str, Any]], dict[str, Any]]] = []
     if settings.prune_ratio is not None:
         options.append((
-            select_by_ratio(scores, settings.prune_ratio, settings.min_channels, settings.round_to, scope),
+            select_by_ratio(scores, settings.prune_ratio, settings.min_channels, settings.round_to, scope,
+                            settings.max_layer_ratio),
             {"prune_ratio": settings.prune_ratio, "scope": scope},
         ))
     if settings.target_flops_ratio is not None:
         chosen, info = select_by_flops(model, scores, settings.target_flops_ratio, min_channels=settings.min_channels,
+                                       max_layer_ratio=settings.max_layer_ratio,
                                        round_to=settings.round_to, scope=scope, dg=dg)
         options.append((chosen, {"target_flops_ratio": settings.target_flops_ratio, "scope": scope, **info}))
     # Both targets set: stop at the first one reached (as taylor_prune does), i.e. remove fewer filters.

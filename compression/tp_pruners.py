@@ -152,17 +152,20 @@ def prune_to_flops(
     target_flops_ratio: float,
     *,
     min_channels: int = 1,
+    max_layer_ratio: float = 1.0,
     input_size: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """``pruner.step()`` until ``count_flops(model)`` ≤ base / ``target_flops_ratio``. Prunes ``model`` in place.
 
-    Every phase layer keeps at least ``min(min_channels, its filters)`` filters (at least 1); the step that
+    Every phase layer keeps at least ``selection.layer_floor(its filters, min_channels, max_layer_ratio)``
+    filters; the step that
     crosses the target stops at it, filter by filter (``_step``), so all methods land on the same FLOPs. The
     FLOPs between steps come from ``criteria.FlopsModel`` (exact for convs and linears, no re-tracing); the
     final value is ``count_flops``'s. Returns ``{"flops_before", "flops_after", "flops_ratio", "steps",
     "channels": {layer: [before, after]}}``; ``StageError`` when the pruner's steps run out first.
     """
     from compression.criteria import FlopsModel
+    from compression.selection import layer_floor
 
     if not target_flops_ratio > 1:
         raise ConfigError(f"target_flops_ratio must be > 1, got {target_flops_ratio}")
@@ -173,7 +176,7 @@ def prune_to_flops(
     modules = {name: model.get_submodule(name) for name in layers}
     names = {module: name for name, module in modules.items()}
     original = {name: layer_channels(module) for name, module in modules.items()}
-    floors = {modules[name]: max(1, min(min_channels, n)) for name, n in original.items()}
+    floors = {modules[name]: layer_floor(n, min_channels, max_layer_ratio) for name, n in original.items()}
     before = count_flops(model, size)
     goal = before / target_flops_ratio
     estimate = FlopsModel(model, build_dependency_graph(model, size), list(layers), size)

@@ -138,6 +138,24 @@ def test_select_by_ratio_per_layer_and_global():
     floored = select_by_ratio(scores, 1.0, min_channels=3)
     assert floored["a"]["keep"] == 3 and floored["b"]["keep"] == 3
     assert select_by_ratio(scores, 0.5, round_to=4)["b"]["keep"] == 4  # 3 kept -> 4
+    # max_layer_ratio 0.5: the global cut takes at most half of each layer and goes on to the next lowest.
+    capped = select_by_ratio(scores, 0.6, scope="global", max_layer_ratio=0.5)  # 6 filters, b's floor is 3
+    assert capped["b"]["remove"] == [0, 1, 2] and capped["a"]["remove"] == [1, 3]
+
+
+def test_a_global_flops_budget_with_max_layer_ratio_spreads_the_cut():
+    model = build_model("vgg16_cifar", 10, width_mult=0.25)
+    dg = build_dependency_graph(model)
+    layers = [f"features.conv{b}_{i}" for b, n in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3)) for i in range(1, n + 1)]
+    # Scores that rank every filter of the deep layers below any of the early ones.
+    scores = {name: [float(-i) for _ in range(model.get_submodule(name).out_channels)] for i, name in enumerate(layers)}
+    free, _ = select_by_flops(model, scores, 2.0, min_channels=2, scope="global", dg=dg)
+    capped, info = select_by_flops(model, scores, 2.0, min_channels=2, scope="global", max_layer_ratio=0.5, dg=dg)
+    assert free["features.conv5_3"]["keep"] == 2  # uncapped: the deep layers go down to min_channels
+    for name in layers:
+        n = model.get_submodule(name).out_channels
+        assert capped[name]["keep"] >= n / 2
+    assert info["flops_ratio"] >= 2.0
 
 
 def test_select_by_flops_reaches_the_target_and_estimates_exactly():

@@ -11,7 +11,7 @@ from torch import nn
 from compression.errors import ConfigError
 from compression.models import build_model
 from compression.pruning import build_dependency_graph, prune_filters, resolve_layers
-from compression.selection import filter_sparsity_scores, rounded_keep, select_filters
+from compression.selection import filter_sparsity_scores, layer_floor, rounded_keep, select_filters
 from compression.sparsity import threshold_weights
 
 
@@ -99,6 +99,17 @@ def test_select_filters_never_empties_a_layer():
     assert rounded_keep(6, 7, min_channels=1, round_to=4) == 4  # 8 > n, so down
     with pytest.raises(ConfigError, match="gamma"):
         select_filters({"x": every}, gamma=0.0)
+
+
+def test_max_layer_ratio_caps_the_share_of_a_layer_removed():
+    assert [layer_floor(n, 4, 0.75) for n in (64, 16, 10, 3)] == [16, 4, 4, 3]  # ceil(n/4), min_channels, n
+    assert layer_floor(64, 4, 1.0) == 4 and layer_floor(64, 1, 0.5) == 32
+    every = {"s_out": [1.0] * 64, "s_in": [1.0] * 64}
+    assert select_filters({"x": every}, 0.9, min_channels=4, max_layer_ratio=0.75)["x"]["keep"] == 16
+    assert select_filters({"x": every}, 0.9, min_channels=4)["x"]["keep"] == 4
+    assert rounded_keep(0, 10, min_channels=1, round_to=4, max_layer_ratio=0.5) == 8  # floor 5, rounded up
+    with pytest.raises(ConfigError, match="max_layer_ratio"):
+        layer_floor(8, 1, 0.0)
 
 
 def test_threshold_select_prune_on_ssd_vgg_lite():

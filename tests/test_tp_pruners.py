@@ -89,6 +89,16 @@ def test_ssd_heads_stay_and_the_pruned_detector_round_trips(tmp_path):
     assert len(loaded([torch.rand(3, 64, 64)])) == 1
 
 
+def test_prune_to_flops_keeps_the_max_layer_ratio_floor():
+    model = _vgg()
+    original = {name: layer_channels(model.get_submodule(name)) for name in VGG_LAYERS}
+    pruner = build_pruner("tp_group_l1", model, VGG_LAYERS, model_name="vgg16_cifar")
+    info = prune_to_flops(pruner, model, 2.5, min_channels=1, max_layer_ratio=0.6)
+    assert info["flops_ratio"] >= 2.5
+    for name in VGG_LAYERS:  # at most 60% of each layer's filters gone
+        assert layer_channels(model.get_submodule(name)) >= 0.4 * original[name]
+
+
 def test_an_unreachable_target_is_refused():
     model = _vgg()
     pruner = build_pruner("tp_group_l1", model, ["features.conv5_3"], model_name="vgg16_cifar", iterative_steps=20)

@@ -8,7 +8,7 @@ from bench/pretrain.py), cls = vgg16_cifar on digits-cls (bench/checkpoints/pret
 one is trained here once with its preset (configs/default.yaml, configs/digits_cls.yaml) and kept. Every
 method prunes the same layers, all prunable convs of the backbone in one phase (the SSD loc/conf head convs and
 the classifier's output layer only lose input channels), down to the same FLOPs target with at most
---max-layer-ratio (0.75) of any layer's filters removed, and then fine-tunes
+--max-layer-ratio (0.8) of any layer's filters removed, and then fine-tunes
 with the same budget: stages.retrain with the preset's retrain optimiser and schedule for --epochs epochs on
 the first --train-images training images. How each method reaches the target:
 
@@ -69,7 +69,8 @@ FULL_SEEDS, FULL_TARGETS = (0, 1, 2), (2.0, 4.0, 8.0)
 # Every method may remove at most this share of a layer's filters (torch-pruning's max_pruning_ratio). Without
 # it the global rankings (seed, taylor, torch-pruning's) squeezed conv3_3 .. fc6 of the detector to
 # min_channels at 4x (seed: VOC07 0.004 after fine-tuning); the per-layer ones (l1_norm, random) remove ~0.5.
-MAX_LAYER_RATIO = 0.75
+# 0.75 would cap ssd_vgg_lite at 7.9x fewer FLOPs, short of the 8x target; 0.8 allows 9.2x.
+MAX_LAYER_RATIO = 0.8
 # Taylor: scoring and fine-tuning batches per step; a step removes this share of the phase's filters.
 TAYLOR = {"taylor_batches": 2, "taylor_finetune_batches": 2, "step_fraction": 0.08}
 

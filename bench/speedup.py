@@ -190,6 +190,50 @@ def profile_e2e(model: nn.Module, batch_size: int, runs: int) -> dict[str, Any]:
     }
 
 
+def layer_times(model: nn.Module, batch_size: int, warmup: int, runs: int) -> list[dict[str, Any]]:
+    """Each conv and max-pool timed alone on the input it gets in the network (batch ``batch_size``, 1 thread).
+
+    Says which layers the time is in and how many GFLOP/s each one runs at, which FLOPs alone do not:
+    a layer with a few channels at high resolution is bound by memory traffic, not arithmetic.
+    """
+    size = model_input_size(model)
+    batch = _batch(batch_size, size)
+    captured: dict[str, torch.Tensor] = {}
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.MaxPool2d))}
+    def keep_input(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple[Any, ...], _output: Any) -> None:  # None: the output stays
+            captured.setdefault(name, args[0].clone())
+        return hook
+
+    hooks = [m.register_forward_hook(keep_input(name)) for name, m in modules.items()]
+    try:
+        with torch.inference_mode():
+            if isinstance(model, SSD):
+                prepared, _ = preprocess_batch(model, batch)
+                model.head(list(model.backbone(prepared).values()))
+            else:
+                model(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    rows = []
+    for name, module in modules.items():
+        if name not in captured:
+            continue
+        x = captured[name]
+        with torch.inference_mode():
+            out = module(x)
+        flops = 0
+        if isinstance(module, nn.Conv2d):  # 2 per multiply-add, as metrics.count_flops
+            kh, kw = module.kernel_size
+            flops = 2 * out[0].numel() * (module.in_channels // module.groups) * kh * kw
+        ms = _median_ms(lambda module=module, x=x: module(x), 1, warmup, runs)
+        rows.append({"layer": name, "kind": type(module).__name__, "in_channels": int(x.shape[1]),
+                     "out_channels": int(out.shape[1]), "hw": list(out.shape[-2:]), "flops_per_image": flops,
+                     "ms": ms, "gflops_per_s": flops * batch_size / (ms / 1000) / 1e9 if flops else None})
+    return rows
+
+
 # --------------------------------------------------------------------------------------------
 # Report
 
@@ -246,8 +290,62 @@ def markdown(rows: list[dict[str, Any]], batches: list[int], threads: list[int],
         "Median latency of warmed runs on the CPU (ms per batch). ✓/✗: batch-32 e2e speedup reaches "
         f"{TARGET_EFFICIENCY}x of the FLOPs ratio or not.", "", *lines, "",
         "Where the time goes: torch.profiler, e2e path, batch 32, 1 thread (classifier: the whole network "
-        "under backbone).", "", *prof_lines, "", notes,
+        "under backbone).", "", *prof_lines, "", *_layer_lines(rows), notes,
     ])
+
+
+def _layer_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Per layer, dense base vs each pruned model: channels, FLOPs, ms and GFLOP/s (batch 32, 1 thread)."""
+    lines = []
+    bases = {row["label"]: row for row in rows if row["base"]}
+    for row in rows:
+        if row["base"] or row["base_label"] not in bases:
+            continue
+        dense = {r["layer"]: r for r in bases[row["base_label"]]["layers_b32"]}
+        lines += [f"Per layer, {row['base_label']} → {row['label']}: each conv / max-pool timed alone on its input "
+                  "in the network, batch 32, 1 thread; layers under 1% of the dense model's layer time are left out.",
+                  "", "| layer | output | channels in→out | MFLOPs / image | ms | GFLOP/s |", "|---|---|---|---|---|---|"]
+        total = sum(r["ms"] for r in dense.values()) or 1.0
+        for layer in row["layers_b32"]:
+            base = dense.get(layer["layer"])
+            if base is None or base["ms"] < 0.01 * total:
+                continue
+
+            def pair(key: str, fmt: str, scale: float = 1.0, a: dict = base, b: dict = layer) -> str:
+                if not a[key]:
+                    return "–"  # a pool: no FLOPs
+                return f"{format(a[key] / scale, fmt)} → {format(b[key] / scale, fmt)}"
+
+            lines.append(
+                f"| {layer['layer'].removeprefix('backbone.')} ({layer['kind']}) | {'x'.join(map(str, layer['hw']))} | "
+                f"{base['in_channels']}→{base['out_channels']} / {layer['in_channels']}→{layer['out_channels']} | "
+                f"{pair('flops_per_image', '.1f', 1e6)} | {pair('ms', '.1f')} | {pair('gflops_per_s', '.1f')} |"
+            )
+        lines.append("")
+    return lines
+
+
+def _layer_summary(row: dict[str, Any], base: dict[str, Any]) -> str:
+    """Conv time and throughput, dense vs pruned, and how much time the pools (which FLOPs ignore) take."""
+    def sums(layers: list[dict[str, Any]]) -> tuple[float, float, float]:
+        convs = [r for r in layers if r["kind"] == "Conv2d"]
+        return (sum(r["ms"] for r in convs), sum(r["flops_per_image"] for r in convs) * 32,
+                sum(r["ms"] for r in layers if r["kind"] == "MaxPool2d"))
+
+    conv_ms, conv_flops, pool_ms = sums(row["layers_b32"])
+    dense_ms, dense_flops, dense_pool = sums(base["layers_b32"])
+    if not conv_ms or not dense_ms:
+        return ""
+    costliest = max((r for r in row["layers_b32"] if r["kind"] == "Conv2d"), key=lambda r: r["ms"])
+    text = (f"; the convs alone: {dense_ms:.0f} -> {conv_ms:.0f} ms = {dense_ms / conv_ms:.2f}x for "
+            f"{dense_flops / conv_flops:.2f}x fewer conv FLOPs, at {conv_flops / conv_ms / 1e6:.1f} GFLOP/s against "
+            f"the dense model's {dense_flops / dense_ms / 1e6:.1f}; its costliest conv is "
+            f"{costliest['layer'].removeprefix('backbone.')} ({costliest['in_channels']}→{costliest['out_channels']} "
+            f"channels at {'x'.join(map(str, costliest['hw']))}: {costliest['ms']:.0f} ms, "
+            f"{costliest['gflops_per_s']:.1f} GFLOP/s)")
+    if pool_ms or dense_pool:  # pooling modules (SSD's backbone pools functionally: see the profile instead)
+        text += f"; max-pooling, which FLOPs do not count, {dense_pool:.0f} -> {pool_ms:.0f} ms"
+    return text
 
 
 def analysis(rows: list[dict[str, Any]], threads: list[int]) -> str:
@@ -278,6 +376,7 @@ def analysis(rows: list[dict[str, Any]], threads: list[int]) -> str:
             if ours_net:
                 text += (f"; backbone+head {dense_net:.0f} -> {ours_net:.0f} ms = {dense_net / ours_net:.2f}x "
                          f"for {row['flops_ratio']:.2f}x fewer FLOPs; top op {ours['top_ops'][0]['op']}")
+            text += _layer_summary(row, base)
         parts.append(text + ".")
     if any((r["profile_b32"]["nms_candidates_cap"] or 0) and r["profile_b32"]["nms_candidates_per_image"]
            >= 0.95 * r["profile_b32"]["nms_candidates_cap"] for r in rows):
@@ -356,6 +455,7 @@ def main() -> None:
                       + ", ".join(f"{k} {v:.1f} ms" for k, v in row["latency_ms"][_key(batch_size, count)].items()),
                       flush=True)
         row["profile_b32"] = profile_e2e(model, 32, profile_runs)
+        row["layers_b32"] = layer_times(model, 32, warmup, runs)
         rows.append(row)
     add_ratios(rows)
 

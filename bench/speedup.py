@@ -17,6 +17,7 @@ at batch 1 and 32 with 1 and 2 threads of
 - ``network``: backbone + head (SSD) or the classifier, on an already prepared batch;
 - ``e2e``: prunepipe's path, ``ssd_fast.ssd_detect`` on a (B, 3, H, W) batch (pre-processing, network,
   batched post-processing); classifiers: the network;
+- ``e2e_channels_last``: ``e2e`` with the model and the batch in channels-last (NHWC) tensors;
 - ``e2e_torchvision`` (SSD only): torchvision's ``model(list_of_images)``, image by image around the network.
 
 Speedup = dense latency / latency; efficiency = speedup / FLOPs ratio (target: >= 0.8 at batch 32, e2e).
@@ -124,13 +125,19 @@ def latencies(model: nn.Module, batch_size: int, threads: int, warmup: int, runs
     """Median ms per path (see the module docstring) for one batch size and thread count."""
     size = model_input_size(model)
     timing = {"warmup": warmup, "runs": runs, "threads": threads}
+    batch = _batch(batch_size, size)
+    # The same network in channels-last (NHWC) tensors: oneDNN's NCHW kernels are slow for a few channels
+    # at high resolution, and pruning leaves channel counts that miss their fast paths.
+    nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
     if not isinstance(model, SSD):
         network = measure_latency(model, size, batch_size, **timing)["median_ms"]
-        return {"network": network, "e2e": network}
-    batch = _batch(batch_size, size)
+        batch_nhwc = batch.contiguous(memory_format=torch.channels_last)
+        channels_last = _median_ms(lambda: nhwc(batch_nhwc), threads, warmup, runs)
+        return {"network": network, "e2e": network, "e2e_channels_last": channels_last}
     return {
         "network": measure_latency(model, size, batch_size, network_only=True, **timing)["median_ms"],
         "e2e": _median_ms(lambda: ssd_detect(model, batch), threads, warmup, runs),
+        "e2e_channels_last": _median_ms(lambda: ssd_detect(nhwc, batch, channels_last=True), threads, warmup, runs),
         "e2e_torchvision": measure_latency(model, size, batch_size, **timing)["median_ms"],
     }
 
@@ -256,8 +263,9 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 
 
 def markdown(rows: list[dict[str, Any]], batches: list[int], threads: list[int], notes: str) -> str:
-    head = ("| model | GFLOPs | params (M) | FLOPs ratio | batch | threads | network ms | e2e ms | "
-            "e2e torchvision ms | speedup network / e2e / torchvision | speedup ÷ FLOPs ratio (e2e) |")
+    head = ("| model | GFLOPs | params (M) | FLOPs ratio | batch | threads | network ms | e2e ms | e2e channels-last ms | "
+            "e2e torchvision ms | speedup network / e2e / channels-last / torchvision | "
+            "speedup ÷ FLOPs ratio (e2e / channels-last) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in rows:
         for batch_size in batches:
@@ -265,15 +273,19 @@ def markdown(rows: list[dict[str, Any]], batches: list[int], threads: list[int],
                 key = _key(batch_size, count)
                 ms, up = row["latency_ms"][key], row["speedup"][key]
                 tv = f"{ms['e2e_torchvision']:.1f}" if "e2e_torchvision" in ms else "-"
-                ups = " / ".join(f"{up[p]:.2f}" for p in ("network", "e2e", "e2e_torchvision") if p in up)
-                eff = row["efficiency"][key]["e2e"]
-                mark = ""
-                if batch_size == 32 and not row["base"]:
-                    mark = " ✓" if eff >= TARGET_EFFICIENCY else " ✗"
+                ups = " / ".join(f"{up[p]:.2f}" for p in ("network", "e2e", "e2e_channels_last", "e2e_torchvision")
+                                 if p in up)
+                effs = []
+                for path in ("e2e", "e2e_channels_last"):
+                    eff = row["efficiency"][key][path]
+                    mark = ""
+                    if batch_size == 32 and not row["base"]:
+                        mark = " ✓" if eff >= TARGET_EFFICIENCY else " ✗"
+                    effs.append(f"{eff:.2f}{mark}")
                 lines.append(
                     f"| {row['label']} | {row['flops'] / 1e9:.3f} | {row['params'] / 1e6:.2f} | "
                     f"{row['flops_ratio']:.2f} | {batch_size} | {count} | {ms['network']:.1f} | {ms['e2e']:.1f} | "
-                    f"{tv} | {ups} | {eff:.2f}{mark} |"
+                    f"{ms['e2e_channels_last']:.1f} | {tv} | {ups} | {' / '.join(effs)} |"
                 )
     prof_head = "| model | " + " | ".join(STAGES) + " | NMS candidates / image | costliest ops (self CPU share) |"
     prof_lines = [prof_head, "|" + "---|" * (prof_head.count("|") - 1)]
@@ -357,10 +369,15 @@ def analysis(rows: list[dict[str, Any]], threads: list[int]) -> str:
         base = bases.get(row["base_label"], row)
         effs = {t: row["efficiency"][_key(32, t)]["e2e"] for t in threads}
         nets = {t: row["efficiency"][_key(32, t)]["network"] for t in threads}
+        nhwc = {t: row["efficiency"][_key(32, t)]["e2e_channels_last"] for t in threads}
+        nhwc_ms = {t: (base["latency_ms"][_key(32, t)]["e2e_channels_last"], row["latency_ms"][_key(32, t)]["e2e_channels_last"])
+                   for t in threads}
         verdict = "meets" if all(e >= TARGET_EFFICIENCY for e in effs.values()) else "misses"
         text = (f"{row['label']} (FLOPs ratio {row['flops_ratio']:.2f}) {verdict} {TARGET_EFFICIENCY}x at batch 32: "
                 "e2e efficiency " + ", ".join(f"{effs[t]:.2f} @{t}t" for t in threads)
-                + " (network only " + ", ".join(f"{nets[t]:.2f} @{t}t" for t in threads) + ")")
+                + " (network only " + ", ".join(f"{nets[t]:.2f} @{t}t" for t in threads) + "); in channels-last "
+                "tensors " + ("meets" if all(e >= TARGET_EFFICIENCY for e in nhwc.values()) else "misses") + " it: "
+                + ", ".join(f"{nhwc[t]:.2f} @{t}t ({nhwc_ms[t][0]:.0f} -> {nhwc_ms[t][1]:.0f} ms)" for t in threads))
         if verdict == "misses":
             ours, theirs = row["profile_b32"], base["profile_b32"]
             fixed = [s for s in ("preprocess", "postprocess") if s in ours["stage_ms"]]
@@ -398,7 +415,9 @@ def figure(rows: list[dict[str, Any]], threads: list[int], path: Path) -> None:
         members = sorted((r for r in rows if r["model_name"] == family), key=lambda r: r["flops"])
         flops = [r["flops"] / 1e9 for r in members]
         # A classifier's e2e is its network: one line.
-        paths = (("e2e", "-o"), ("network", "--s")) if model_task(family) == "detection" else (("e2e", "-o"),)
+        paths = (("e2e", "-o"), ("e2e_channels_last", "-^"))
+        if model_task(family) == "detection":
+            paths += (("network", "--s"),)
         for count in threads:
             for path_name, style in paths:
                 ys = [r["latency_ms"][_key(32, count)][path_name] for r in members]

@@ -121,14 +121,15 @@ def _median_ms(forward: Callable[[], Any], threads: int, warmup: int, runs: int)
     return float(statistics.median(times))
 
 
-def latencies(model: nn.Module, batch_size: int, threads: int, warmup: int, runs: int) -> dict[str, float]:
-    """Median ms per path (see the module docstring) for one batch size and thread count."""
+def latencies(model: nn.Module, nhwc: nn.Module, batch_size: int, threads: int, warmup: int,
+              runs: int) -> dict[str, float]:
+    """Median ms per path (see the module docstring) for one batch size and thread count.
+
+    ``nhwc``: ``model`` converted to channels-last, for the ``e2e_channels_last`` path.
+    """
     size = model_input_size(model)
     timing = {"warmup": warmup, "runs": runs, "threads": threads}
     batch = _batch(batch_size, size)
-    # The same network in channels-last (NHWC) tensors: oneDNN's NCHW kernels are slow for a few channels
-    # at high resolution, and pruning leaves channel counts that miss their fast paths.
-    nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
     if not isinstance(model, SSD):
         network = measure_latency(model, size, batch_size, **timing)["median_ms"]
         batch_nhwc = batch.contiguous(memory_format=torch.channels_last)
@@ -467,9 +468,12 @@ def main() -> None:
         size = model_input_size(model)
         row = {**entry, "input_size": list(size), "flops": count_flops(model, size),
                "params": count_parameters(model), "latency_ms": {}}
+        # The same network in channels-last (NHWC) tensors: oneDNN's NCHW kernels are slow for a few channels
+        # at high resolution, and pruning leaves channel counts that miss their fast paths.
+        nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
         for batch_size in args.batches:
             for count in args.threads:
-                row["latency_ms"][_key(batch_size, count)] = latencies(model, batch_size, count, warmup, runs)
+                row["latency_ms"][_key(batch_size, count)] = latencies(model, nhwc, batch_size, count, warmup, runs)
                 print(f"{row['label']}: batch {batch_size}, {count} thread(s): "
                       + ", ".join(f"{k} {v:.1f} ms" for k, v in row["latency_ms"][_key(batch_size, count)].items()),
                       flush=True)

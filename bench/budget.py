@@ -55,9 +55,9 @@ def main() -> None:
     from tasks.env import apply_env_defaults
 
     apply_env_defaults()
+    from compression.budget import load_search, parse_budget
     from compression.config import load_config
     from compression.data.loaders import ensure_builtin_data
-    from compression.search import load_search, parse_budget
     from flows.budget import run_budget
 
     budget = parse_budget(args.budget)

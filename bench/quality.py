@@ -20,7 +20,7 @@ the first --train-images training images. How each method reaches the target:
 - taylor: Molchanov's loop (taylor_prune_stage) until the budget, with its own fine-tuning batches between
   steps, reported as extra batches;
 - tp_group_l1 / tp_bn_scale / tp_group_norm: torch-pruning's MagnitudePruner (group L1) / BNScalePruner /
-  GroupNormPruner, global, stepped until the budget (compression.tp_pruners); the last two after --epochs
+  GroupNormPruner, global, stepped until the budget (bench/tp_pruners.py); the last two after --epochs
   epochs of sparse training with pruner.regularize (the seed's sparsity optimiser), as the seed's induction.
 
 Writes bench/results/quality.json (its `markdown` key is the table bench/report.py renders), quality.png, and
@@ -217,11 +217,11 @@ def run_unit(spec: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _tp_sparse_training(method: str, base_path: Path, cfg, out: Path) -> tuple[Path, dict[str, Any]]:
     """The sparse training torch-pruning's README shows for its pruner, with the seed's sparsity optimiser."""
+    from bench.tp_pruners import DEFAULT_REG, build_pruner, sparse_train
     from compression.checkpoint import load_checkpoint, save_checkpoint
     from compression.config import OptimConfig
     from compression.data.loaders import build_loader
     from compression.models import model_input_size
-    from compression.tp_pruners import DEFAULT_REG, build_pruner, sparse_train
     from compression.train import make_objective, seed_everything
 
     ckpt = load_checkpoint(base_path, expect_model=cfg.model.name)
@@ -246,6 +246,7 @@ def _run_target(method: str, target: float, source: Path, cfg, phase, work: Path
     """
     from compression import stages as S
     from compression.checkpoint import read_metadata
+    from compression.measure import evaluate_checkpoint
 
     tag = f"{target:g}x"
     cpu: dict[str, float] = {}
@@ -269,7 +270,7 @@ def _run_target(method: str, target: float, source: Path, cfg, phase, work: Path
                 cfg_t = _with_selection(cfg, criterion=method, target_flops_ratio=target)
                 selection, _ = S.select_filters(source, cfg_t, work / f"selection_{tag}.json", phase=phase)
                 _prune_selection(source, selection, cfg_t, phase, pruned)
-            pruned_metrics = (S.evaluate_checkpoint(pruned, cfg, base=base_metrics, latency=False)
+            pruned_metrics = (evaluate_checkpoint(pruned, cfg, base=base_metrics, latency=False)
                               if measure_pruned else {})
     _add(cpu, prune_clock.split(eval_wall=pruned_metrics.get("eval_seconds", 0.0)))
     shapes = read_metadata(pruned)["module_shapes"]
@@ -294,8 +295,9 @@ def _prune_selection(source: Path, selection: Path, cfg, phase, out: Path) -> No
     """``stages.prune`` without its measurement: the selected filters out of ``source``, saved to ``out``."""
     from compression import stages as S
     from compression.checkpoint import load_checkpoint, save_checkpoint
+    from compression.files import read_selection
 
-    record = S.read_selection(selection)
+    record = read_selection(selection)
     ckpt = load_checkpoint(source, expect_model=cfg.model.name)
     S.prune_selected(ckpt, record["layers"], cfg)
     save_checkpoint(ckpt.derive(ckpt.model, stage="prune", phase=phase.name, selection=str(selection),
@@ -303,8 +305,8 @@ def _prune_selection(source: Path, selection: Path, cfg, phase, out: Path) -> No
 
 
 def _tp_prune(method: str, target: float, source: Path, cfg, phase, out: Path) -> dict[str, Any]:
+    from bench.tp_pruners import build_pruner, prune_to_flops
     from compression.checkpoint import load_checkpoint, save_checkpoint
-    from compression.tp_pruners import build_pruner, prune_to_flops
 
     ckpt = load_checkpoint(source, expect_model=cfg.model.name)
     pruner = build_pruner(method, ckpt.model, _layer_paths(cfg), model_name=ckpt.model_name)
@@ -378,6 +380,7 @@ def _prepare_task(task: str, budget: dict[str, Any], base_arg: Path | None, quic
     from compression.checkpoint import file_digest, read_metadata
     from compression.config import load_config
     from compression.data.loaders import build_dataset, ensure_builtin_data
+    from compression.measure import evaluate_checkpoint
 
     preset = load_config(TASKS[task]["preset"])
     ensure_builtin_data(preset.data)
@@ -403,7 +406,7 @@ def _prepare_task(task: str, budget: dict[str, Any], base_arg: Path | None, quic
             print(f"{task}: pretrained in {time.perf_counter() - started:.0f} s", flush=True)
     meta = read_metadata(base)
     cfg = task_config(task, budget, 0, meta["model_args"], data)
-    base_metrics = S.evaluate_checkpoint(base, cfg)
+    base_metrics = evaluate_checkpoint(base, cfg)
     return {"base": str(base), "base_digest": file_digest(base), "base_args": meta["model_args"],
             "base_metrics": base_metrics, "split_sizes": sizes, "used_sizes": used, "data": data,
             "taylor_step": _taylor_step(cfg), "layers": len(cfg.stages.phases[0].layers), "model": cfg.model.name,
@@ -425,7 +428,7 @@ layer keeps at least the preset's min_channels filters):
   steps, until the budget;
 - **tp_group_l1 / tp_bn_scale / tp_group_norm**: torch-pruning's `MagnitudePruner` (group L1) / `BNScalePruner` /
   `GroupNormPruner`, global ranking, `pruner.step()` until the budget, the last step cut at it
-  (`compression.tp_pruners`); BNScale and GroupNorm after sparse training with `pruner.regularize`."""
+  (`bench/tp_pruners.py`); BNScale and GroupNorm after sparse training with `pruner.regularize`."""
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float | None]:

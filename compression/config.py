@@ -168,7 +168,6 @@ class TrackingConfig(_Strict):
     experiment: str = "prunepipe"
     registered_model: str | None = Field("prunepipe-{model}", description="Model Registry name; empty: skip")
     alias: str = "champion"
-    log_model: bool = Field(True, description="log the final model with mlflow.pytorch")
     log_onnx: bool = Field(True, description="export the final checkpoint to ONNX and log the files, "
                            "onnx_size_bytes and onnx_flops on its MLflow run")
 
@@ -227,7 +226,8 @@ class PipelineConfig(_Strict):
         return self.model_copy(update={"stages": stages})
 
     def config_hash(self) -> str:
-        """Stable digest of every setting (caching keys, MLflow tags)."""
+        """Stable digest of every setting (the MLflow tag that groups a pipeline's runs); what identifies
+        one stage's output is ``compression.plan.stage_settings``."""
         payload = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

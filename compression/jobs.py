@@ -25,9 +25,6 @@ from compression.train import EpochCallback, TrainState, make_objective, seed_ev
 
 log = logging.getLogger(__name__)
 
-TRAINING_STAGES = ("pretrain", "sparsity", "retrain", "distill", "taylor_finetune")
-
-
 @dataclass
 class TrainJob:
     """One training run of one stage. Only paths and JSON-able data, so it can travel to workers."""
@@ -41,7 +38,6 @@ class TrainJob:
     l1_layers: list[str] = field(default_factory=list)  # sparsity stage: the phase's layers
     l1_lambda: float = 0.0
     teacher_checkpoint: str | None = None  # distill stage
-    max_batches: int | None = None  # taylor fine-tuning: a few batches, not epochs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -154,9 +150,6 @@ def run_train_job(
         loader = prepare_loader(loader)
     trainable = prepare_objective(objective) if prepare_objective is not None else objective.to(device)
     optim = job.optim_config
-    if job.max_batches is not None:
-        loader = _first_batches(loader, job.max_batches)
-        optim = optim.model_copy(update={"epochs": 1, "warmup_epochs": 0.0, "schedule": "constant"})
     context = f"stage {job.stage}" + (f", phase {job.phase}" if job.phase else "")
     if job.l1_lambda:
         context += f", l1_lambda={job.l1_lambda:g}"
@@ -169,24 +162,6 @@ def run_train_job(
     trained.parent = job.input_checkpoint
     trained.extra["history"] = state.history
     return trained, state
-
-
-class _first_batches:
-    """The first ``n`` batches of a loader, with a length (the scheduler needs one)."""
-
-    def __init__(self, loader: Any, n: int) -> None:
-        self.loader, self.n = loader, n
-        self.sampler = getattr(loader, "sampler", None)
-        self.generator = getattr(loader, "generator", None)
-
-    def __len__(self) -> int:
-        return min(self.n, len(self.loader))
-
-    def __iter__(self):
-        for i, batch in enumerate(self.loader):
-            if i >= self.n:
-                return
-            yield batch
 
 
 class LocalTrainer:

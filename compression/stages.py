@@ -1,118 +1,77 @@
-"""The pipeline's stages as plain functions: (checkpoint path, config) -> (checkpoint path, metrics).
+"""The pipeline's stages as plain functions: (input paths, config, output path) -> (output path, metrics).
 
 Stages pass checkpoint *paths*, not models, so an orchestrator (Prefect tasks in ``tasks/``) can
 cache, retry and distribute them; training is delegated to a ``Trainer`` (in-process by default,
-Ray Train in the flow). Every stage's output checkpoint carries its own measurements.
+Ray Train in the flow). The order they run in, and which output each reads, is ``compression.plan``.
 
 The method (METHOD.md), per phase: ``induce_sparsity`` (Θ -> Θ_L1, α chosen on the validation
 split) -> ``select_filters`` (a selection JSON) -> ``prune`` (Θ_L1 minus the selected filters) ->
 ``retrain``; ``taylor_prune_stage`` replaces sparsity/selection/prune for the Taylor criterion; then
-``distill`` from the pretrained teacher. An output file appears only once its stage is complete: training
-writes to a hidden scratch file next to it, and ``_finish`` writes the measured checkpoint in one go.
+``distill`` from the pretrained teacher. An output file appears only once its stage is complete: a
+trainer writes what it trained to a hidden scratch file next to it, and ``_finish`` measures the model
+(``compression.measure``) and writes the output once, with the measurements in its metadata.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import re
-import tempfile
 import time
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from compression import metrics as M
 from compression.checkpoint import Checkpoint, load_checkpoint, read_metadata, save_checkpoint
+from compression.checks import check_ranking_target
 from compression.config import OptimConfig, PhaseConfig, PipelineConfig, class_names
 from compression.errors import ConfigError, StageError
+from compression.files import read_selection, refuse_same_file, scratch_path, write_json_atomic
 from compression.jobs import LocalTrainer, Trainer, TrainJob
+from compression.measure import add_ratios, measure
 from compression.train import default_device, evaluate, primary_metric
 
 log = logging.getLogger(__name__)
 
-# Metrics compared against the pretrained base (lower is better for all but task metrics).
-RATIO_KEYS = ("params", "nonzero_params", "size_bytes", "flops", "latency_b1_ms", "latency_b32_ms")
-
-
-def measure(ckpt: Checkpoint, cfg: PipelineConfig, split: str = "test", latency: bool = True,
-            base: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Size, FLOPs, task metrics (and latency) of a saved checkpoint, plus ratios to ``base``."""
-    from compression.data.loaders import build_loader
-    from compression.models import model_input_size
-
-    if ckpt.path is None:
-        raise StageError("measure() needs a saved checkpoint (its size on disk is a metric)")
-    model = ckpt.model.cpu().eval()
-    size = model_input_size(model)
-    result: dict[str, Any] = {
-        "params": M.count_parameters(model),
-        "nonzero_params": M.count_nonzero_parameters(model),
-        "size_bytes": M.file_size_bytes(ckpt.path),
-        "flops": M.count_flops(model, size),
-    }
-    loader = build_loader(cfg.data, split, train=False, image_size=size[0], seed=cfg.seed)
-    names = ckpt.class_names
-    started = time.perf_counter()
-    task_metrics = evaluate(model, loader, ckpt.task, len(names), device=default_device(cfg.compute.use_gpu),
-                            fast_ssd=cfg.compute.fast_ssd)
-    result.update(task_metrics)
-    result["eval_seconds"] = time.perf_counter() - started
-    if latency:
-        for batch in (1, 32):
-            timing = M.measure_latency(model, size, batch_size=batch, runs=5 if batch == 1 else 3, warmup=2)
-            result[f"latency_b{batch}_ms"] = timing["median_ms"]
-    if base:
-        add_ratios(result, base, ckpt.task)
-    return result
-
-
-def add_ratios(result: dict[str, Any], base: dict[str, Any], task: str) -> None:
-    """``<key>_ratio`` = base / this for costs (so 4.0 means 4x smaller); task-metric drop in points."""
-    for key in RATIO_KEYS:
-        if key in result and base.get(key):
-            result[f"{key}_ratio"] = base[key] / max(result[key], 1e-12)
-    key = primary_metric(task)
-    if key in result and key in base:
-        result[f"{key}_drop"] = base[key] - result[key]
-
-
-def stage_output(cfg: PipelineConfig, run_dir: Path, index: int, stage: str, phase: str | None = None) -> Path:
-    name = f"{index:02d}_{stage}" + (f"_{phase}" if phase else "")
-    return Path(run_dir) / f"{name}.safetensors"
-
-
-def _scratch(out: Path, tag: str) -> Path:
-    """A hidden working file next to ``out`` (same folder, so the final rename stays atomic)."""
-    out = Path(out)
-    return out.with_name(f".{out.stem}.{tag}{out.suffix}")
-
 
 def _finish(ckpt: Checkpoint, cfg: PipelineConfig, out: Path, base: dict[str, Any] | None,
-            stage_seconds: float, extra_metrics: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
-    """Save a draft, measure it, and write ``out`` once, with the measurements inside its metadata.
+            stage_seconds: float, extra_metrics: dict[str, Any] | None = None,
+            val_metric: float | None = None) -> tuple[Path, dict[str, Any]]:
+    """Measure ``ckpt`` (test split, and the validation metric every choice reads), then write ``out``
+    once, with the measurements inside its metadata; the file's size is read back from it.
 
-    ``out`` appears only when the stage is complete (a failure while measuring leaves no output), so
-    "the output file exists" means "the stage is done" (the in-process pipeline's resume relies on it).
+    ``out`` appears only when the stage is complete (``save_checkpoint`` writes atomically, and a failure
+    while measuring writes nothing), so "the output file exists" means "the stage is done" (the
+    in-process pipeline's resume relies on it).
     """
     out = Path(out)
-    draft = _scratch(out, "draft")
-    try:
-        save_checkpoint(ckpt, draft)
-        result = measure(ckpt, cfg, base=base)
-        result["stage_seconds"] = stage_seconds
-        if extra_metrics:
-            result.update(extra_metrics)
-        ckpt.metrics = result
-        draft.unlink(missing_ok=True)
-        save_checkpoint(ckpt, draft)
-        os.replace(draft, out)
-        ckpt.path = out
-    finally:
-        draft.unlink(missing_ok=True)
+    ckpt.path = None
+    result = measure(ckpt, cfg, base=base, with_val=True, val_metric=val_metric)
+    result["stage_seconds"] = stage_seconds
+    if extra_metrics:
+        result.update(extra_metrics)
+    ckpt.metrics = dict(result)
+    ckpt.path = save_checkpoint(ckpt, out)
     result["size_bytes"] = M.file_size_bytes(out)
+    if base:
+        add_ratios(result, base, ckpt.task)
     return out, result
+
+
+class FirstBatches:
+    """The first ``n`` batches of a loader, with a length (the scheduler needs one)."""
+
+    def __init__(self, loader: Any, n: int) -> None:
+        self.loader, self.n = loader, n
+        self.sampler = getattr(loader, "sampler", None)
+        self.generator = getattr(loader, "generator", None)
+
+    def __len__(self) -> int:
+        return min(self.n, len(self.loader))
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if i >= self.n:
+                return
+            yield batch
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,58 +96,13 @@ def pretrain(cfg: PipelineConfig, out: Path, trainer: Trainer | None = None) -> 
     else:
         job = TrainJob(stage="pretrain", config=cfg.model_dump(mode="json"),
                        optim=_optim(cfg.stages.pretrain), input_checkpoint=None,
-                       output_checkpoint=str(_scratch(out, "trained")))
+                       output_checkpoint=str(scratch_path(out, "trained")))
         ckpt = _train(job, trainer)
     return _finish(ckpt, cfg, out, base=None, stage_seconds=time.perf_counter() - started)
 
 
-def evaluate_checkpoint(path: Path, cfg: PipelineConfig, split: str = "test",
-                        base: dict[str, Any] | None = None, latency: bool = True) -> dict[str, Any]:
-    """Measure an existing checkpoint (CLI ``eval``, the flow's ``evaluate`` task)."""
-    ckpt = load_checkpoint(path)
-    needs = "voc" if ckpt.task == "detection" else "cifar10 or imagefolder"
-    if (ckpt.task == "detection") != (cfg.data.kind == "voc"):  # the model is the checkpoint's, the data the config's
-        raise ConfigError(
-            f"{path}: holds a {ckpt.task} model ({ckpt.model_name!r}) that needs data.kind {needs}, "
-            f"but the config's data.kind is {cfg.data.kind!r}"
-        )
-    if ckpt.model_name != cfg.model.name:
-        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": ckpt.model_name})})
-    return measure(ckpt, cfg, split=split, latency=latency, base=base)
-
-
-def checkpoint_info(path: Path) -> dict[str, Any]:
-    """What ``prunepipe info`` prints: metadata plus params/FLOPs/per-layer channels."""
-    from compression.models import model_input_size
-
-    meta = read_metadata(path)
-    ckpt = load_checkpoint(path)
-    size = model_input_size(ckpt.model)
-    return {
-        "path": str(path),
-        "model_name": meta["model_name"],
-        "model_args": meta["model_args"],
-        "stage": meta.get("stage"),
-        "phase": meta.get("phase"),
-        "parent": meta.get("parent"),
-        "classes": len(meta["class_names"]),
-        "params": M.count_parameters(ckpt.model),
-        "nonzero_params": M.count_nonzero_parameters(ckpt.model),
-        "size_bytes": M.file_size_bytes(path),
-        "flops": M.count_flops(ckpt.model, size),
-        "input_size": list(size),
-        "module_shapes": meta.get("module_shapes", {}),
-        "metrics": meta.get("metrics", {}),
-    }
-
-
 # --------------------------------------------------------------------------------------------
 # Helpers of the method stages
-
-# Criteria that rank filters and remove a configured share of them (``criteria.rank_filters``).
-RANKING_CRITERIA = ("l1_norm", "bn_scale", "random")
-_PHASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-
 
 def _optim(section: OptimConfig) -> dict[str, Any]:
     """The optimiser fields of a stage's section (``TrainJob.optim`` is validated as a plain OptimConfig)."""
@@ -221,38 +135,6 @@ def _phase_layers(ckpt: Checkpoint, phase: PhaseConfig) -> list[str]:
         raise ConfigError(f"stages.phases ({phase.name}): {exc}") from None
 
 
-def _check_ranking_target(cfg: PipelineConfig) -> None:
-    selection = cfg.stages.selection
-    if selection.criterion in (*RANKING_CRITERIA, "taylor") and selection.prune_ratio is None \
-            and selection.target_flops_ratio is None:
-        raise ConfigError(
-            f"stages.selection: criterion {selection.criterion!r} needs prune_ratio or target_flops_ratio "
-            "(how many filters to remove); only 'seed' decides that from the weights"
-        )
-
-
-def check_method_config(cfg: PipelineConfig) -> list[PhaseConfig]:
-    """Everything about the method's settings that can be checked before any training; returns the phases."""
-    phases = phases_for(cfg)
-    for phase in phases or [None]:
-        _check_ranking_target(cfg.for_phase(phase))
-    return phases
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def _overall_sparsity(ckpt: Checkpoint, fractions: dict[str, float]) -> float:
     sizes = {name: ckpt.model.get_submodule(name).weight.numel() for name in fractions}
     return sum(fractions[n] * sizes[n] for n in fractions) / max(1, sum(sizes.values()))
@@ -272,59 +154,6 @@ def _val_metric_fn(ckpt: Checkpoint, cfg: PipelineConfig):
                         fast_ssd=cfg.compute.fast_ssd)[key]
 
     return metric
-
-
-def _same_file(a: Path, b: Path) -> None:
-    if Path(a).resolve() == Path(b).resolve():
-        raise ConfigError(f"{b}: the output would overwrite the stage's input; pass another output path")
-
-
-# --------------------------------------------------------------------------------------------
-# Phases
-
-
-def phases_for(cfg: PipelineConfig) -> list[PhaseConfig]:
-    """``stages.phases``, or the model's ``DEFAULT_PHASES`` named phase1, phase2, ...; every layer checked.
-
-    Each layer must exist in the model and be prunable (``pruning.resolve_layers``: a Conv2d/Linear, not
-    an SSD head conv, not the network's output layer); a bad one fails with one line naming the phase,
-    before any training. Phase names key the output files, so they must be unique and file-name safe.
-    """
-    from compression.models import DEFAULT_PHASES
-
-    phases = list(cfg.stages.phases or [
-        PhaseConfig(name=f"phase{index + 1}", layers=list(layers))
-        for index, layers in enumerate(DEFAULT_PHASES[cfg.model.name])
-    ])
-    if not phases:
-        raise ConfigError(f"stages.phases: no phase to prune (and {cfg.model.name} has no default phases)")
-    seen: set[str] = set()
-    for index, phase in enumerate(phases):
-        if not _PHASE_NAME.fullmatch(phase.name):
-            raise ConfigError(f"stages.phases.{index}.name: {phase.name!r} must be letters, digits, '_', '-' or '.'")
-        if phase.name in seen:
-            raise ConfigError(f"stages.phases.{index}.name: {phase.name!r} is used twice (it names the output files)")
-        seen.add(phase.name)
-    _check_phase_layers(cfg.model.name, cfg.model.width_mult, cfg.model.image_size,
-                        tuple((phase.name, tuple(phase.layers)) for phase in phases))
-    return phases
-
-
-@lru_cache(maxsize=16)
-def _check_phase_layers(model_name: str, width_mult: float | None, image_size: int | None,
-                        phases: tuple[tuple[str, tuple[str, ...]], ...]) -> None:
-    """Resolve every phase's layers on a freshly built model (the class count does not matter here)."""
-    from compression.models import build_model
-    from compression.pruning import build_dependency_graph, resolve_layers
-
-    options = {k: v for k, v in (("width_mult", width_mult), ("image_size", image_size)) if v is not None}
-    model = build_model(model_name, num_classes=2, **options)
-    dg = build_dependency_graph(model)
-    for index, (name, layers) in enumerate(phases):
-        try:
-            resolve_layers(model, model_name, layers, dg=dg)
-        except ConfigError as exc:
-            raise ConfigError(f"stages.phases.{index} ({name}): {exc}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,14 +176,14 @@ def induce_sparsity(input_path: Path, cfg: PipelineConfig, out: Path, *, phase: 
     started = time.perf_counter()
     cfg = cfg.for_phase(phase)
     input_path, out = Path(input_path), Path(out)
-    _same_file(input_path, out)
+    refuse_same_file(input_path, out)
     source = load_checkpoint(input_path, expect_model=cfg.model.name)
     layers = _phase_layers(source, phase)
     before = weight_sparsity(source.model, layers)
     del source
     sparsity = cfg.stages.sparsity
     job = TrainJob(stage="sparsity", config=cfg.model_dump(mode="json"), optim=_optim(sparsity),
-                   input_checkpoint=str(input_path), output_checkpoint=str(_scratch(out, "trained")),
+                   input_checkpoint=str(input_path), output_checkpoint=str(scratch_path(out, "trained")),
                    phase=phase.name, l1_layers=layers, l1_lambda=sparsity.l1_lambda)
     trained = _train(job, trainer)
     choice = choose_alpha(trained.model, layers, sparsity.alpha_grid, sparsity.max_drop,
@@ -383,24 +212,25 @@ def induce_sparsity(input_path: Path, cfg: PipelineConfig, out: Path, *, phase: 
         "weight_sparsity_l1": _overall_sparsity(trained, choice["sparsity_before"]),
         "weight_sparsity_after": _overall_sparsity(trained, choice["sparsity_after"]),
     }
-    return _finish(trained, cfg, out, base_metrics, time.perf_counter() - started, summary)
+    # Θ_L1's validation metric was measured while choosing α: the checkpoint's own is that one.
+    return _finish(trained, cfg, out, base_metrics, time.perf_counter() - started, summary,
+                   val_metric=choice["val_metric_l1"])
 
 
 # --------------------------------------------------------------------------------------------
 # Stage 3: filter selection
 
 
-def select_filters(input_path: Path, cfg: PipelineConfig, out_json: Path, *, phase: PhaseConfig,
-                   trainer: Trainer | None = None) -> tuple[Path, dict[str, Any]]:
-    """Choose the filters to remove and write them as JSON (atomically) to ``out_json``.
+def select_filters(input_path: Path, cfg: PipelineConfig, out: Path, *,
+                   phase: PhaseConfig) -> tuple[Path, dict[str, Any]]:
+    """Choose the filters to remove and write them as JSON (atomically) to ``out``.
 
     ``seed``: on Θ_L1^th (α from the input's metadata), s_out / s_in over all consumers, flagged at γ,
     at least ``min_channels`` kept (``selection.select_filters``); with ``target_flops_ratio`` set, γ is
     not used: the filters are ranked globally by max(s_out, s_in) (``selection.sparsity_importance``) and
     cut at the FLOPs budget (``criteria.select_by_flops``). ``l1_norm`` / ``bn_scale`` / ``random``:
     ranked, then ``prune_ratio`` or ``target_flops_ratio`` (both set: the one that removes fewer filters).
-    ``taylor`` is iterative (``taylor_prune_stage``) and refused here. ``trainer`` is unused (no criterion
-    here trains); it is accepted so every stage has the same shape.
+    ``taylor`` is iterative (``taylor_prune_stage``) and refused here.
 
     JSON: ``{criterion, phase, input_checkpoint, layers: {module_path: {remove, keep, <scores>}}, alpha,
     taus, ...}``. Metrics: filters removed per layer, in total and as a fraction of the phase's filters.
@@ -419,8 +249,8 @@ def select_filters(input_path: Path, cfg: PipelineConfig, out_json: Path, *, pha
             "stages.selection.criterion 'taylor' prunes step by step with fine-tuning in between: "
             "use stages.taylor_prune_stage (the pipeline does), not select_filters"
         )
-    _check_ranking_target(cfg)
-    input_path, out_json = Path(input_path), Path(out_json)
+    check_ranking_target(cfg)
+    input_path, out = Path(input_path), Path(out)
     ckpt = load_checkpoint(input_path, expect_model=cfg.model.name)
     layers = _phase_layers(ckpt, phase)
     record: dict[str, Any] = {
@@ -461,10 +291,10 @@ def select_filters(input_path: Path, cfg: PipelineConfig, out_json: Path, *, pha
         chosen, info = _select_ranked(ckpt.model, dg, scores, cfg, DEFAULT_SCOPE[settings.criterion])
         record.update(info)
     record["layers"] = chosen
-    _write_json_atomic(out_json, record)
+    write_json_atomic(out, record)
     metrics = selection_metrics(record)
     metrics["selection_seconds"] = time.perf_counter() - started
-    return out_json, metrics
+    return out, metrics
 
 
 def _select_ranked(model, dg, scores: dict[str, list[float]], cfg: PipelineConfig,
@@ -503,23 +333,6 @@ def selection_metrics(selection: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def read_selection(path: Path) -> dict[str, Any]:
-    """A selection JSON written by ``select_filters`` / ``taylor_prune_stage`` (one-line errors)."""
-    path = Path(path)
-    if not path.is_file():
-        raise StageError(f"{path}: selection file not found")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise StageError(f"{path}: not a valid selection JSON ({exc})") from None
-    layers = data.get("layers") if isinstance(data, dict) else None
-    if not isinstance(layers, dict) or not all(
-        isinstance(e, dict) and isinstance(e.get("remove"), list) and isinstance(e.get("keep"), int) for e in layers.values()
-    ):
-        raise StageError(f"{path}: a selection needs 'layers': {{layer: {{'remove': [...], 'keep': n}}}}")
-    return data
-
-
 # --------------------------------------------------------------------------------------------
 # Stage 4: prune
 
@@ -532,7 +345,6 @@ def prune_selected(ckpt, layers: dict[str, Any], cfg: PipelineConfig) -> None:
     means = None
     if cfg.stages.selection.compensate:
         from compression.data.loaders import build_loader
-        from compression.jobs import _first_batches
         from compression.models import model_input_size
         from compression.train import move_batch
 
@@ -541,7 +353,7 @@ def prune_selected(ckpt, layers: dict[str, Any], cfg: PipelineConfig) -> None:
                               seed=cfg.seed)
 
         def forward(model) -> None:
-            for batch in _first_batches(loader, cfg.stages.selection.compensation_batches):
+            for batch in FirstBatches(loader, cfg.stages.selection.compensation_batches):
                 inputs, _targets = move_batch(batch, device)
                 model(inputs)
 
@@ -560,7 +372,7 @@ def prune(input_path: Path, selection_path: Path, cfg: PipelineConfig, out: Path
 
     started = time.perf_counter()
     input_path, selection_path, out = Path(input_path), Path(selection_path), Path(out)
-    _same_file(input_path, out)
+    refuse_same_file(input_path, out)
     selection = read_selection(selection_path)
     if selection.get("phase") != phase.name:
         raise StageError(f"{selection_path}: is the selection of phase {selection.get('phase')!r}, not of {phase.name!r}")
@@ -598,9 +410,9 @@ def retrain(input_path: Path, cfg: PipelineConfig, out: Path, *, phase: PhaseCon
     """Train the pruned model with the original loss only (no L1) to recover accuracy."""
     started = time.perf_counter()
     input_path, out = Path(input_path), Path(out)
-    _same_file(input_path, out)
+    refuse_same_file(input_path, out)
     job = TrainJob(stage="retrain", config=cfg.model_dump(mode="json"), optim=_optim(cfg.stages.retrain),
-                   input_checkpoint=str(input_path), output_checkpoint=str(_scratch(out, "trained")),
+                   input_checkpoint=str(input_path), output_checkpoint=str(scratch_path(out, "trained")),
                    phase=_phase_name(phase))
     ckpt = _train(job, trainer)
     return _finish(ckpt, cfg, out, base_metrics, time.perf_counter() - started)
@@ -623,7 +435,7 @@ def distill(student_path: Path, teacher_path: Path, cfg: PipelineConfig, out: Pa
     """
     started = time.perf_counter()
     student_path, teacher_path, out = Path(student_path), Path(teacher_path), Path(out)
-    _same_file(student_path, out)
+    refuse_same_file(student_path, out)
     student, teacher = read_metadata(student_path), read_metadata(teacher_path)
     if teacher["model_name"] != student["model_name"]:
         raise StageError(
@@ -636,7 +448,7 @@ def distill(student_path: Path, teacher_path: Path, cfg: PipelineConfig, out: Pa
             "distillation needs the same classes"
         )
     job = TrainJob(stage="distill", config=cfg.model_dump(mode="json"), optim=_optim(cfg.stages.distill),
-                   input_checkpoint=str(student_path), output_checkpoint=str(_scratch(out, "trained")),
+                   input_checkpoint=str(student_path), output_checkpoint=str(scratch_path(out, "trained")),
                    teacher_checkpoint=str(teacher_path))
     ckpt = _train(job, trainer)
     ckpt.extra["teacher"] = str(teacher_path)
@@ -648,29 +460,26 @@ def distill(student_path: Path, teacher_path: Path, cfg: PipelineConfig, out: Pa
 
 
 def taylor_prune_stage(input_path: Path, cfg: PipelineConfig, out: Path, *, phase: PhaseConfig,
-                       trainer: Trainer | None = None,
                        base_metrics: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
     """Molchanov et al. 2017 on the phase's layers: score, remove the globally lowest filters, fine-tune, repeat.
 
     Runs in this process (``criteria.taylor_prune``): each step scores over ``selection.taylor_batches``
     training batches and fine-tunes ``selection.taylor_finetune_batches`` batches with the task loss and the
-    ``stages.retrain`` optimiser settings at a constant learning rate. The fine-tuning does not go through
-    ``trainer`` (a few batches per step do not pay for a distributed job); ``trainer`` is accepted so every
-    stage has the same shape. Stops at ``prune_ratio`` / ``target_flops_ratio``. Writes the removed filters
+    ``stages.retrain`` optimiser settings at a constant learning rate, in this process (a few batches per
+    step do not pay for a distributed job). Stops at ``prune_ratio`` / ``target_flops_ratio``. Writes the removed filters
     (original indices, per step) as ``<out>.selection.json`` next to the checkpoint.
     """
     from compression.criteria import taylor_prune
     from compression.data.loaders import build_loader
-    from compression.jobs import _first_batches
     from compression.models import model_input_size
     from compression.pruning import layer_channels
     from compression.train import make_objective, move_batch, seed_everything, train_model
 
     started = time.perf_counter()
     cfg = cfg.for_phase(phase)
-    _check_ranking_target(cfg)
+    check_ranking_target(cfg)
     input_path, out = Path(input_path), Path(out)
-    _same_file(input_path, out)
+    refuse_same_file(input_path, out)
     ckpt = load_checkpoint(input_path, expect_model=cfg.model.name)
     layers = _phase_layers(ckpt, phase)
     original = {name: layer_channels(ckpt.model.get_submodule(name)) for name in layers}
@@ -689,7 +498,7 @@ def taylor_prune_stage(input_path: Path, cfg: PipelineConfig, out: Path, *, phas
         return objective(inputs, targets)
 
     def finetune(net, batches: int) -> None:
-        train_model(objective, _first_batches(loader, batches), finetune_optim, device=device,
+        train_model(objective, FirstBatches(loader, batches), finetune_optim, device=device,
                     amp_bf16=cfg.compute.amp_bf16, context=context, progress=False)
 
     model, history = taylor_prune(model, layers, loss_fn, loader, finetune, cfg.stages.selection,
@@ -711,7 +520,7 @@ def taylor_prune_stage(input_path: Path, cfg: PipelineConfig, out: Path, *, phas
                    for name in layers},
         "history": history,
     }
-    selection_path = _write_json_atomic(out.with_name(f"{out.stem}.selection.json"), selection)
+    selection_path = write_json_atomic(out.with_name(f"{out.stem}.selection.json"), selection)
     pruned = ckpt.derive(model, stage="taylor", phase=phase.name, selection=str(selection_path),
                          criterion="taylor", taylor_steps=len(history))
     summary = {**selection_metrics(selection), "taylor_steps": len(history), "selection": str(selection_path)}

@@ -114,7 +114,7 @@ def eval_(
 ) -> None:
     """Evaluate a checkpoint: size, FLOPs, mAP (VOC07, VOC, COCO) or top-1, latency."""
     from compression.checkpoint import read_metadata
-    from compression.stages import evaluate_checkpoint
+    from compression.measure import evaluate_checkpoint
 
     read_metadata(checkpoint)  # refuse a bad file before building any data
     cfg = _load(config, overrides)
@@ -128,7 +128,7 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Show a checkpoint's lineage, params, size, FLOPs and per-layer channels."""
-    from compression.stages import checkpoint_info
+    from compression.measure import checkpoint_info
 
     details = checkpoint_info(checkpoint)
     if as_json:
@@ -170,7 +170,7 @@ def run(
 ) -> None:
     """Run the whole pipeline (Prefect flow, Ray Train, MLflow) and print the checkpoint table."""
     if budget is not None:
-        from compression.search import load_search, parse_budget
+        from compression.budget import load_search, parse_budget
 
         parse_budget(budget)  # a bad budget, search setting or config stops here, before Prefect or Ray start
         _run_budget(_load(config, overrides), budget, load_search(search or []))
@@ -262,7 +262,7 @@ def _run_budget(cfg, budget: str, search) -> None:
 
 def compression_table(title: str, rows: list[dict], task: str) -> Table:
     """One line per checkpoint: size, cost, task metrics, ratios to the first row (the pretrained base)."""
-    from compression.stages import add_ratios
+    from compression.measure import add_ratios
 
     detection = task == "detection"
     metric = "map_voc07" if detection else "top1"
@@ -449,7 +449,7 @@ def compare(
     home: HomeOpt = DEFAULT_HOME,
 ) -> None:
     """Print the checkpoints of pipeline runs side by side (size, FLOPs, mAP, ratios) and plot mAP vs FLOPs."""
-    from flows.compare import compare_runs, compare_table, pareto_plot, resolve_uri, task_metric
+    from tasks.compare import compare_runs, compare_table, pareto_plot, resolve_uri, task_metric
 
     uri = resolve_uri(mlflow_uri, home)
     rows = compare_runs(uri, experiment, runs or [], last=last)

@@ -1,14 +1,16 @@
-"""The ``compress`` Prefect flow: the whole pipeline, stage by stage, as one DAG.
+"""The ``compress`` Prefect flow: the steps of ``compression.plan``, one cached task each, as one DAG.
 
-    preflight (config, data, phases, GPU, Ray address, MLflow)       nothing started yet
+    preflight (config, the method's settings, data, GPU, Ray address, MLflow)    nothing started yet
     MLflow parent run (Ray starts at the first training fit, once, and serves every stage)
-    pretrain -> evaluate (the base every ratio refers to)
-    for each phase: induce_sparsity -> select_filters -> prune -> retrain
+    pretrain (its measurements are the base every ratio refers to)
+    for each phase: sparsity -> selection -> prune -> retrain   (criterion taylor: taylor -> retrain)
     distill (if enabled; teacher = the pretrained model)
-    evaluate the final model -> register it in MLflow -> checkpoint table artifact
+    the answer: the distilled or the retrained model, whichever scores higher on the validation split
+    -> registered in MLflow -> checkpoint table artifact
 
 Every stage is a cached Prefect task (``tasks/stages.py``): a re-run after a failure or a kill redoes only
-what did not finish. Each checkpoint becomes a nested MLflow run as soon as its stage is done.
+what did not finish. Each checkpoint becomes a nested MLflow run as soon as its stage is done; a stage
+measures its checkpoint once, and those measurements are what is logged.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from compression.config import PhaseConfig, PipelineConfig
+from compression import plan as P
+from compression.config import PipelineConfig
 from compression.errors import DataError, PrunepipeError
 from compression.train import primary_metric
 from tasks import stages as T
@@ -36,8 +41,16 @@ log = logging.getLogger(__name__)
 
 
 TABLE_COLUMNS = ("checkpoint", "stage", "phase", "params", "nonzero_params", "size_bytes", "flops",
-                 "map_voc07", "map_voc", "map_coco", "top1", "latency_b1_ms", "params_ratio", "size_bytes_ratio",
-                 "flops_ratio", "map_voc07_drop", "top1_drop", "cached")
+                 "map_voc07", "map_voc", "map_coco", "top1", "val_map_voc07", "val_top1", "latency_b1_ms",
+                 "params_ratio", "size_bytes_ratio", "flops_ratio", "map_voc07_drop", "top1_drop", "final", "cached")
+
+_LOCKS: dict[str, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _lock(path: Path) -> threading.Lock:
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(str(path), threading.Lock())
 
 
 # --------------------------------------------------------------------------------------------
@@ -45,9 +58,11 @@ TABLE_COLUMNS = ("checkpoint", "stage", "phase", "params", "nonzero_params", "si
 
 
 @dataclass
-class Plan:
+class Checked:
+    """What preflight found: where the run goes, its steps, the tracking server."""
+
     run_dir: Path
-    phases: list[PhaseConfig]
+    steps: list[P.Step]
     tracking_uri: str
     checks_seconds: float = 0.0
 
@@ -65,9 +80,11 @@ def check_data(cfg: PipelineConfig) -> None:
             raise DataError(f"data.root {root}: the {split} split has no images")
 
 
-def preflight(cfg: PipelineConfig) -> Plan:
-    """Validate data, phases, GPU, Ray address and MLflow before anything is started; one line on error."""
+def preflight(cfg: PipelineConfig) -> Checked:
+    """Validate the method's settings (every phase's layers and criterion target), data, GPU, Ray address
+    and MLflow before anything is started; one line on error."""
     started = time.perf_counter()
+    steps = P.build_plan(cfg)
     check_gpu(cfg.compute)
     address = ray_address(cfg.compute)
     if address:
@@ -79,67 +96,91 @@ def preflight(cfg: PipelineConfig) -> Plan:
 
         read_metadata(cfg.stages.pretrain.checkpoint)
     check_data(cfg)
-    phases = T.S.phases_for(cfg)  # every layer of every phase exists and is prunable
-    plan = Plan(run_dir=(Path(cfg.workdir) / cfg.name).resolve(), phases=phases, tracking_uri=uri)
-    plan.checks_seconds = time.perf_counter() - started
-    return plan
+    checked = Checked(run_dir=(Path(cfg.workdir) / cfg.name).resolve(), steps=steps, tracking_uri=uri)
+    checked.checks_seconds = time.perf_counter() - started
+    return checked
 
 
 # --------------------------------------------------------------------------------------------
-# Running one stage task: cache location, refresh when the output is gone, MLflow child run
+# Running the plan's steps as tasks: cache location, refresh when the output is gone, MLflow child runs
 
 
 class StageRunner:
-    """Calls stage tasks with the run's result storage and records one table row per checkpoint."""
+    """Runs plan steps as the cached stage task with the run's result storage; one table row per checkpoint.
 
-    def __init__(self, cfg: PipelineConfig, plan: Plan, tracker: RunTracker) -> None:
+    ``output_for(step, inputs)`` may place an output elsewhere than ``run_dir / step.output`` (the budget
+    trials share a sparsity stage that way); a lock per output path makes a second caller wait for the
+    first and then find its result in the cache.
+    """
+
+    def __init__(self, cfg: PipelineConfig, run_dir: Path, tracker: RunTracker, storage: Path | None = None,
+                 output_for: Callable[[P.Step, dict[str, str]], Path] | None = None) -> None:
         self.cfg = cfg
-        self.plan = plan
+        self.run_dir = run_dir
         self.tracker = tracker
         # A Path means a LocalFileSystem (an unsaved block is refused as result storage).
-        self.storage = plan.run_dir / ".prefect-results"
+        self.storage = storage or run_dir / ".prefect-results"
+        self.output_for = output_for
         self.rows: list[dict[str, Any]] = []
-        self.index = 0
         self.current: tuple[str, str | None] = ("preflight", None)
 
-    def output(self, stage: str, phase: PhaseConfig | None = None, suffix: str = ".safetensors") -> Path:
-        name = f"{self.index:02d}_{stage}" + (f"_{phase.name}" if phase else "")
-        self.index += 1
-        return self.plan.run_dir / f"{name}{suffix}"
+    def run(self, steps: list[P.Step], produced: dict[str, str],
+            base_metrics: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+        """Run ``steps`` in order, each reading earlier outputs from ``produced`` (by step name, updated);
+        every checkpoint is logged as it is done. Returns the task results by step name (a checkpoint's
+        with its table row as ``row``)."""
+        results: dict[str, dict[str, Any]] = {}
+        for step in steps:
+            inputs = P.input_paths(step, produced)
+            out = self.output_for(step, inputs) if self.output_for else self.run_dir / step.output
+            result = self.call(step, out, inputs, base_metrics)
+            produced[step.name] = result["path"]
+            results[step.name] = result
+            if step.stage.name == "pretrain":
+                base_metrics = result["metrics"]
+            if step.stage.kind == "checkpoint":
+                selections = [results[source] for source in step.inputs.values()
+                              if source in results and results[source].get("kind") == "selection"]
+                result["row"] = self.record(result, step, selection=selections[0] if selections else None)
+        return results
 
-    def call(self, task: Any, *, stage: str, phase: PhaseConfig | None = None, out: Path | None = None,
-             **inputs: Any) -> dict[str, Any]:
-        """Run ``task`` (cached), returning its result dict plus ``cached``."""
-        self.current = (stage, phase.name if phase else None)
-        kwargs = dict(inputs, config=self.cfg)
-        if out is not None:
-            kwargs["out"] = str(out)
-        if phase is not None:
-            kwargs["phase"] = phase
-        refresh = out is not None and not out.exists()
+    def call(self, step: P.Step, out: Path, inputs: dict[str, str],
+             base_metrics: dict[str, Any] | None) -> dict[str, Any]:
+        """Run ``step`` through the cached stage task, returning its result dict plus ``cached``."""
+        self.current = (step.stage.name, step.phase.name if step.phase else None)
+        kwargs = {"config": self.cfg, "stage": step.stage.name, "phase": step.phase, "inputs": inputs,
+                  "out": str(out), "base_metrics": base_metrics}
         started = time.perf_counter()
-        while True:
-            configured = task.with_options(result_storage=self.storage, refresh_cache=refresh)
-            state = configured(**kwargs, return_state=True)
-            result = dict(state.result())  # raises the task's exception when it failed
-            result["cached"] = state.name == "Cached"
-            # A cache hit must still find its own output (a later run with other settings may have
-            # written another file at the same path): otherwise compute it again.
-            if refresh or not result["cached"] or T.file_matches(result["path"], result.get("sha256")):
-                # Wall time of the task as the flow saw it: Prefect's orchestration and cache lookup included.
-                result["call_seconds"] = time.perf_counter() - started
-                return result
-            get_run_logger().warning("%s: cached output %s changed on disk; recomputing", stage, result["path"])
-            refresh = True
+        with _lock(out):
+            refresh = not out.exists()
+            while True:
+                configured = T.run_stage.with_options(result_storage=self.storage, refresh_cache=refresh)
+                state = configured(**kwargs, return_state=True)
+                result = dict(state.result())  # raises the task's exception when it failed
+                result["cached"] = state.name == "Cached"
+                result["kind"] = step.stage.kind
+                # A cache hit must still find its own output (a later run with other settings may have
+                # written another file at the same path): otherwise compute it again.
+                if refresh or not result["cached"] or T.file_matches(result["path"], result.get("sha256")):
+                    # Wall time of the task as the flow saw it: Prefect's orchestration and cache lookup included.
+                    result["call_seconds"] = time.perf_counter() - started
+                    return result
+                get_run_logger().warning("%s: cached output %s changed on disk; recomputing", step.label,
+                                         result["path"])
+                refresh = True
 
-    def record(self, result: dict[str, Any], *, stage: str, phase: PhaseConfig | None = None,
-               params: dict[str, Any] | None = None, selection: str | None = None,
-               metrics: dict[str, Any] | None = None, extra_seconds: float = 0.0) -> dict[str, Any]:
-        """One MLflow child run and one table row for a checkpoint."""
+    def record(self, result: dict[str, Any], step: P.Step, selection: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One MLflow child run and one table row for a checkpoint (with the selection it was made from)."""
         from compression.checkpoint import read_metadata
 
         path = Path(result["path"])
-        metrics = metrics or result["metrics"]
+        phase = step.phase
+        metrics = {**selection["metrics"], **result["metrics"]} if selection else result["metrics"]
+        extra_seconds = selection["call_seconds"] if selection else 0.0
+        settings = self.cfg.stages.model_dump(mode="json")
+        sections = step.stage.sections
+        params = settings[sections[0]] if len(sections) == 1 else {
+            f"{section}.{key}": value for section in sections for key, value in settings[section].items()}
         logging_started = time.perf_counter()
         history = read_metadata(path).get("extra", {}).get("history", [])
         # > 0: this stage's training continued a Ray Train run that an earlier (killed) flow run began.
@@ -147,19 +188,19 @@ class StageRunner:
                                                       default=0)
         try:
             run_id = T.log_checkpoint(
-                self.tracker, path.stem, stage=stage, phase=phase.name if phase else None, checkpoint=str(path),
-                metrics={**metrics, **({"resumed_from_epoch": resumed_from} if resumed_from else {})},
-                params={**(params or {}), **({"layers": phase.layers} if phase else {})},
-                history=history, selection=selection, cached=result["cached"],
+                self.tracker, path.stem, stage=step.stage.name, phase=phase.name if phase else None,
+                checkpoint=str(path), metrics={**metrics, **({"resumed_from_epoch": resumed_from} if resumed_from else {})},
+                params={**params, **({"layers": phase.layers} if phase else {})},
+                history=history, selection=selection["path"] if selection else None, cached=result["cached"],
             )
         except Exception as exc:
-            lost = tracking_lost(self.tracker, exc, f"checkpoint {path.name}", self.plan.run_dir)
+            lost = tracking_lost(self.tracker, exc, f"checkpoint {path.name}", self.run_dir)
             if lost is None:
                 raise
             raise lost from exc
-        row = {"checkpoint": path.stem, "stage": stage, "phase": phase.name if phase else None, "path": str(path),
-               **{k: v for k, v in metrics.items() if not isinstance(v, dict | list)},
-               "cached": result["cached"], "mlflow_run_id": run_id,
+        row = {"checkpoint": path.stem, "stage": step.stage.name, "phase": phase.name if phase else None,
+               "path": str(path), **{k: v for k, v in metrics.items() if not isinstance(v, dict | list)},
+               "cached": result["cached"], "mlflow_run_id": run_id, "final": False,
                # Time spent in this flow run (a cached stage took none).
                "fit_seconds": 0.0 if result["cached"] else sum(f["seconds"] for f in result.get("fits", [])),
                "task_seconds": 0.0 if result["cached"] else result.get("task_seconds"),
@@ -195,68 +236,40 @@ def tracking_lost(tracker: RunTracker, exc: BaseException, what: str, run_dir: P
 
 @flow(name="compress", persist_result=False, validate_parameters=True)
 def compress(config: PipelineConfig) -> dict[str, Any]:
-    """Compress ``config.model``: pretrain, prune phase by phase (sparsity, selection, prune, retrain),
-    distill, evaluate; every checkpoint tracked in MLflow and summarised in a table artifact."""
+    """Compress ``config.model``: pretrain, prune phase by phase, distill, keep the better of the distilled
+    and the retrained model on the validation split; every checkpoint tracked in MLflow and summarised in a
+    table artifact."""
     from prefect.runtime import flow_run
 
     cfg = config
     logger = get_run_logger()
     timings: dict[str, float] = {}
 
-    plan = preflight(cfg)
-    timings["preflight"] = plan.checks_seconds
+    checked = preflight(cfg)
+    timings["preflight"] = checked.checks_seconds
     # Ray starts (or is joined) at the first training fit and serves every later one: a fully cached
     # re-run never starts it. Everything that could stop it was checked by preflight.
-    tracker = RunTracker.start(cfg, flow_run_id=flow_run.get_id(), uri=plan.tracking_uri)
-    run = StageRunner(cfg, plan, tracker)
-    stage_params = cfg.stages.model_dump(mode="json")
+    tracker = RunTracker.start(cfg, flow_run_id=flow_run.get_id(), uri=checked.tracking_uri)
+    run = StageRunner(cfg, checked.run_dir, tracker)
+    metric = primary_metric(_task_of(cfg))
 
     try:
-        # Stage 1: the base model, and its measurements every ratio refers to.
-        pretrained = run.call(T.pretrain, stage="pretrain", out=run.output("pretrain"))
-        base = run.call(T.evaluate, stage="evaluate", checkpoint=pretrained["path"], label="base")
-        base_metrics = base["metrics"]
-        timings["evaluate_base"] = base["call_seconds"]
-        run.record(pretrained, stage="pretrain", params=stage_params["pretrain"],
-                   metrics={**pretrained["metrics"], **base_metrics})
-        current = pretrained["path"]
-
-        # Stages 2-5, phase by phase.
-        for phase in plan.phases:
-            sparse = run.call(T.induce_sparsity, stage="sparsity", phase=phase, out=run.output("sparsity", phase),
-                              input_path=current, base_metrics=base_metrics)
-            run.record(sparse, stage="sparsity", phase=phase, params=stage_params["sparsity"])
-            selection = run.call(T.select_filters, stage="selection", phase=phase,
-                                 out=run.output("selection", phase, suffix=".json"), input_path=sparse["path"])
-            pruned = run.call(T.prune, stage="prune", phase=phase, out=run.output("prune", phase),
-                              input_path=sparse["path"], selection_path=selection["path"], base_metrics=base_metrics)
-            run.record(pruned, stage="prune", phase=phase, params=stage_params["selection"],
-                       selection=selection["path"], metrics={**selection["metrics"], **pruned["metrics"]},
-                       extra_seconds=selection["call_seconds"])
-            retrained = run.call(T.retrain, stage="retrain", phase=phase, out=run.output("retrain", phase),
-                                 input_path=pruned["path"], base_metrics=base_metrics)
-            run.record(retrained, stage="retrain", phase=phase, params=stage_params["retrain"])
-            current = retrained["path"]
-
-        # Stage 6: distillation from the pretrained teacher.
-        if cfg.stages.distill.enabled:
-            distilled = run.call(T.distill, stage="distill", out=run.output("distill"), student_path=current,
-                                 teacher_path=pretrained["path"], base_metrics=base_metrics)
-            run.record(distilled, stage="distill", params=stage_params["distill"])
-            current = distilled["path"]
-
-        # The final model: measured against the base, registered, summarised.
-        final = run.call(T.evaluate, stage="evaluate", checkpoint=current, label="final", base_metrics=base_metrics)
-        timings["evaluate_final"] = final["call_seconds"]
+        results = run.run(checked.steps, produced={})
+        final_step = P.choose_final(checked.steps, {name: r["metrics"] for name, r in results.items()}, _task_of(cfg))
+        final = results[final_step.name]
+        final["row"]["final"] = True
+        current = final["path"]
+        if final_step is not checked.steps[-1]:
+            logger.info("the %s model scores higher on the validation split than the distilled one: it is the "
+                        "answer", final_step.label)
         run.current = ("export", None)
-        T.log_export(tracker, cfg, current, run.rows[-1]["mlflow_run_id"])
+        T.log_export(tracker, cfg, current, final["row"]["mlflow_run_id"])
         run.current = ("register", None)
-        final_row = run.rows[-1]
-        final_row.update({k: v for k, v in final["metrics"].items() if not isinstance(v, dict | list)})
-        tracker.log_summary(run.rows, primary_metric(_task_of(cfg)))
+        # log_summary reads the answer from the last row.
+        tracker.log_summary([row for row in run.rows if not row["final"]] + [final["row"]], metric)
         registered = None
         if cfg.tracking.registered_model:
-            registered = T.register_model(tracker, cfg, current, final_row["mlflow_run_id"],
+            registered = T.register_model(tracker, cfg, current, final["row"]["mlflow_run_id"],
                                           input_example=_input_example(current))
     except BaseException as exc:
         stage, phase = run.current
@@ -267,7 +280,7 @@ def compress(config: PipelineConfig) -> dict[str, Any]:
             # The next run on this host closes the parent as KILLED (its process will be gone).
             logger.warning("could not mark the MLflow runs FAILED: %s", str(logging_error).splitlines()[0][:200])
         if isinstance(exc, Exception) and not isinstance(exc, PrunepipeError):
-            lost = tracking_lost(tracker, exc, f"{stage} results", plan.run_dir)
+            lost = tracking_lost(tracker, exc, f"{stage} results", checked.run_dir)
             if lost is not None:
                 raise lost from exc
         raise
@@ -277,13 +290,13 @@ def compress(config: PipelineConfig) -> dict[str, Any]:
     create_table_artifact(
         table=[{k: _cell(row.get(k)) for k in TABLE_COLUMNS if any(k in r for r in run.rows)} for row in run.rows],
         key=_artifact_key(cfg.name),
-        description=(f"Checkpoints of pipeline **{cfg.name}** ({cfg.model.name}); ratios are base / checkpoint. "
-                     f"MLflow: {tracker.run_link()}"),
+        description=(f"Checkpoints of pipeline **{cfg.name}** ({cfg.model.name}); ratios are base / checkpoint; "
+                     f"final: the answer (validation split). MLflow: {tracker.run_link()}"),
     )
     return {
         "name": cfg.name,
         "flow_run_id": str(flow_run.get_id()),
-        "run_dir": str(plan.run_dir),
+        "run_dir": str(checked.run_dir),
         "final_checkpoint": current,
         "checkpoints": run.rows,
         "final_metrics": final["metrics"],

@@ -195,21 +195,18 @@ def _first_line(exc: BaseException) -> str:
 
 
 def run_name(job: TrainJob) -> str:
-    """``<stage>[-<phase>]-<digest>``: the digest covers the input checkpoint's bytes and every setting
-    that shapes the training except the epoch count, so asking for more epochs continues a run."""
+    """``<stage>[-<phase>]-<digest>``: the digest covers the input checkpoint's bytes and the settings that
+    identify the stage's output (``compression.plan.stage_settings``) except the epoch count, so asking for
+    more epochs continues a run."""
+    from compression.plan import stage_settings
+
     payload = job.to_dict()
     payload.pop("output_checkpoint")
     payload["optim"] = {k: v for k, v in payload["optim"].items() if k != "epochs"}
-    config = dict(payload["config"])
-    config.pop("tracking", None)
-    config["stages"] = {
-        name: {k: v for k, v in section.items() if k != "epochs"} if isinstance(section, dict) else section
-        for name, section in config.get("stages", {}).items()
-    }
-    config["compute"] = {
-        k: v for k, v in config.get("compute", {}).items() if k not in ("ray_address", "storage_path", "max_failures")
-    }
-    payload["config"] = config
+    settings = stage_settings(job.pipeline, job.stage)
+    settings["stages"] = {name: {k: v for k, v in section.items() if k != "epochs"}
+                          for name, section in settings["stages"].items()}
+    payload["config"] = settings
     for key in ("input_checkpoint", "teacher_checkpoint"):
         if payload.get(key):
             payload[key] = file_digest(payload[key])

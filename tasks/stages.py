@@ -1,14 +1,15 @@
-"""Prefect tasks for the pipeline's stages: thin adapters over ``compression.stages``.
+"""Prefect tasks for the pipeline: one task runs any step of ``compression.plan``; MLflow logging tasks.
 
-Each task passes checkpoint *paths* and small JSON-able dicts (never tensors or models) and returns
-``{"path": ..., "metrics": {...}, "fits": [...]}``. Results are persisted as JSON (nothing pickled) in a
-result storage under the run's folder, keyed by ``STAGE_CACHE``:
+``run_stage`` passes checkpoint *paths* and small JSON-able dicts (never tensors or models) and returns
+``{"path": ..., "metrics": {...}, "fits": [...]}``. Its task run is named after the step (``prune-p1``).
+Results are persisted as JSON (nothing pickled) in a result storage under the run's folder, keyed by
+``STAGE_CACHE``:
 
 * the task's source code,
-* the task (stage) name and its phase,
-* the config, minus what cannot change the stage's output: ``tracking``, the infrastructure-only
-  ``compute`` keys (Ray address, storage path, retry budget), the phase list, and the sections of the
-  stages that come *after* this one (so changing ``stages.retrain.epochs`` does not redo sparsity),
+* the stage and its phase,
+* the settings that identify the stage's output (``compression.plan.stage_settings``: not the tracking,
+  not where it runs, not the other stages' sections, so changing ``stages.retrain.epochs`` does not redo
+  sparsity),
 * the SHA-256 of every input checkpoint/selection file (so a recomputed upstream output invalidates
   everything downstream), the output path and the base metrics.
 
@@ -29,12 +30,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE, TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
 
-from compression import stages as S
+from compression import plan as P
 from compression.checkpoint import file_digest
 from compression.config import PhaseConfig, PipelineConfig
 from compression.errors import PrunepipeError
@@ -42,38 +43,9 @@ from tasks.ray_trainer import RayTrainer, is_lost_worker
 
 log = logging.getLogger(__name__)
 
-# Config sections of the stages, in pipeline order; a task's key ignores the sections after its own.
-STAGE_SECTIONS = ("pretrain", "sparsity", "selection", "retrain", "distill")
-TASK_SECTION = {
-    "pretrain": "pretrain",
-    "induce_sparsity": "sparsity",
-    "select_filters": "selection",
-    "prune": "selection",
-    "retrain": "retrain",
-    "distill": "distill",
-    "evaluate": None,  # measuring a checkpoint depends on no stage's settings
-}
-_PATH_INPUTS = ("input_path", "selection_path", "student_path", "teacher_path", "checkpoint")
-_INFRA_COMPUTE_KEYS = ("ray_address", "storage_path", "max_failures", "gpus_per_worker")
-
 
 # --------------------------------------------------------------------------------------------
 # Cache keys
-
-
-def stage_config(config: PipelineConfig, task_name: str) -> dict[str, Any]:
-    """The part of the config a stage's output can depend on (see the module docstring)."""
-    data = config.model_dump(mode="json")
-    data.pop("tracking", None)
-    for key in _INFRA_COMPUTE_KEYS:
-        data["compute"].pop(key, None)
-    stages = data["stages"]
-    stages.pop("phases", None)
-    own = TASK_SECTION.get(task_name)
-    last = STAGE_SECTIONS.index(own) if own else -1
-    for later in STAGE_SECTIONS[last + 1:]:
-        stages.pop(later, None)
-    return data
 
 
 def _digest(path: Any) -> str | None:
@@ -84,17 +56,16 @@ def _digest(path: Any) -> str | None:
 
 
 class StageInputs(CachePolicy):
-    """Key over the stage name, the stage-relevant config, input file digests and the other inputs."""
+    """Key over the stage, the settings identifying its output, input file digests and the other inputs."""
 
     def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
-        name = task_ctx.task.name
-        payload: dict[str, Any] = {"task": name}
+        payload: dict[str, Any] = {"task": task_ctx.task.name}
         for key, value in sorted(inputs.items()):
             if key == "config":
-                payload[key] = stage_config(value, name)
-            elif key in _PATH_INPUTS:
-                payload[key] = {"path": str(value) if value is not None else None, "sha256": _digest(value)}
+                payload[key] = P.stage_settings(value, inputs["stage"], inputs.get("phase"))
+            elif key == "inputs":
+                payload[key] = {arg: {"path": str(path), "sha256": _digest(path)} for arg, path in sorted(value.items())}
             elif isinstance(value, PhaseConfig):
                 payload[key] = value.model_dump(mode="json")
             else:
@@ -211,78 +182,31 @@ _TASK_OPTIONS: dict[str, Any] = {
 
 
 # --------------------------------------------------------------------------------------------
-# The tasks
+# The stage task
 
 
-@task(name="pretrain", task_run_name="pretrain", **_TASK_OPTIONS)
-def pretrain(config: PipelineConfig, out: str) -> dict[str, Any]:
+def _stage_run_name(parameters: dict[str, Any]) -> str:
+    phase = parameters.get("phase")
+    return parameters["stage"] + (f"-{phase.name}" if phase is not None else "")
+
+
+@task(name="stage", task_run_name=_stage_run_name, **_TASK_OPTIONS)
+def run_stage(config: PipelineConfig, stage: str, phase: PhaseConfig | None, inputs: dict[str, str], out: str,
+              base_metrics: dict[str, Any] | None) -> dict[str, Any]:
+    """Run ``stage`` (a ``compression.plan.STAGES`` name) of ``phase``: ``inputs`` are the earlier outputs it
+    reads (by argument name), ``out`` its output; training goes to Ray Train."""
     started = time.perf_counter()
-    trainer = make_trainer(config)
-    path, metrics = S.pretrain(config, Path(out), trainer=trainer)
+    step = P.Step(P.STAGES[stage], Path(out).stem, phase)
+    trainer = make_trainer(config) if step.stage.trains else None
+    path, metrics = P.run_step(step, config, Path(out), inputs, trainer=trainer, base_metrics=base_metrics,
+                               logger=get_run_logger())
     return _result(path, metrics, trainer, started)
-
-
-@task(name="induce_sparsity", task_run_name="induce_sparsity-{phase.name}", **_TASK_OPTIONS)
-def induce_sparsity(config: PipelineConfig, input_path: str, out: str, phase: PhaseConfig,
-                    base_metrics: dict[str, Any]) -> dict[str, Any]:
-    started = time.perf_counter()
-    trainer = make_trainer(config)
-    path, metrics = S.induce_sparsity(Path(input_path), config, Path(out), phase=phase, trainer=trainer,
-                                      base_metrics=base_metrics)
-    return _result(path, metrics, trainer, started)
-
-
-@task(name="select_filters", task_run_name="select_filters-{phase.name}", **_TASK_OPTIONS)
-def select_filters(config: PipelineConfig, input_path: str, out: str, phase: PhaseConfig) -> dict[str, Any]:
-    started = time.perf_counter()
-    # Only the Taylor criterion trains (fine-tuning between pruning steps).
-    trainer = make_trainer(config) if config.stages.selection.criterion == "taylor" else None
-    path, metrics = S.select_filters(Path(input_path), config, Path(out), phase=phase, trainer=trainer)
-    return _result(path, metrics, trainer, started)
-
-
-@task(name="prune", task_run_name="prune-{phase.name}", **_TASK_OPTIONS)
-def prune(config: PipelineConfig, input_path: str, selection_path: str, out: str, phase: PhaseConfig,
-          base_metrics: dict[str, Any]) -> dict[str, Any]:
-    started = time.perf_counter()
-    path, metrics = S.prune(Path(input_path), Path(selection_path), config, Path(out), phase=phase,
-                            base_metrics=base_metrics)
-    return _result(path, metrics, None, started)
-
-
-@task(name="retrain", task_run_name="retrain-{phase.name}", **_TASK_OPTIONS)
-def retrain(config: PipelineConfig, input_path: str, out: str, phase: PhaseConfig,
-            base_metrics: dict[str, Any]) -> dict[str, Any]:
-    started = time.perf_counter()
-    trainer = make_trainer(config)
-    path, metrics = S.retrain(Path(input_path), config, Path(out), phase=phase, trainer=trainer,
-                              base_metrics=base_metrics)
-    return _result(path, metrics, trainer, started)
-
-
-@task(name="distill", task_run_name="distill", **_TASK_OPTIONS)
-def distill(config: PipelineConfig, student_path: str, teacher_path: str, out: str,
-            base_metrics: dict[str, Any]) -> dict[str, Any]:
-    started = time.perf_counter()
-    trainer = make_trainer(config)
-    path, metrics = S.distill(Path(student_path), Path(teacher_path), config, Path(out), trainer=trainer,
-                              base_metrics=base_metrics)
-    return _result(path, metrics, trainer, started)
-
-
-@task(name="evaluate", task_run_name="evaluate-{label}", **_TASK_OPTIONS)
-def evaluate(config: PipelineConfig, checkpoint: str, label: str, base_metrics: dict[str, Any] | None = None,
-             split: str = "test") -> dict[str, Any]:
-    """Measure a checkpoint (size, FLOPs, mAP/top-1, latency; ratios to ``base_metrics``)."""
-    started = time.perf_counter()
-    metrics = S.evaluate_checkpoint(Path(checkpoint), config, split=split, base=base_metrics)
-    return _result(checkpoint, metrics, None, started)
 
 
 # --------------------------------------------------------------------------------------------
 # MLflow logging as tasks (retried when the tracking server does not answer; never cached)
 
-_LOG_OPTIONS: dict[str, Any] = {
+LOG_OPTIONS: dict[str, Any] = {
     "cache_policy": NO_CACHE,
     "persist_result": False,
     "retries": 2,
@@ -291,7 +215,7 @@ _LOG_OPTIONS: dict[str, Any] = {
 }
 
 
-@task(name="log_checkpoint", task_run_name="log_checkpoint-{name}", **_LOG_OPTIONS)
+@task(name="log_checkpoint", task_run_name="log_checkpoint-{name}", **LOG_OPTIONS)
 def log_checkpoint(tracker: Any, name: str, stage: str, phase: str | None, checkpoint: str,
                    metrics: dict[str, Any], params: dict[str, Any], history: list[dict[str, Any]],
                    selection: str | None, cached: bool) -> str:
@@ -300,12 +224,12 @@ def log_checkpoint(tracker: Any, name: str, stage: str, phase: str | None, check
                                   history=history, selection=selection, cached=cached)
 
 
-@task(name="register_model", **_LOG_OPTIONS)
+@task(name="register_model", **LOG_OPTIONS)
 def register_model(tracker: Any, config: PipelineConfig, checkpoint: str, run_id: str, input_example: Any) -> Any:
     return tracker.register_model(config, checkpoint, run_id, input_example=input_example)
 
 
-@task(name="log_export", **_LOG_OPTIONS)
+@task(name="log_export", **LOG_OPTIONS)
 def log_export(tracker: Any, config: PipelineConfig, checkpoint: str, run_id: str) -> dict[str, Any] | None:
     """The final checkpoint's ONNX export (files, size, FLOPs) on its MLflow child run; None when
     ``tracking.log_onnx`` is off."""

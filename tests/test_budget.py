@@ -3,7 +3,7 @@
 A tiny detector (ssd_vgg_lite at width 1/8, 64x64 digits) is pretrained in this process first (a base with
 some mAP, so that a drop can exceed the budget), then the flow searches three trials (λ x γ, two at once,
 one Ray Train worker each) and retrains at most two. The tests check the chosen checkpoint against the
-pretrained one on the test split themselves, and read the trials, the Pareto artifacts and the registered
+pretrained one on the validation split (where every choice is made; the test split is only reported) themselves, and read the trials, the Pareto artifacts and the registered
 model back from MLflow and the trial subflows from the Prefect API. Durations are printed with ``-s``.
 """
 
@@ -39,10 +39,11 @@ from prefect.client.schemas.filters import (  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from compression import stages as S  # noqa: E402
+from compression.budget import load_search, parse_budget  # noqa: E402
 from compression.checkpoint import file_digest  # noqa: E402
 from compression.config import load_config  # noqa: E402
 from compression.data.digits import write_digits_voc  # noqa: E402
-from compression.search import load_search, parse_budget  # noqa: E402
+from compression.measure import evaluate_checkpoint  # noqa: E402
 from flows.budget import run_budget  # noqa: E402
 from tasks.ray_trainer import ensure_ray  # noqa: E402
 
@@ -100,21 +101,24 @@ def searched(cfg):
         yield {"summary": summary, "subflows": children, "artifacts": artifacts, "task_runs": task_runs}
 
 
-def test_the_chosen_model_is_within_the_budget_on_the_test_split(cfg, searched):
+def test_the_chosen_model_is_within_the_budget_on_the_validation_split(cfg, searched):
     summary = searched["summary"]
     chosen = summary["chosen"]
     assert chosen is not None, summary["table"]
-    # Measured here, independently of the flow: the pretrained base and the chosen checkpoint, test split.
-    base = S.evaluate_checkpoint(Path(summary["base_checkpoint"]), cfg, split="test", latency=False)
-    final = S.evaluate_checkpoint(Path(summary["final_checkpoint"]), cfg, split="test", latency=False)
+    # Measured here, independently of the flow: the pretrained base and the chosen checkpoint.
+    measured = {split: [evaluate_checkpoint(Path(summary[key]), cfg, split=split, latency=False)
+                        for key in ("base_checkpoint", "final_checkpoint")] for split in ("val", "test")}
+    (base, final), (base_test, final_test) = measured["val"], measured["test"]
     assert base["map_voc07"] > 0.02  # a base that a pruned model can fall 2 points below
     drop = base["map_voc07"] - final["map_voc07"]
     assert drop <= parse_budget(BUDGET).max_drop + 1e-9, (base["map_voc07"], final["map_voc07"])
-    assert drop == pytest.approx(chosen["final_drop"], abs=1e-6)
+    assert drop == pytest.approx(chosen["final_val_drop"], abs=1e-6)
+    # The test split is reported beside it.
+    assert base_test["map_voc07"] - final_test["map_voc07"] == pytest.approx(chosen["final_drop"], abs=1e-6)
     assert base["flops"] / final["flops"] == pytest.approx(chosen["flops_ratio"], rel=1e-6)
     assert chosen["flops_ratio"] > 1  # it is pruned
-    # The most compressed of the retrained trials within the budget.
-    within = [t for t in summary["trials"] if t.get("drop") is not None and t["drop"] <= 0.02 + 1e-9]
+    # The most compressed of the retrained trials within the budget (validation split).
+    within = [t for t in summary["trials"] if t.get("val_drop") is not None and t["val_drop"] <= 0.02 + 1e-9]
     assert max(t["flops_ratio"] for t in within) == chosen["flops_ratio"]
     assert chosen["final_stage"] in ("distill", "retrain")
 
@@ -156,6 +160,7 @@ def test_every_trial_is_an_mlflow_child_run_and_the_parent_holds_the_pareto_fron
             assert run.data.metrics[key] == pytest.approx(trial[key]), key
         if trial.get("drop") is not None:
             assert run.data.metrics["drop"] == pytest.approx(trial["drop"])
+            assert run.data.metrics["val_drop"] == pytest.approx(trial["val_drop"])
         assert run.data.tags["prunepipe.trial_status"] == trial["status"]
         nested = client.search_runs([summary["mlflow"]["experiment_id"]],
                                     filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'")

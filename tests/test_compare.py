@@ -25,8 +25,8 @@ from compression.checkpoint import save_checkpoint  # noqa: E402
 from compression.config import load_config  # noqa: E402
 from compression.data.digits import write_digits_voc  # noqa: E402
 from compression.jobs import initial_checkpoint  # noqa: E402
-from compression.stages import measure  # noqa: E402
-from flows.compare import CompareError, compare_runs, pareto_front, pareto_plot, resolve_uri  # noqa: E402
+from compression.measure import measure  # noqa: E402
+from tasks.compare import CompareError, compare_runs, pareto_front, pareto_plot, resolve_uri  # noqa: E402
 from tasks.tracking import RunTracker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

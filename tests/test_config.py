@@ -75,7 +75,7 @@ def test_json_schema_carries_bounds_for_the_ui_form():
 
 
 def test_a_phase_overrides_lambda_gamma_and_targets_of_its_own_stages_only():
-    from compression.stages import check_method_config
+    from compression.checks import check_method_config
 
     cfg = load_config("default", [
         "stages.selection.criterion=l1_norm",

@@ -162,10 +162,11 @@ def test_seed_scores_with_a_flops_budget_reach_the_target(tmp_path):
     from compression import metrics
     from compression import stages as S
     from compression.checkpoint import load_checkpoint
+    from compression.checks import phases_for
 
     path, config = _seed_stage_input(tmp_path)
     cfg = config(target_flops_ratio=3.0)
-    phase = S.phases_for(cfg)[0]
+    phase = phases_for(cfg)[0]
     out, summary = S.select_filters(path, cfg, tmp_path / "selection.json", phase=phase)
     record = json.loads(out.read_text())
     assert record["target_flops_ratio"] == 3.0 and "gamma" not in record
@@ -186,10 +187,11 @@ def test_seed_scores_with_a_flops_budget_reach_the_target(tmp_path):
 def test_seed_without_a_flops_budget_still_flags_at_gamma(tmp_path):
     from compression import stages as S
     from compression.checkpoint import load_checkpoint
+    from compression.checks import phases_for
 
     path, config = _seed_stage_input(tmp_path)
     cfg = config(gamma=0.9)
-    record = json.loads(S.select_filters(path, cfg, tmp_path / "selection.json", phase=S.phases_for(cfg)[0])[0].read_text())
+    record = json.loads(S.select_filters(path, cfg, tmp_path / "selection.json", phase=phases_for(cfg)[0])[0].read_text())
     assert record["gamma"] == 0.9 and "target_flops_ratio" not in record
     # Exactly the γ rule on Θ_L1^th (α = 1 from the checkpoint), as before the FLOPs-budget option existed.
     model = load_checkpoint(path).model

@@ -20,6 +20,7 @@ import yaml
 
 from compression import stages as S
 from compression.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from compression.checks import phases_for
 from compression.config import PhaseConfig, validate_config
 from compression.data.digits import write_digits_cls, write_digits_voc
 from compression.errors import ConfigError, StageError
@@ -180,6 +181,15 @@ def test_ssd_chain_has_every_stage_and_each_checkpoint_round_trips(ssd_run, ssd_
             assert ckpt.parent == previous
         previous = str(path)
     assert not list(ssd_run["run_dir"].glob(".*")), "scratch files left behind"
+    # The answer: the distilled model unless the retrained one scores higher on the validation split.
+    retrained, distilled = rows[-2]["metrics"], rows[-1]["metrics"]
+    better = rows[-2] if retrained["val_map_voc07"] > distilled["val_map_voc07"] else rows[-1]
+    assert [row["final"] for row in rows] == [row is better for row in rows]
+    # Measured once, before the one write: the file's size is read back, everything else is in its metadata.
+    for row in rows:
+        stored = read_metadata(row["path"])["metrics"]
+        assert "size_bytes" not in stored and row["metrics"]["size_bytes"] == Path(row["path"]).stat().st_size
+        assert stored["flops"] == row["metrics"]["flops"] and "val_map_voc07" in stored
 
 
 def test_prune_removes_exactly_the_selected_filters_from_the_l1_weights(ssd_run):
@@ -249,6 +259,26 @@ def test_resume_skips_finished_stages_and_a_used_run_dir_is_refused(ssd_run, cap
     assert {p.name: _digest(p) for p in run_dir.iterdir()} == digests
 
 
+def test_resume_redoes_only_what_other_settings_change_and_refuses_to_overwrite(ssd_run, tmp_path, caplog):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(ssd_run["run_dir"], run_dir)
+    # Other retrain settings: the existing retrain output was made with the old ones, so resuming is refused.
+    retrain = _with(ssd_run["raw"], retrain={"lr": 0.002})
+    with pytest.raises(StageError, match=r"04_retrain_all.safetensors was made with other settings .*stages"):
+        run_pipeline_in_process(validate_config(retrain), run_dir, resume=True)
+    # Other distill settings with the distilled model gone: only distill runs again.
+    (run_dir / "05_distill.safetensors").unlink()
+    before = {p.name: _digest(p) for p in run_dir.glob("0[0-4]_*")}
+    distill = _with(ssd_run["raw"], distill={"temperature": 2.0})
+    with caplog.at_level("INFO", logger="compression.plan"):
+        rows = run_pipeline_in_process(validate_config(distill), run_dir, resume=True)
+    assert [r["resumed"] for r in rows] == [True] * 4 + [False]
+    assert {p.name: _digest(p) for p in run_dir.glob("0[0-4]_*")} == before
+    lines = [r.getMessage() for r in caplog.records if r.name == "compression.plan"]
+    assert lines[0] == "stage distill started -> 05_distill.safetensors", lines
+    assert lines[1].startswith("stage distill done in") and "FLOPs" in lines[1] and "val map_voc07" in lines[1]
+
+
 # --------------------------------------------------------------------------------------------
 # The classifier: a ranking criterion and Taylor
 
@@ -290,6 +320,7 @@ def test_vgg_taylor_chain_prunes_iteratively(cls_root, cls_pretrained, tmp_path)
                 pretrain={"checkpoint": str(cls_pretrained)}, distill={"enabled": False})
     rows = run_pipeline_in_process(validate_config(raw), tmp_path / "run")
     assert [(r["stage"], r["phase"]) for r in rows] == [("pretrain", None), ("taylor", "phase1"), ("retrain", "phase1")]
+    assert [r["final"] for r in rows] == [False, False, True]  # no distillation: the retrained model
     taylor = rows[1]["metrics"]
     assert taylor["taylor_steps"] >= 2 and taylor["removed_fraction"] >= 0.2
     assert taylor["params"] < rows[0]["metrics"]["params"]
@@ -315,7 +346,7 @@ def test_stage_functions_refuse_what_they_cannot_do(cls_root, cls_pretrained, tm
     with pytest.raises(StageError, match="no α"):  # 'seed' needs the output of induce_sparsity
         S.select_filters(cls_pretrained, cfg, tmp_path / "sel.json", phase=phase)
     assert not (tmp_path / "sel.json").exists()
-    assert [p.name for p in S.phases_for(validate_config({"model": {"name": "ssd_vgg_lite"}}))] == [
+    assert [p.name for p in phases_for(validate_config({"model": {"name": "ssd_vgg_lite"}}))] == [
         "phase1", "phase2", "phase3", "phase4"]
 
 

@@ -23,7 +23,7 @@ from compression.checkpoint import save_checkpoint  # noqa: E402
 from compression.config import load_config  # noqa: E402
 from compression.data.digits import write_digits_voc  # noqa: E402
 from compression.jobs import initial_checkpoint  # noqa: E402
-from compression.stages import measure  # noqa: E402
+from compression.measure import measure  # noqa: E402
 from tasks.tracking import RunTracker, TrackingError, check_tracking, tracking_uri  # noqa: E402
 
 

@@ -3,17 +3,19 @@
 A *budget* says what the user can give up or must reach:
 
 - ``map_drop=1.0``: at most 1.0 point (0.01) of the task metric (mAP VOC07, or top-1) below the
-  pretrained model; the answer is the most compressed model (FLOPs ratio first, then parameters) within it;
+  pretrained model on the validation split; the answer is the most compressed model (FLOPs ratio first,
+  then parameters) within it;
 - ``flops=4x`` / ``params=6x``: at least that compression; the answer is the model with the smallest
-  metric drop among those reaching it.
+  validation metric drop among those reaching it.
 
 A *trial* is the pipeline with some knobs set (``SearchConfig.knobs``: config key paths -> candidate
 values, e.g. ``stages.selection.gamma: [0.5, 0.7, 0.9]``). Trials are screened cheaply (sparsity,
 selection, pruning, no retraining), ranked by those cheap signals and by compression
 (``retrain_order``), and only the most promising are retrained; ``choose`` picks the answer among them.
-Everything here works on plain dicts with the keys ``flops_ratio``, ``params_ratio``, ``drop`` (the
-retrained model's metric drop, a fraction), ``val_pruned`` / ``val_thresholded`` (cheap signals), so the
-flow (``flows/budget.py``) and the tests share it. No Prefect, Ray or MLflow here.
+Everything here works on plain dicts with the keys ``flops_ratio``, ``params_ratio``, ``val_drop`` (the
+retrained model's metric drop on the validation split, a fraction), ``val_pruned`` / ``val_thresholded``
+(cheap signals, validation split), so the flow (``flows/budget.py``) and the tests share it. Every choice
+here reads the validation split only; the test split is for reporting. No Prefect, Ray or MLflow here.
 """
 
 from __future__ import annotations
@@ -75,10 +77,11 @@ class Budget:
             return True
         return (_number(trial.get(self.ratio_key)) or 0.0) >= self.value
 
-    def meets(self, trial: Mapping[str, Any], drop_key: str = "drop") -> bool:
-        """Whether a (retrained) trial is within the budget: its drop for ``map_drop``, its ratio otherwise."""
+    def meets(self, trial: Mapping[str, Any]) -> bool:
+        """Whether a (retrained) trial is within the budget: its validation drop for ``map_drop``, its ratio
+        otherwise."""
         if self.kind == "map_drop":
-            drop = _number(trial.get(drop_key))
+            drop = _number(trial.get("val_drop"))
             return drop is not None and drop <= self.max_drop + 1e-9
         return self.reaches_ratio(trial)
 
@@ -214,9 +217,6 @@ def plan_trials(cfg: PipelineConfig, search: SearchConfig) -> list[Trial]:
             except ConfigError as exc:
                 raise ConfigError(f"search.knobs {key!r}: {str(exc).split(': ', 1)[-1]}") from None
         trial_cfg = validate_config(raw, f"search.knobs (trial {dict(knobs)})")
-        if trial_cfg.stages.selection.criterion == "taylor":
-            raise ConfigError("search.knobs: criterion 'taylor' is not run by the flow (it prunes step by step in "
-                              "compression.stages.taylor_prune_stage); use seed, l1_norm, bn_scale or random")
         early = {k: v for k, v in knobs.items() if not k.startswith(_LATE_SECTIONS)}
         trials.append(Trial(index, dict(knobs), trial_cfg, json.dumps(early, sort_keys=True, default=str)))
     return _interleave(trials)
@@ -283,27 +283,27 @@ def should_stop(retrained: Sequence[Mapping[str, Any]], remaining: Sequence[Mapp
     """Early stop of the retraining: nothing left to retrain can beat the best trial within the budget.
 
     ``map_drop``: a retrained trial meets the budget and every remaining one is less compressed (the answer
-    is the most compressed within the budget). Ratio budgets: a retrained trial lost nothing (drop <= 0):
-    no other can lose less than nothing by more than noise.
+    is the most compressed within the budget). Ratio budgets: a retrained trial lost nothing on the
+    validation split (val_drop <= 0): no other can lose less than nothing by more than noise.
     """
     best = choose(retrained, budget)
     if best is None:
         return False
     if budget.kind == "map_drop":
         return all(compression_key(t, budget) <= compression_key(best, budget) for t in remaining)
-    return (_number(best.get("drop")) or 0.0) <= 0.0
+    return (_number(best.get("val_drop")) or 0.0) <= 0.0
 
 
-def choose(trials: Iterable[Mapping[str, Any]], budget: Budget, drop_key: str = "drop") -> Mapping[str, Any] | None:
-    """The answer among retrained trials: ``map_drop``: the most compressed within the drop (ties: smaller
-    drop); ratio budgets: the smallest drop among those reaching the ratio (ties: more compressed).
-    None when no trial is within the budget."""
-    within = [t for t in trials if _number(t.get(drop_key)) is not None and budget.meets(t, drop_key)]
+def choose(trials: Iterable[Mapping[str, Any]], budget: Budget) -> Mapping[str, Any] | None:
+    """The answer among retrained trials: ``map_drop``: the most compressed within the validation drop (ties:
+    smaller drop); ratio budgets: the smallest validation drop among those reaching the ratio (ties: more
+    compressed). None when no trial is within the budget."""
+    within = [t for t in trials if _number(t.get("val_drop")) is not None and budget.meets(t)]
     if not within:
         return None
     if budget.kind == "map_drop":
-        return max(within, key=lambda t: (compression_key(t, budget), -_number(t.get(drop_key))))
-    return max(within, key=lambda t: (-_number(t.get(drop_key)), compression_key(t, budget)))
+        return max(within, key=lambda t: (compression_key(t, budget), -_number(t.get("val_drop"))))
+    return max(within, key=lambda t: (-_number(t.get("val_drop")), compression_key(t, budget)))
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 A trial's run is a child of the pipeline's parent run, named after the trial, with its knobs as params
 (``knob.<config key>``) and its measurements as metrics: the compression ratios, the cheap signals
 (``val_thresholded``: validation metric of the thresholded model; ``val_pruned``: of the pruned model
-before retraining), and once retrained ``map`` / ``drop`` (test split). The trial's checkpoints are runs
+before retraining), and once retrained ``val`` / ``val_drop`` (validation split: what the choice reads) and
+``map`` / ``drop`` (test split, reported). The trial's checkpoints are runs
 nested under it (``RunTracker`` with the trial's run as parent). The parent holds ``pareto_front.json``
 (every trial, with its place on the fronts; MLflow's table artifact) and ``plots/pareto_front.png``
 (metric vs FLOPs ratio and vs parameter ratio). Every call is a Prefect task retried when the tracking
@@ -19,7 +20,7 @@ from typing import Any
 
 from prefect import task
 
-from tasks.stages import _LOG_OPTIONS
+from tasks.stages import LOG_OPTIONS
 from tasks.tracking import RunTracker, _metric_rows, _pyplot, param_value, process_id
 
 TRIAL_STATUS_TAG = "prunepipe.trial_status"
@@ -30,7 +31,7 @@ def trial_tracker(tracker: RunTracker, trial_run_id: str) -> RunTracker:
     return dataclasses.replace(tracker, parent_run_id=trial_run_id, timings={})
 
 
-@task(name="start_trial_run", task_run_name="start_trial_run-{name}", **_LOG_OPTIONS)
+@task(name="start_trial_run", task_run_name="start_trial_run-{name}", **LOG_OPTIONS)
 def start_trial_run(tracker: RunTracker, name: str, knobs: Mapping[str, Any], label: str) -> str:
     """A RUNNING child run of the parent for trial ``name``, its knobs as params; returns its id."""
     from mlflow.entities import Param
@@ -44,7 +45,7 @@ def start_trial_run(tracker: RunTracker, name: str, knobs: Mapping[str, Any], la
     return run.info.run_id
 
 
-@task(name="log_trial", task_run_name="log_trial-{name}", **_LOG_OPTIONS)
+@task(name="log_trial", task_run_name="log_trial-{name}", **LOG_OPTIONS)
 def log_trial(tracker: RunTracker, name: str, run_id: str, metrics: Mapping[str, Any], status: str,
               terminate: str | None = None, error: str | None = None) -> None:
     """Metrics and status of a trial's run (``terminate``: FINISHED / FAILED closes it)."""
@@ -59,7 +60,7 @@ def log_trial(tracker: RunTracker, name: str, run_id: str, metrics: Mapping[str,
         client.set_terminated(run_id, terminate)
 
 
-@task(name="log_pareto", **_LOG_OPTIONS)
+@task(name="log_pareto", **LOG_OPTIONS)
 def log_pareto(tracker: RunTracker, table: list[dict[str, Any]], base: Mapping[str, Any], metric: str,
                budget_text: str, summary: Mapping[str, Any]) -> dict[str, str]:
     """The Pareto table (``pareto_front.json``) and plot (``plots/pareto_front.png``) on the parent run,

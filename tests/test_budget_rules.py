@@ -1,12 +1,10 @@
-"""compression.search: budgets, the knob grid, the retrain order, early stop, the choice, Pareto, Spearman."""
+"""compression.budget: budgets, the knob grid, the retrain order, early stop, the choice, Pareto, Spearman."""
 
 from __future__ import annotations
 
 import pytest
 
-from compression.config import load_config
-from compression.errors import ConfigError
-from compression.search import (
+from compression.budget import (
     Budget,
     SearchConfig,
     choose,
@@ -18,6 +16,8 @@ from compression.search import (
     should_stop,
     spearman,
 )
+from compression.config import load_config
+from compression.errors import ConfigError
 
 
 @pytest.mark.parametrize(("text", "kind", "value", "max_drop"), [
@@ -54,10 +54,11 @@ def test_bad_budget_strings_are_one_line_config_errors_naming_the_text(text, say
 
 def test_budget_meets():
     drop = parse_budget("map_drop=1.0")
-    assert drop.meets({"drop": 0.01}) and drop.meets({"drop": -0.2})
-    assert not drop.meets({"drop": 0.0101}) and not drop.meets({"drop": None}) and not drop.meets({})
+    assert drop.meets({"val_drop": 0.01}) and drop.meets({"val_drop": -0.2})
+    assert not drop.meets({"val_drop": 0.0101}) and not drop.meets({"val_drop": None}) and not drop.meets({})
+    assert not drop.meets({"drop": 0.0, "val_drop": 0.5})  # the test split's drop is never read
     flops = parse_budget("flops=4x")
-    assert flops.meets({"flops_ratio": 4.0, "drop": 0.5}) and not flops.meets({"flops_ratio": 3.99})
+    assert flops.meets({"flops_ratio": 4.0, "val_drop": 0.5}) and not flops.meets({"flops_ratio": 3.99})
     assert parse_budget("params=6x").meets({"params_ratio": 7, "flops_ratio": 1})
 
 
@@ -115,7 +116,6 @@ def test_trials_share_a_gpu_in_fractions_on_a_gpu_run():
 @pytest.mark.parametrize(("knobs", "says"), [
     ({"stages.selection.gama": [0.5]}, "unknown key 'stages.selection.gama'"),
     ({"stages.selection.gamma": [1.5]}, "stages.selection.gamma"),
-    ({"stages.selection.criterion": ["taylor"]}, "taylor"),
     ({"stages.retrain.epochs.x": [1]}, "is a value, not a section"),
 ])
 def test_bad_knobs_fail_in_one_line_naming_the_knob(knobs, says):
@@ -124,8 +124,21 @@ def test_bad_knobs_fail_in_one_line_naming_the_knob(knobs, says):
     assert "\n" not in str(info.value)
 
 
+def test_a_taylor_trial_runs_the_taylor_steps_of_the_plan():
+    from compression.plan import build_plan
+
+    cfg = load_config("default", ["stages.phases=[{name: p1, layers: [conv3_1]}]",
+                                  "stages.selection.target_flops_ratio=2"])
+    trials = plan_trials(cfg, SearchConfig(knobs={"stages.selection.criterion": ["seed", "taylor"]}))
+    plans = {t.knobs["stages.selection.criterion"]: [s.name for s in build_plan(t.config)] for t in trials}
+    assert plans == {"seed": ["00_pretrain", "01_sparsity_p1", "02_selection_p1", "03_prune_p1", "04_retrain_p1",
+                              "05_distill"],
+                     "taylor": ["00_pretrain", "01_taylor_p1", "02_retrain_p1", "03_distill"]}
+
+
 def trial(name, flops, params, drop=None, val_pruned=None, val_thresholded=None, **extra):
-    return {"trial": name, "flops_ratio": flops, "params_ratio": params, "drop": drop, "val_pruned": val_pruned,
+    """A trial record; ``drop`` is the retrained model's drop on the validation split."""
+    return {"trial": name, "flops_ratio": flops, "params_ratio": params, "val_drop": drop, "val_pruned": val_pruned,
             "val_thresholded": val_thresholded, **extra}
 
 
@@ -197,3 +210,59 @@ def test_spearman():
 def test_budget_describe():
     assert "1 points" in Budget("map_drop", 1.0).describe()
     assert "4x fewer FLOPs" in parse_budget("flops=4x").describe()
+
+
+# --------------------------------------------------------------------------------------------
+# Every choice reads the validation split only
+
+
+class ReadKeys(dict):
+    """A real dict that records every key read from it."""
+
+    def __init__(self, *args, seen: set, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = seen
+
+    def __getitem__(self, key):
+        self.seen.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.seen.add(key)
+        return super().get(key, default)
+
+
+# What the flows put beside the validation figures: the test split's, only reported.
+TEST_SPLIT_KEYS = {"map", "drop", "map_pruned", "drop_pruned", "final_map", "final_drop", "map_voc07",
+                   "map_voc07_drop", "top1", "top1_drop"}
+
+
+@pytest.mark.parametrize("budget", ["map_drop=1.0", "flops=2x", "params=2x"])
+def test_the_budget_choices_read_no_test_split_figure(budget):
+    seen: set = set()
+    wanted = parse_budget(budget)
+    # On the test split b would win everything (better pruned, smaller drop); on validation a does.
+    a = ReadKeys({**trial("a", 3.0, 3.0, drop=0.0, val_pruned=0.5, val_thresholded=0.5),
+                  "map": 0.1, "drop": 0.9, "map_pruned": 0.1, "drop_pruned": 0.9}, seen=seen)
+    b = ReadKeys({**trial("b", 3.0, 3.0, drop=0.5, val_pruned=0.1, val_thresholded=0.1),
+                  "map": 0.9, "drop": 0.0, "map_pruned": 0.9, "drop_pruned": 0.0}, seen=seen)
+    assert [t["trial"] for t in retrain_order([b, a], wanted, 2, base_val=0.6, max_pruned_drop=90)] == ["a", "b"]
+    assert choose([b, a], wanted)["trial"] == "a"
+    should_stop([a], [b], wanted)
+    assert seen and not seen & TEST_SPLIT_KEYS, seen & TEST_SPLIT_KEYS
+
+
+def test_the_final_model_is_the_better_on_the_validation_split_whatever_the_test_split_says():
+    from compression.config import load_config
+    from compression.plan import build_plan, choose_final
+
+    cfg = load_config("default", ["stages.phases=[{name: p1, layers: [conv3_1]}]"])
+    steps = build_plan(cfg)
+    retrain, distill = steps[-2], steps[-1]
+    assert (retrain.stage.name, distill.stage.name) == ("retrain", "distill")
+    seen: set = set()
+    better_on_test = ReadKeys({"val_map_voc07": 0.50, "map_voc07": 0.90}, seen=seen)
+    better_on_val = ReadKeys({"val_map_voc07": 0.60, "map_voc07": 0.10}, seen=seen)
+    assert choose_final(steps, {retrain.name: better_on_val, distill.name: better_on_test}, "detection") is retrain
+    assert choose_final(steps, {retrain.name: better_on_test, distill.name: better_on_val}, "detection") is distill
+    assert seen == {"val_map_voc07"}

@@ -1,0 +1,80 @@
+"""Checks of the method's settings that need no training: the phases, their layers, each criterion's target.
+
+Run before the first stage (the in-process pipeline, the flows' preflight, every budget trial), so a bad
+setting fails with one line naming it before anything starts.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+from compression.config import PhaseConfig, PipelineConfig
+from compression.errors import ConfigError
+
+# Criteria that rank filters and remove a configured share of them (``criteria.rank_filters``).
+RANKING_CRITERIA = ("l1_norm", "bn_scale", "random")
+PHASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def check_ranking_target(cfg: PipelineConfig) -> None:
+    """A ranking criterion and Taylor need ``prune_ratio`` or ``target_flops_ratio`` (one-line ConfigError)."""
+    selection = cfg.stages.selection
+    if selection.criterion in (*RANKING_CRITERIA, "taylor") and selection.prune_ratio is None \
+            and selection.target_flops_ratio is None:
+        raise ConfigError(
+            f"stages.selection: criterion {selection.criterion!r} needs prune_ratio or target_flops_ratio "
+            "(how many filters to remove); only 'seed' decides that from the weights"
+        )
+
+
+def check_method_config(cfg: PipelineConfig) -> list[PhaseConfig]:
+    """Everything about the method's settings that can be checked before any training; returns the phases."""
+    phases = phases_for(cfg)
+    for phase in phases:
+        check_ranking_target(cfg.for_phase(phase))
+    return phases
+
+
+def phases_for(cfg: PipelineConfig) -> list[PhaseConfig]:
+    """``stages.phases``, or the model's ``DEFAULT_PHASES`` named phase1, phase2, ...; every layer checked.
+
+    Each layer must exist in the model and be prunable (``pruning.resolve_layers``: a Conv2d/Linear, not
+    an SSD head conv, not the network's output layer); a bad one fails with one line naming the phase,
+    before any training. Phase names key the output files, so they must be unique and file-name safe.
+    """
+    from compression.models import DEFAULT_PHASES
+
+    phases = list(cfg.stages.phases or [
+        PhaseConfig(name=f"phase{index + 1}", layers=list(layers))
+        for index, layers in enumerate(DEFAULT_PHASES[cfg.model.name])
+    ])
+    if not phases:
+        raise ConfigError(f"stages.phases: no phase to prune (and {cfg.model.name} has no default phases)")
+    seen: set[str] = set()
+    for index, phase in enumerate(phases):
+        if not PHASE_NAME.fullmatch(phase.name):
+            raise ConfigError(f"stages.phases.{index}.name: {phase.name!r} must be letters, digits, '_', '-' or '.'")
+        if phase.name in seen:
+            raise ConfigError(f"stages.phases.{index}.name: {phase.name!r} is used twice (it names the output files)")
+        seen.add(phase.name)
+    check_phase_layers(cfg.model.name, cfg.model.width_mult, cfg.model.image_size,
+                       tuple((phase.name, tuple(phase.layers)) for phase in phases))
+    return phases
+
+
+@lru_cache(maxsize=16)
+def check_phase_layers(model_name: str, width_mult: float | None, image_size: int | None,
+                       phases: tuple[tuple[str, tuple[str, ...]], ...]) -> None:
+    """Resolve every phase's layers on a freshly built model (the class count does not matter here)."""
+    from compression.models import build_model
+    from compression.pruning import build_dependency_graph, resolve_layers
+
+    options = {k: v for k, v in (("width_mult", width_mult), ("image_size", image_size)) if v is not None}
+    model = build_model(model_name, num_classes=2, **options)
+    dg = build_dependency_graph(model)
+    for index, (name, layers) in enumerate(phases):
+        try:
+            resolve_layers(model, model_name, layers, dg=dg)
+        except ConfigError as exc:
+            raise ConfigError(f"stages.phases.{index} ({name}): {exc}") from None

@@ -45,9 +45,8 @@ from compression.measure import val_key
 from compression.train import primary_metric
 from flows.compress import (
     StageRunner,
-    _artifact_key,
-    _input_example,
-    _task_of,
+    artifact_key,
+    input_example,
     preflight,
     tracking_lost,
 )
@@ -110,7 +109,7 @@ def budget_trial(config: PipelineConfig, trial_name: str, trial_dir: str, shared
                  tracker: RunTracker, trial_run_id: str, base_path: str, base_metrics: dict[str, Any]) -> dict[str, Any]:
     """The trial's plan up to the last phase's pruned model (earlier phases retrained); returns the pruned
     model's ratios, the cheap signals (validation split) and the outputs so far by step name."""
-    task = _task_of(config)
+    task = P.model_task_of(config)
     metric = primary_metric(task)
     steps = P.build_plan(config)
     screening, _, _ = trial_steps(steps)
@@ -159,7 +158,7 @@ class Search:
 
     @property
     def task(self) -> str:
-        return _task_of(self.cfg)
+        return P.model_task_of(self.cfg)
 
     def trial(self, record: dict[str, Any]) -> CB.Trial:
         return next(t for t in self.trials if t.name == record["trial"])
@@ -283,7 +282,7 @@ def choose(s: Search, retrained: list[dict[str, Any]]) -> tuple[dict[str, Any] |
         alias_cfg = final_cfg.model_copy(update={"tracking": s.cfg.tracking.model_copy(
             update={"alias": s.search.alias})})
         registered = T.register_model(s.tracker, alias_cfg, final_path, final_run_id,
-                                      input_example=_input_example(final_path))
+                                      input_example=input_example(final_path))
     return chosen, final_path, registered
 
 
@@ -367,7 +366,7 @@ def budget_search(config: PipelineConfig, budget: str, search: CB.SearchConfig |
 
     create_table_artifact(
         table=[{k: _cell(v) for k, v in row.items()} for row in summary["table"]],
-        key="budget-" + _artifact_key(cfg.name).removeprefix("compress-"),
+        key="budget-" + artifact_key(cfg.name).removeprefix("compress-"),
         description=(f"Trials of the budgeted search **{wanted.text}** ({wanted.describe()}, validation split) on "
                      f"{cfg.name} ({cfg.model.name}); ratios are base / model, drops in points. Chosen: "
                      f"{chosen['trial'] if chosen else 'none within the budget'}. MLflow: {tracker.run_link()}"),

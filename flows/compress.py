@@ -251,11 +251,11 @@ def compress(config: PipelineConfig) -> dict[str, Any]:
     # re-run never starts it. Everything that could stop it was checked by preflight.
     tracker = RunTracker.start(cfg, flow_run_id=flow_run.get_id(), uri=checked.tracking_uri)
     run = StageRunner(cfg, checked.run_dir, tracker)
-    metric = primary_metric(_task_of(cfg))
+    task = P.model_task_of(cfg)
 
     try:
         results = run.run(checked.steps, produced={})
-        final_step = P.choose_final(checked.steps, {name: r["metrics"] for name, r in results.items()}, _task_of(cfg))
+        final_step = P.choose_final(checked.steps, {name: r["metrics"] for name, r in results.items()}, task)
         final = results[final_step.name]
         final["row"]["final"] = True
         current = final["path"]
@@ -266,11 +266,11 @@ def compress(config: PipelineConfig) -> dict[str, Any]:
         T.log_export(tracker, cfg, current, final["row"]["mlflow_run_id"])
         run.current = ("register", None)
         # log_summary reads the answer from the last row.
-        tracker.log_summary([row for row in run.rows if not row["final"]] + [final["row"]], metric)
+        tracker.log_summary([row for row in run.rows if not row["final"]] + [final["row"]], primary_metric(task))
         registered = None
         if cfg.tracking.registered_model:
             registered = T.register_model(tracker, cfg, current, final["row"]["mlflow_run_id"],
-                                          input_example=_input_example(current))
+                                          input_example=input_example(current))
     except BaseException as exc:
         stage, phase = run.current
         try:
@@ -289,7 +289,7 @@ def compress(config: PipelineConfig) -> dict[str, Any]:
 
     create_table_artifact(
         table=[{k: _cell(row.get(k)) for k in TABLE_COLUMNS if any(k in r for r in run.rows)} for row in run.rows],
-        key=_artifact_key(cfg.name),
+        key=artifact_key(cfg.name),
         description=(f"Checkpoints of pipeline **{cfg.name}** ({cfg.model.name}); ratios are base / checkpoint; "
                      f"final: the answer (validation split). MLflow: {tracker.run_link()}"),
     )
@@ -308,13 +308,7 @@ def compress(config: PipelineConfig) -> dict[str, Any]:
     }
 
 
-def _task_of(cfg: PipelineConfig) -> str:
-    from compression.models import model_task
-
-    return model_task(cfg.model.name)
-
-
-def _input_example(checkpoint: str) -> Any:
+def input_example(checkpoint: str) -> Any:
     """One blank image at the model's input size (MLflow infers the signature from it)."""
     import numpy as np
 
@@ -331,7 +325,7 @@ def _cell(value: Any) -> Any:
     return value
 
 
-def _artifact_key(name: str) -> str:
+def artifact_key(name: str) -> str:
     return "compress-" + (re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "run")
 
 

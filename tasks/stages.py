@@ -121,7 +121,7 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
             exc = raised
     retry = is_transient(exc)
     if exc is not None:
-        log.warning("%s failed with %s: %s", task.name, type(exc).__name__,
+        log.warning("%s failed with %s: %s", task_run.name, type(exc).__name__,
                     "retrying (transient)" if retry else "not retrying")
     return retry
 

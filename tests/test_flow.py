@@ -323,3 +323,21 @@ def _with(config: PipelineConfig, dotted: str, value) -> PipelineConfig:
         node = node[part]
     node[last] = value
     return PipelineConfig.model_validate(raw)
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--set", "stages.selection.criterion=taylor"], "criterion 'taylor' needs prune_ratio or target_flops_ratio"),
+    (["--set", "stages.phases=[{name: p1, layers: [conv3_1]}, {name: p2, layers: [conv4_1], prune_ratio: 0.2}]",
+      "--set", "stages.selection.criterion=l1_norm"], "criterion 'l1_norm' needs prune_ratio"),
+    (["--budget", "flops=2x", "--search", "knobs={stages.selection.criterion: [seed, random]}"],
+     "criterion 'random' needs prune_ratio"),
+])
+def test_cli_refuses_a_method_setting_in_one_line_before_anything_starts(tmp_path, args, says):
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", *args],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0 and says in result.stderr, result.stderr
+    assert "temporary server" not in result.stderr + result.stdout  # Prefect never started
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()

@@ -29,7 +29,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", help="YAML preset: a path or a name in configs/ (default: default)")
+    Path | None, typer.Option("--config", "-c", help="YAML preset: a path or a name in compression/configs/ (default: default)")
 ]
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", "-s", help="override a setting, e.g. --set stages.retrain.epochs=3")
@@ -408,7 +408,7 @@ def serve(
     home: HomeOpt = DEFAULT_HOME,
     presets: Annotated[
         list[str] | None,
-        typer.Option("--preset", "-p", help="a name in configs/ or a YAML path (repeatable; default: every preset)"),
+        typer.Option("--preset", "-p", help="a name in compression/configs/ or a YAML path (repeatable; default: every preset)"),
     ] = None,
     overrides: SetOpt = None,
     cron: Annotated[str, typer.Option(help="schedule of every deployment, UTC (inactive for GPU presets)")] = "0 2 * * *",

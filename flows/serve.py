@@ -1,6 +1,6 @@
 """`prunepipe serve`: the ``compress`` flow as Prefect deployments, one per preset, run by this process.
 
-Each preset ``configs/<name>.yaml`` becomes the deployment ``compress/<name>``:
+Each preset ``compression/configs/<name>.yaml`` becomes the deployment ``compress/<name>``:
 
 * its one parameter ``config`` (the whole ``PipelineConfig``) defaults to the preset's values, so the
   Prefect UI's "Run > Custom run" form shows every setting, pre-filled; the form and the server check a
@@ -88,7 +88,7 @@ class PresetDeployment:
 
 
 def preset_names() -> list[str]:
-    """Every preset in configs/ (``configs/<name>.yaml``)."""
+    """Every preset in compression/configs/ (``<name>.yaml``)."""
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
@@ -99,7 +99,7 @@ def is_heavy(cfg: PipelineConfig) -> bool:
 
 def plan_deployments(presets: list[str] | None = None, overrides: list[str] | None = None,
                      cron: str = NIGHTLY_CRON) -> list[PresetDeployment]:
-    """One deployment per preset (a name in configs/ or a YAML path; default: every preset), validated.
+    """One deployment per preset (a name in compression/configs/ or a YAML path; default: every preset), validated.
 
     ``overrides`` (``key=value``) apply to every preset. A bad preset, value or cron raises ConfigError
     (one line) before anything is registered.

@@ -33,7 +33,7 @@ $(CHROMIUM):
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/prunepipe run --config configs/default.yaml
+	$(BIN)/prunepipe run --config default
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -5,7 +5,7 @@
 
 One pretrained checkpoint per task: det = ssd_vgg_lite on digits-voc (bench/checkpoints/pretrain.safetensors,
 from bench/pretrain.py), cls = vgg16_cifar on digits-cls (bench/checkpoints/pretrain_cls.safetensors); a missing
-one is trained here once with its preset (configs/default.yaml, configs/digits_cls.yaml) and kept. Every
+one is trained here once with its preset (compression/configs/default.yaml, compression/configs/digits_cls.yaml) and kept. Every
 method prunes the same layers, all prunable convs of the backbone in one phase (the SSD loc/conf head convs and
 the classifier's output layer only lose input channels), down to the same FLOPs target with at most
 --max-layer-ratio (0.8) of any layer's filters removed, and then fine-tunes
@@ -397,7 +397,7 @@ def _prepare_task(task: str, budget: dict[str, Any], base_arg: Path | None, quic
             cfg = load_config(TASKS[task]["preset"], [*data, "stages.pretrain.epochs=1"])
             base, _ = S.pretrain(cfg, tmp / f"base_{task}.safetensors")
         else:  # once, with the preset as it is (for det what bench/pretrain.py does), kept for later runs
-            print(f"{task}: pretraining {preset.model.name} with configs/{TASKS[task]['preset']}.yaml once -> {base}",
+            print(f"{task}: pretraining {preset.model.name} with compression/configs/{TASKS[task]['preset']}.yaml once -> {base}",
                   flush=True)
             started = time.perf_counter()
             trained, _ = S.pretrain(preset, tmp / f"pretrain_{task}.safetensors")

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from compression.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # VOC image sets are "YEAR:SPLIT" (the loader parses them the same way: compression.data.voc).
 _IMAGE_SET = re.compile(r"^[^:/\\\s]+:[^:/\\\s]+$")
 
@@ -237,7 +237,7 @@ class PipelineConfig(_Strict):
 
 
 def load_config(path: Path | str | None = None, overrides: list[str] | None = None) -> PipelineConfig:
-    """Load a YAML preset (a path, or a name in configs/) and apply ``key.path=value`` overrides."""
+    """Load a YAML preset (a path, or a name in compression/configs/) and apply ``key.path=value`` overrides."""
     source = "defaults"
     raw: dict[str, Any] = {}
     if path is not None:

@@ -1,6 +1,6 @@
 """`prunepipe serve`: the ``compress`` flow as Prefect deployments, one per preset, run by this process.
 
-Each preset ``configs/<name>.yaml`` becomes the deployment ``compress/<name>``:
+Each preset ``compression/configs/<name>.yaml`` becomes the deployment ``compress/<name>``:
 
 * its one parameter ``config`` (the whole ``PipelineConfig``) defaults to the preset's values, so the
   Prefect UI's "Run > Custom run" form shows every setting, pre-filled; the form and the server check a
@@ -88,7 +88,7 @@ class PresetDeployment:
 
 
 def preset_names() -> list[str]:
-    """Every preset in configs/ (``configs/<name>.yaml``)."""
+    """Every preset in compression/configs/ (``<name>.yaml``)."""
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
@@ -99,7 +99,7 @@ def is_heavy(cfg: PipelineConfig) -> bool:
 
 def plan_deployments(presets: list[str] | None = None, overrides: list[str] | None = None,
                      cron: str = NIGHTLY_CRON) -> list[PresetDeployment]:
-    """One deployment per preset (a name in configs/ or a YAML path; default: every preset), validated.
+    """One deployment per preset (a name in compression/configs/ or a YAML path; default: every preset), validated.
 
     ``overrides`` (``key=value``) apply to every preset. A bad preset, value or cron raises ConfigError
     (one line) before anything is registered.
@@ -162,21 +162,20 @@ def to_deployments(planned: list[PresetDeployment]) -> list[Any]:
 def server_env(home: Path) -> dict[str, str]:
     """The environment that points Prefect (and the runs' MLflow and Ray) at a server.
 
-    The stack recorded under ``home`` (``prunepipe up``) wins; else ``$PREFECT_API_URL`` (e.g. Prefect
-    Cloud or a shared server) as it is. Raises ServeError when there is neither: a temporary server
-    would vanish with this process, and with it the UI.
+    The same rule as ``prunepipe run``: each service the environment does not set (``$PREFECT_API_URL``,
+    ``$MLFLOW_TRACKING_URI``, ``$RAY_ADDRESS``) comes from the stack recorded under ``home``
+    (``prunepipe up``). Raises ServeError when that leaves no Prefect server: a temporary one would vanish
+    with this process, and with it the UI.
     """
-    from infra.local.stack import StackError, stack_env
+    from infra.local.stack import stack_env_for_run
 
-    try:
-        return stack_env(home)
-    except StackError:
-        if os.environ.get("PREFECT_API_URL"):
-            return {}
-        raise ServeError(
-            f"no Prefect server: no stack recorded under {Path(home).resolve()} and PREFECT_API_URL is not set; "
-            "start one with `prunepipe up` (or set PREFECT_API_URL)"
-        ) from None
+    env = {key: value for service in stack_env_for_run(home).values() for key, value in service.items()}
+    if env.get("PREFECT_API_URL") or os.environ.get("PREFECT_API_URL"):
+        return env
+    raise ServeError(
+        f"no Prefect server: no stack recorded under {Path(home).resolve()} and PREFECT_API_URL is not set; "
+        "start one with `prunepipe up` (or set PREFECT_API_URL)"
+    )
 
 
 def check_server(api_url: str, timeout: float = 10.0) -> None:

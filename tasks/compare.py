@@ -229,7 +229,7 @@ def pareto_plot(rows: Iterable[Mapping[str, Any]], path: Path | str, metric: str
 # The side-by-side table
 
 
-def _si(value: Any, unit: str = "") -> str:
+def format_si(value: Any, unit: str = "") -> str:
     number = _number(value)
     if number is None:
         return ""
@@ -239,12 +239,12 @@ def _si(value: Any, unit: str = "") -> str:
     return f"{number:.4g}{unit}"
 
 
-def _ratio(value: Any) -> str:
+def format_ratio(value: Any) -> str:
     number = _number(value)
     return "" if number is None else f"{number:.2f}"
 
 
-def _percent(value: Any, signed: bool = False) -> str:
+def format_points(value: Any, signed: bool = False) -> str:
     number = _number(value)
     return "" if number is None else (f"{100 * number:+.2f}" if signed else f"{100 * number:.2f}")
 
@@ -268,9 +268,9 @@ def compare_table(rows: list[Mapping[str, Any]], metric: str | None = None):
         table.add_row(
             run if run != previous else "",
             ("* " if id(row) in front else "") + (str(checkpoint) if checkpoint else "(no checkpoints)"),
-            _si(row.get("params")), _si(row.get("size_bytes"), "B"), _si(row.get("flops")),
-            _percent(row.get(metric)), *(_ratio(row.get(k)) for k in RATIOS),
-            _percent(row.get(f"{metric}_drop"), signed=True), str(row.get("status") or ""),
+            format_si(row.get("params")), format_si(row.get("size_bytes"), "B"), format_si(row.get("flops")),
+            format_points(row.get(metric)), *(format_ratio(row.get(k)) for k in RATIOS),
+            format_points(row.get(f"{metric}_drop"), signed=True), str(row.get("status") or ""),
         )
         previous = run
     return table

@@ -36,6 +36,12 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 COMPRESSION_PACKAGE = Path(__file__).resolve().parent.parent / "compression"
 _METRIC_KEY = re.compile(r"[^0-9A-Za-z_\-. /]")
+# The MLflow UI opens an experiment on its GenAI pages (traces, tokens) unless told it trains models: the
+# experiment carries the kind tag, and links name the UI's "Model training" view, which MLflow 3.17's UI
+# takes from the link (or the browser's last choice) rather than from the tag.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+UI_WORKFLOW = "machine_learning"
 # Keys of a checkpoint's metrics that are measurements (everything numeric is logged; these come first
 # in the checkpoint table).
 TABLE_KEYS = ("params", "nonzero_params", "size_bytes", "flops", "map_voc07", "map_voc", "map_coco", "top1")
@@ -337,13 +343,16 @@ class RunTracker:
         client = MlflowClient(tracking_uri=uri)
         experiment = client.get_experiment_by_name(cfg.tracking.experiment)
         if experiment is None:
-            experiment_id = client.create_experiment(cfg.tracking.experiment, artifact_location=artifact_root(uri))
+            experiment_id = client.create_experiment(cfg.tracking.experiment, artifact_location=artifact_root(uri),
+                                                     tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         elif experiment.lifecycle_stage == "deleted":
             raise TrackingError(
                 f"tracking.experiment {cfg.tracking.experiment!r} is deleted in {uri}; restore it or pick another name"
             )
         else:
             experiment_id = experiment.experiment_id
+            if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before prunepipe set it; a kind chosen in the UI stays
+                client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         closed = close_orphaned_runs(client, experiment_id)
         tags = {"prunepipe.config_hash": cfg.config_hash(), "prunepipe.preset": cfg.name,
                 "prunepipe.model": cfg.model.name, PROCESS_TAG: process_id()}
@@ -368,7 +377,8 @@ class RunTracker:
     def run_link(self, run_id: str | None = None) -> str:
         run_id = run_id or self.parent_run_id
         if self.uri.startswith(("http://", "https://")):
-            return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+            return (f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+                    f"?workflowType={UI_WORKFLOW}")
         return f"run {run_id} in experiment {self.experiment_id} ({open_results_hint(self.uri)})"
 
     def log_checkpoint(

@@ -423,9 +423,9 @@ CASES = [
     Case("data-image-symlink-out-of-root", "VOC dataset construction (path check)", symlink_out_of_images, EVAL,
          ["{jpg}", "leads outside", "JPEGImages"]),
     Case("data-unknown-split", "CLI eval --split", nothing, [*EVAL, "--split", "testing"],
-         ["unknown split 'testing'", "train, val, test"]),
+         ["Invalid value for '--split': 'testing' is not one of 'train', 'val', 'test'", "eval --help"]),
     Case("data-unknown-builtin", "CLI data", nothing, ["data", "digits-xyz", "--out", "out"],
-         ["unknown dataset 'digits-xyz'", "digits-voc, digits-cls"]),
+         ["Invalid value for 'dataset': 'digits-xyz' is not one of 'digits-voc', 'digits-cls'", "data --help"]),
     Case("data-output-not-empty", "built-in dataset writer", nothing, ["data", "digits-voc", "--out", "."],
          ["VOCdevkit/VOC2007", "folder exists and is not empty", "refusing to overwrite"]),
     # --- checkpoints: caught by compression.checkpoint before any model or data is built

@@ -1,13 +1,11 @@
 """Config schema: presets load, overrides apply, bad keys and values fail at load time."""
 
-from pathlib import Path
-
 import pytest
 
-from compression.config import PipelineConfig, load_config
+from compression.config import CONFIG_DIR, PipelineConfig, load_config
 from compression.errors import ConfigError
 
-PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("preset", PRESETS)

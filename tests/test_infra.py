@@ -670,7 +670,7 @@ def test_kuberay_manifests_match_the_crd_fields_and_share_storage():
     assert len(images) == 1
 
     entrypoint = job["spec"]["entrypoint"]
-    assert "prunepipe run --config configs/ssd300_voc.yaml --set compute.ray_address=auto" in entrypoint
+    assert "prunepipe run --config ssd300_voc --set compute.ray_address=auto" in entrypoint
     assert (
         "--set compute.storage_path=/mnt/shared/" in entrypoint and "--set workdir=/mnt/shared/" in entrypoint
     )
@@ -777,7 +777,7 @@ def test_workflows_do_what_the_project_needs():
     assert job["env"]["PRESET"].startswith("${{ inputs.preset")
     scripts = _run_scripts(pipeline)
     assert not any("${{" in script for script in scripts)  # inputs only through the environment
-    assert any('prunepipe run --config "configs/$PRESET.yaml"' in s for s in scripts)
+    assert any('prunepipe run --config "$PRESET"' in s for s in scripts)
     assert any('prefect deployment run "compress/$PRESET"' in s for s in scripts)
     upload = next(s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact@"))
     assert upload["if"] == "always()" and upload["with"]["path"] == "runs/"

@@ -192,3 +192,25 @@ def test_the_onnx_export_goes_to_the_checkpoints_run(setup, tmp_path):
     other = tracker.log_checkpoint(stage="prune", phase="p1", checkpoint=path, metrics=metrics)
     assert tracker.log_onnx_export(path, other, quiet) is None
     assert client.list_artifacts(other, "onnx") == [] and "onnx_flops" not in client.get_run(other).data.metrics
+
+
+def test_the_experiment_is_marked_as_model_training(setup, tmp_path):
+    """The MLflow UI opens a model-training experiment on its runs, not on the GenAI overview. An experiment
+    made before without the tag gets it; one whose kind was changed in the UI keeps that choice."""
+    cfg, _, _, _ = setup
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    fresh = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"mlflow_uri": uri})})
+    tracker = RunTracker.start(fresh)
+    assert client.get_experiment(tracker.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+    older = client.create_experiment("made-before")
+    chosen = client.create_experiment("chosen-in-the-ui", tags={"mlflow.experimentKind": "genai_development"})
+    for name in ("made-before", "chosen-in-the-ui"):
+        tracking = fresh.tracking.model_copy(update={"experiment": name})
+        RunTracker.start(fresh.model_copy(update={"tracking": tracking})).finish("FINISHED")
+    assert client.get_experiment(older).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
+    assert RunTracker(uri="http://127.0.0.1:5000", experiment_id="1", parent_run_id="abc").run_link().endswith(
+        "/#/experiments/1/runs/abc?workflowType=machine_learning")
+    tracker.finish("FINISHED")

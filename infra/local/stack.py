@@ -25,7 +25,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +52,7 @@ __all__ = [
     "StackError",
     "stack_down",
     "stack_env",
+    "stack_env_for_run",
     "stack_status",
     "stack_up",
 ]
@@ -400,3 +401,37 @@ def stack_env(home: Path) -> dict[str, str]:
     if state is None or not state.get("env"):
         raise StackError(f"no stack recorded under {home}: run `prunepipe up` first")
     return dict(state["env"])
+
+
+# Each service's variables go together: the Ray token belongs to the stack's Ray address only.
+SERVICE_ENV = {
+    "prefect": ("PREFECT_API_URL",),
+    "mlflow": ("MLFLOW_TRACKING_URI",),
+    "ray": ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"),
+}
+
+
+def stack_env_for_run(home: Path, environ: Mapping[str, str] = os.environ) -> dict[str, dict[str, str]]:
+    """What a pipeline run takes from the stack ``prunepipe up`` started under ``home``: per service, the
+    variables to set. A service whose address the environment already sets (non-empty) is left to it;
+    no stack recorded under ``home`` gives ``{}``.
+
+    Raises StackError when a stack is recorded but one of its servers no longer runs: the run would
+    otherwise quietly go to a temporary server and a local store.
+    """
+    home = Path(home).resolve()
+    state = _read_state(home)
+    if state is None or not state.get("env"):
+        return {}
+    stopped = [record.name for record in _records(state) if not is_running(record)]
+    if stopped:
+        raise StackError(
+            f"the stack under {home} is recorded but {', '.join(stopped)} no longer runs; "
+            f"restart it (`prunepipe down --home {home}`, then `prunepipe up --home {home}`)"
+        )
+    env = state["env"]
+    return {
+        service: {key: env[key] for key in keys if key in env}
+        for service, keys in SERVICE_ENV.items()
+        if not environ.get(keys[0])
+    }

@@ -79,6 +79,12 @@ class OptimConfig(_Strict):
 
 class PretrainConfig(OptimConfig):
     checkpoint: Path | None = Field(None, description="start from this base checkpoint instead of training")
+    early_stopping: bool = Field(
+        False, description="stop when the validation split's primary metric has not improved for `patience` "
+                           "epochs; `epochs` is then the maximum, and the best epoch's weights are the output"
+    )
+    patience: int = Field(3, ge=1, description="epochs without a better validation metric before pretraining stops")
+    eval_every: int = Field(1, ge=1, description="early stopping: evaluate on the validation split every N epochs")
 
 
 class SparsityConfig(OptimConfig):
@@ -183,8 +189,14 @@ class ComputeConfig(_Strict):
     ray_address: str | None = Field(None, description="empty: $RAY_ADDRESS, else a local Ray for the run")
     max_failures: int = Field(1, ge=0, le=100)
     storage_path: Path | None = Field(None, description="Ray Train storage (default: <workdir>/ray)")
-    amp_bf16: bool = False
-    channels_last: bool = False
+    amp_bf16: Literal["auto"] | bool = Field(
+        "auto", description="bf16 autocast; auto: on where the device runs bf16 natively (a CPU with AVX-512-BF16 "
+                            "or AMX, a GPU with bf16), off where it would be emulated"
+    )
+    channels_last: Literal["auto"] | bool = Field(
+        "auto", description="channels-last (NHWC) tensors; auto: on with oneDNN (CPU) or cuDNN (GPU)"
+    )
+    log_every_steps: int = Field(20, ge=0, description="a training progress line every N steps (0: once per epoch)")
     compile: bool = False
     fast_ssd: bool = Field(True, description="batched SSD loss / post-processing instead of torchvision's loops")
 

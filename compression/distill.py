@@ -146,6 +146,7 @@ class DistillationObjective(nn.Module):
         model_name: str | None = None,
         fast_ssd: bool = True,
         amp_bf16: bool = False,
+        channels_last: bool = False,
     ):
         super().__init__()
         self.detection = isinstance(student, SSD)
@@ -172,6 +173,7 @@ class DistillationObjective(nn.Module):
         self.hint_weight = float(hint_weight)
         self.fast_ssd = fast_ssd
         self.amp_bf16 = amp_bf16
+        self.channels_last = channels_last
         self.adapter: HintAdapter | None = None
         self._hint_handles: list[Any] = []
         self._captured: dict[str, Tensor] = {}
@@ -196,10 +198,11 @@ class DistillationObjective(nn.Module):
 
     @classmethod
     def from_config(cls, student: nn.Module, teacher: nn.Module, cfg: DistillConfig, *,
-                    model_name: str | None = None, fast_ssd: bool = True, amp_bf16: bool = False) -> DistillationObjective:
+                    model_name: str | None = None, fast_ssd: bool = True, amp_bf16: bool = False,
+                    channels_last: bool = False) -> DistillationObjective:
         return cls(student, teacher, temperature=cfg.temperature, kd_weight=cfg.kd_weight, box_weight=cfg.box_weight,
                    margin=cfg.margin, hint_weight=cfg.hint_weight, hint_layer=cfg.hint_layer,
-                   model_name=model_name, fast_ssd=fast_ssd, amp_bf16=amp_bf16)
+                   model_name=model_name, fast_ssd=fast_ssd, amp_bf16=amp_bf16, channels_last=channels_last)
 
     def _capture(self, role: str):
         def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
@@ -258,10 +261,15 @@ class DistillationObjective(nn.Module):
         return losses
 
     def _forward_ssd(self, images: Any, targets: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
-        run = _ssd_run_fast if self.fast_ssd else _ssd_run_torchvision
-        student_out, teacher_out, positive, target_reg, losses = run(
-            self.student, self.teacher if self._needs_teacher else None, images, targets, self.amp_bf16
-        )
+        teacher = self.teacher if self._needs_teacher else None
+        if self.fast_ssd:
+            student_out, teacher_out, positive, target_reg, losses = _ssd_run_fast(
+                self.student, teacher, images, targets, self.amp_bf16, self.channels_last
+            )
+        else:
+            student_out, teacher_out, positive, target_reg, losses = _ssd_run_torchvision(
+                self.student, teacher, images, targets, self.amp_bf16
+            )
         losses = dict(losses)
         if teacher_out is not None:
             if self.kd_weight > 0:
@@ -296,10 +304,10 @@ def _same_boxes(student_anchors: Tensor, teacher_anchors: Tensor) -> None:
 
 
 def _ssd_run_fast(student: SSD, teacher: SSD | None, images: Any, targets: Sequence[dict[str, Tensor]],
-                  amp_bf16: bool):
+                  amp_bf16: bool, channels_last: bool = False):
     from compression import ssd_fast
 
-    batch, original_sizes = ssd_fast.preprocess_batch(student, images)
+    batch, original_sizes = ssd_fast.preprocess_batch(student, images, channels_last=channels_last)
     height, width = batch.shape[-2:]
     resized = []
     for target, (h0, w0) in zip(targets, original_sizes, strict=True):

@@ -20,8 +20,20 @@ from torch import nn
 
 from compression.checkpoint import Checkpoint, load_checkpoint, load_weights, save_checkpoint
 from compression.config import OptimConfig, PipelineConfig
+from compression.device import ResolvedCompute, default_device, resolve_compute
 from compression.errors import StageError
-from compression.train import EpochCallback, TrainState, make_objective, seed_everything, train_model
+from compression.train import (
+    EpochCallback,
+    ProgressCallback,
+    TrainState,
+    Validation,
+    evaluate,
+    format_progress,
+    make_objective,
+    primary_metric,
+    seed_everything,
+    train_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +67,8 @@ class TrainJob:
 class TrainResult:
     output_checkpoint: str
     history: list[dict[str, float]]
+    # What compute.amp_bf16 / channels_last became on the training device (ResolvedCompute.as_dict()).
+    precision: dict[str, Any] | None = None
 
 
 class Trainer(Protocol):
@@ -89,7 +103,7 @@ def _classification_names(cfg: PipelineConfig) -> list[str]:
     return classification_class_names(cfg.data.kind, Path(cfg.data.root))
 
 
-def build_job_objective(job: TrainJob, ckpt: Checkpoint) -> nn.Module:
+def build_job_objective(job: TrainJob, ckpt: Checkpoint, precision: ResolvedCompute) -> nn.Module:
     """The loss module a job trains: the task loss, or the distillation objective."""
     cfg = job.pipeline
     if job.stage == "distill":
@@ -103,10 +117,33 @@ def build_job_objective(job: TrainJob, ckpt: Checkpoint) -> nn.Module:
             )
         return DistillationObjective.from_config(
             ckpt.model, teacher.model, cfg.stages.distill, model_name=ckpt.model_name,
-            fast_ssd=cfg.compute.fast_ssd, amp_bf16=cfg.compute.amp_bf16,
+            fast_ssd=cfg.compute.fast_ssd, amp_bf16=precision.amp_bf16, channels_last=precision.channels_last,
         )
     return make_objective(ckpt.model, ckpt.task, fast_ssd=cfg.compute.fast_ssd,
-                          amp_bf16=cfg.compute.amp_bf16, channels_last=cfg.compute.channels_last)
+                          amp_bf16=precision.amp_bf16, channels_last=precision.channels_last)
+
+
+def job_validation(job: TrainJob, ckpt: Checkpoint, device: torch.device | str,
+                   precision: ResolvedCompute) -> Validation | None:
+    """Pretraining's early stopping on the validation split (never the test split), if enabled."""
+    pretrain = job.pipeline.stages.pretrain
+    if job.stage != "pretrain" or not pretrain.early_stopping:
+        return None
+    from compression.data.loaders import build_loader
+    from compression.models import model_input_size
+
+    cfg = job.pipeline
+    loaders: list[Any] = []  # built on the first evaluation: only rank 0 evaluates
+
+    def evaluate_val() -> dict[str, float]:
+        if not loaders:
+            loaders.append(build_loader(cfg.data, "val", train=False, image_size=model_input_size(ckpt.model)[0],
+                                        seed=cfg.seed))
+        return evaluate(ckpt.model, loaders[0], ckpt.task, len(ckpt.class_names), device=device,
+                        fast_ssd=cfg.compute.fast_ssd, progress=False, amp_bf16=precision.amp_bf16,
+                        channels_last=precision.channels_last)
+
+    return Validation(evaluate_val, primary_metric(ckpt.task), every=pretrain.eval_every, patience=pretrain.patience)
 
 
 def job_extra_loss(job: TrainJob, model: nn.Module) -> Callable[[], torch.Tensor] | None:
@@ -129,11 +166,14 @@ def run_train_job(
     state: TrainState | None = None,
     initial_weights: dict[str, torch.Tensor] | None = None,
     progress: bool | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> tuple[Checkpoint, TrainState]:
     """The body of every training stage, in-process or inside a Ray worker.
 
     ``prepare_objective`` / ``prepare_loader`` let a distributed runner wrap the objective in DDP and
     shard the loader; ``initial_weights`` (a resumed worker's last epoch) replace the input weights.
+    ``compute.amp_bf16`` / ``channels_last`` are resolved here, on the device that trains; the choice
+    goes into the checkpoint's ``extra["precision"]`` and a first progress record (``kind`` "start").
     Returns the trained checkpoint (not yet saved) and the training state.
     """
     from compression.data.loaders import build_loader
@@ -144,38 +184,52 @@ def run_train_job(
     ckpt = load_checkpoint(job.input_checkpoint) if job.input_checkpoint else initial_checkpoint(cfg)
     if initial_weights is not None:
         ckpt.model.load_state_dict(initial_weights)
-    objective = build_job_objective(job, ckpt)
+    precision = resolve_compute(cfg.compute, device)
+    context = f"stage {job.stage}" + (f", phase {job.phase}" if job.phase else "")
+    start = {"kind": "start", "stage": context, "device": str(device), "precision": precision.as_dict()}
+    log.info(format_progress(start))
+    if on_progress is not None:
+        on_progress(start)
+    objective = build_job_objective(job, ckpt, precision)
     loader = build_loader(cfg.data, "train", train=True, image_size=model_input_size(ckpt.model)[0], seed=cfg.seed)
     if prepare_loader is not None:
         loader = prepare_loader(loader)
     trainable = prepare_objective(objective) if prepare_objective is not None else objective.to(device)
     optim = job.optim_config
-    context = f"stage {job.stage}" + (f", phase {job.phase}" if job.phase else "")
     if job.l1_lambda:
         context += f", l1_lambda={job.l1_lambda:g}"
     state = train_model(
         trainable, loader, optim, device=device, extra_loss=job_extra_loss(job, ckpt.model),
-        callbacks=callbacks, state=state, amp_bf16=cfg.compute.amp_bf16,
-        channels_last=cfg.compute.channels_last, context=context, progress=progress, seed=cfg.seed,
+        callbacks=callbacks, state=state, amp_bf16=precision.amp_bf16,
+        channels_last=precision.channels_last, context=context, progress=progress, seed=cfg.seed,
+        validation=job_validation(job, ckpt, device, precision), on_progress=on_progress,
+        log_every_steps=cfg.compute.log_every_steps,
     )
     trained = ckpt.derive(ckpt.model, stage=job.stage, phase=job.phase)
     trained.parent = job.input_checkpoint
     trained.extra["history"] = state.history
+    trained.extra["precision"] = precision.as_dict()
+    if state.best_epoch:
+        trained.extra["early_stopping"] = {
+            "metric": f"val_{primary_metric(ckpt.task)}", "best_epoch": state.best_epoch,
+            "best_value": state.best_metric, "epochs_trained": state.epoch, "stopped_early": state.stopped,
+        }
     return trained, state
 
 
 class LocalTrainer:
     """Runs training jobs in this process (CLI ``train``, tests, benchmarks without Ray)."""
 
-    def __init__(self, device: torch.device | str | None = None, progress: bool | None = None) -> None:
+    def __init__(self, device: torch.device | str | None = None, progress: bool | None = None,
+                 on_progress: ProgressCallback | None = None) -> None:
         self.device = device
         self.progress = progress
+        self.on_progress = on_progress  # every progress record (compression.train logs each line at INFO too)
 
     def fit(self, job: TrainJob) -> TrainResult:
-        from compression.train import default_device
-
         device = self.device or default_device(job.pipeline.compute.use_gpu)
-        trained, state = run_train_job(job, device=device, progress=self.progress)
+        trained, state = run_train_job(job, device=device, progress=self.progress, on_progress=self.on_progress)
         trained.model.to("cpu")
         save_checkpoint(trained, Path(job.output_checkpoint))
-        return TrainResult(output_checkpoint=job.output_checkpoint, history=state.history)
+        return TrainResult(output_checkpoint=job.output_checkpoint, history=state.history,
+                           precision=trained.extra["precision"])

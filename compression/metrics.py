@@ -359,7 +359,9 @@ def coco_map(predictions: Sequence[dict], targets: Sequence[dict]) -> dict:
     when no class has a non-difficult GT box (pycocotools reports -1 there).
     """
     _check_detection_inputs(predictions, targets)
-    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
+    # sync_on_compute=False: the inputs are the whole split; inside DDP training (early stopping evaluates
+    # on rank 0 only) torchmetrics would otherwise wait for the other ranks to gather theirs.
+    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools", sync_on_compute=False)
     metric.update(
         [
             {

@@ -6,16 +6,18 @@ cost more than the network. The functions here run the same model's ``backbone``
 batch and do everything around them as whole-batch tensor ops, reproducing torchvision's results
 (see tests/test_ssd_fast.py for what is checked and to which tolerance).
 
-Call signatures (the training loop wires the ``compute.*`` config switches to the keywords)::
+Call signatures (the training loop wires the ``compute.*`` config switches, resolved for the device by
+``compression.device.resolve_compute``, to the keywords)::
 
-    model = prepare_model(model, channels_last=compute.channels_last, compile=compute.compile)  # once
+    precision = resolve_compute(compute, device)  # "auto" -> True/False for this device
+    model = prepare_model(model, channels_last=precision.channels_last, compile=compute.compile)  # once
 
     losses = ssd_forward_train(model, images, targets,
-                               amp_bf16=compute.amp_bf16, channels_last=compute.channels_last)
+                               amp_bf16=precision.amp_bf16, channels_last=precision.channels_last)
     loss = losses["bbox_regression"] + losses["classification"]        # as torchvision's SSD returns
 
     detections = ssd_detect(model, images,
-                            amp_bf16=compute.amp_bf16, channels_last=compute.channels_last)
+                            amp_bf16=precision.amp_bf16, channels_last=precision.channels_last)
     # -> list of {"boxes" (N, 4) xyxy in original pixels, "scores" (N,), "labels" (N,) int64}
 
 ``images``: a float (B, 3, H, W) tensor in [0, 1] or a list of (3, H_i, W_i) tensors, on the model's

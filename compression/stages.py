@@ -473,6 +473,7 @@ def taylor_prune_stage(input_path: Path, cfg: PipelineConfig, out: Path, *, phas
     from compression.data.loaders import build_loader
     from compression.models import model_input_size
     from compression.pruning import layer_channels
+    from compression.device import resolve_compute
     from compression.train import make_objective, move_batch, seed_everything, train_model
 
     started = time.perf_counter()
@@ -486,7 +487,8 @@ def taylor_prune_stage(input_path: Path, cfg: PipelineConfig, out: Path, *, phas
     seed_everything(cfg.seed)
     device = default_device(cfg.compute.use_gpu)
     model = ckpt.model.to(device)
-    objective = make_objective(model, ckpt.task, fast_ssd=cfg.compute.fast_ssd, amp_bf16=cfg.compute.amp_bf16)
+    precision = resolve_compute(cfg.compute, device)
+    objective = make_objective(model, ckpt.task, fast_ssd=cfg.compute.fast_ssd, amp_bf16=precision.amp_bf16)
     loader = build_loader(cfg.data, "train", train=True, image_size=model_input_size(model)[0], seed=cfg.seed)
     finetune_optim = OptimConfig.model_validate(_optim(cfg.stages.retrain)).model_copy(
         update={"epochs": 1, "warmup_epochs": 0.0, "schedule": "constant"}
@@ -499,7 +501,7 @@ def taylor_prune_stage(input_path: Path, cfg: PipelineConfig, out: Path, *, phas
 
     def finetune(net, batches: int) -> None:
         train_model(objective, FirstBatches(loader, batches), finetune_optim, device=device,
-                    amp_bf16=cfg.compute.amp_bf16, context=context, progress=False)
+                    amp_bf16=precision.amp_bf16, context=context, progress=False)
 
     model, history = taylor_prune(model, layers, loss_fn, loader, finetune, cfg.stages.selection,
                                   model_name=ckpt.model_name)

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from compression.errors import PrunepipeError
-from flows.compare import format_points, format_ratio, format_si
+from tasks.compare import format_points, format_ratio, format_si
 
 PANEL_PIPELINE = "Run the pipeline"
 PANEL_INSPECT = "Inspect checkpoints"
@@ -228,6 +228,7 @@ def _source(setting: str | None, variable: str, service: str, from_stack: set[st
 
 def service_lines(cfg, home: Path, from_stack: set[str]) -> list[str]:
     """The first lines of a run: which Prefect API, MLflow tracking store and Ray it uses, and why."""
+    from compression.device import precision_line
     from tasks.ray_trainer import ray_address
     from tasks.tracking import tracking_uri
 
@@ -246,7 +247,7 @@ def service_lines(cfg, home: Path, from_stack: set[str]) -> list[str]:
         f"Prefect API: {prefect}",
         f"MLflow tracking: {mlflow}",
         f"Ray: {ray}",
-        # PRECISION LINE: how compute.amp_bf16 / compute.channels_last resolve on this machine goes here.
+        precision_line(cfg.compute),
     ]
 
 

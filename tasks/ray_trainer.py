@@ -7,6 +7,10 @@ weights and the ``TrainState`` (safetensors + JSON, nothing pickled). A restarte
 worker, or a new fit with the same run name after the driver died) resumes from the last reported epoch,
 and rank 0 writes the final prunepipe checkpoint to ``job.output_checkpoint`` after the loop.
 
+Workers print nothing to the driver (``log_to_driver=False``); rank 0 sends its progress records through a
+Ray queue instead, and a driver thread logs each as one line (to the Prefect task's log when the fit runs
+in a Prefect task) and hands it to ``RayTrainer.on_progress``.
+
 This module is imported by every Ray worker (the loop function is pickled by reference), so it keeps its
 top-level imports to Ray and the pure-PyTorch ``compression`` package: no Prefect, no MLflow.
 """
@@ -20,7 +24,9 @@ import math
 import os
 import socket
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +38,7 @@ from compression.checkpoint import file_digest, read_metadata, save_checkpoint
 from compression.config import ComputeConfig
 from compression.errors import PrunepipeError
 from compression.jobs import TrainJob, TrainResult, run_train_job
-from compression.train import TrainState
+from compression.train import ProgressCallback, TrainState, format_progress
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +271,10 @@ def save_train_state(directory: Path, weights: dict[str, torch.Tensor], state: T
         "optimizer": _split_tensors(state.optimizer, tensors, "optimizer"),
         "scheduler": _split_tensors(state.scheduler, tensors, "scheduler"),
         "history": state.history,
+        "best_epoch": state.best_epoch,
+        "best_metric": state.best_metric,
+        "best_weights": _split_tensors(state.best_weights, tensors, "best_weights"),
+        "stopped": state.stopped,
     }
     save_file(tensors, str(directory / STATE_TENSORS_FILE))
     (directory / STATE_JSON_FILE).write_text(json.dumps(skeleton))
@@ -279,6 +289,10 @@ def load_train_state(directory: Path) -> tuple[dict[str, torch.Tensor], TrainSta
         optimizer=_join_tensors(skeleton["optimizer"], tensors),
         scheduler=_join_tensors(skeleton["scheduler"], tensors),
         history=list(skeleton["history"]),
+        best_epoch=int(skeleton.get("best_epoch", 0)),
+        best_metric=skeleton.get("best_metric"),
+        best_weights=_join_tensors(skeleton.get("best_weights"), tensors),
+        stopped=bool(skeleton.get("stopped", False)),
     )
     return weights, state
 
@@ -295,6 +309,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, int]:
     import ray.train
     import ray.train.torch
 
+    config = dict(config)
+    progress_queue = config.pop(PROGRESS_QUEUE_KEY, None)
     job = TrainJob(**config)
     compute = job.pipeline.compute
     torch.set_num_threads(compute.threads_per_worker or max(1, int(compute.cpus_per_worker)))
@@ -338,11 +354,84 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, int]:
         callbacks=[report],
         state=state,
         progress=False,
+        on_progress=_send_to(progress_queue) if rank == 0 and progress_queue is not None else None,
     )
     if rank == 0:
         trained.model.to("cpu")
         save_checkpoint(trained, Path(job.output_checkpoint))
     return {"resumed_from_epoch": resumed_from_epoch}
+
+
+def _send_to(progress_queue: Any) -> ProgressCallback:
+    """Rank 0's progress callback: put each record on the driver's queue (training goes on if it is gone)."""
+    failed: list[bool] = []
+
+    def send(record: dict[str, Any]) -> None:
+        if failed:
+            return
+        try:
+            progress_queue.put(record, block=False)
+        except Exception as exc:  # noqa: BLE001 - progress lines must never stop training
+            failed.append(True)
+            log.warning("progress records no longer reach the driver: %s", _first_line(exc))
+
+    return send
+
+
+# --------------------------------------------------------------------------------------------
+# Progress: rank 0 -> a Ray queue -> a driver thread -> the log (Prefect's when in a task) and a hook
+
+PROGRESS_QUEUE_KEY = "progress_queue"  # the train loop config entry that carries the queue to the workers
+
+
+class ProgressRelay:
+    """A Ray queue for one fit's progress records and the driver thread that hands each to ``emit``."""
+
+    def __init__(self, emit: ProgressCallback) -> None:
+        from ray.util.queue import Queue
+
+        self.queue = Queue(actor_options={"num_cpus": 0})  # holds no CPU the workers need
+        self._emit = emit
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._drain, name="prunepipe-progress", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        from ray.util.queue import Empty
+
+        while True:
+            try:
+                # After close(): what is left, without waiting.
+                record = self.queue.get(timeout=0.5) if not self._closing.is_set() else self.queue.get_nowait()
+            except Empty:
+                if self._closing.is_set():
+                    return
+                continue
+            except Exception as exc:  # noqa: BLE001 - the queue actor died: the fit itself reports that
+                log.warning("progress relay stopped: %s", _first_line(exc))
+                return
+            try:
+                self._emit(record)
+            except Exception as exc:  # noqa: BLE001 - a failing hook must not lose the other lines
+                log.warning("progress hook failed: %s", _first_line(exc))
+
+    def close(self) -> None:
+        self._closing.set()
+        self._thread.join(timeout=30)
+        self.queue.shutdown(force=True)
+
+
+def _driver_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect run logger inside a flow or task run (its lines reach the terminal and the UI), else ours."""
+    try:
+        from prefect.exceptions import MissingContextError
+        from prefect.logging import get_run_logger
+    except ImportError:
+        return log
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,6 +447,8 @@ class FitTiming:
     epochs_trained: int
     resumed_from_epoch: int
     history: list[dict[str, float]] = field(default_factory=list)
+    # What compute.amp_bf16 / channels_last became on the workers (ResolvedCompute.as_dict()).
+    precision: dict[str, Any] | None = None
     # Set when Ray restarted the worker group during this fit (a lost worker or node) and the last
     # attempt resumed from a checkpoint this fit had reported: the epoch that attempt started after.
     restarted_from_epoch: int | None = None
@@ -366,10 +457,14 @@ class FitTiming:
 class RayTrainer:
     """``compression.jobs.Trainer`` on Ray Train: one ``TorchTrainer`` fit per job."""
 
-    def __init__(self, compute: ComputeConfig, storage_path: Path | str) -> None:
+    def __init__(self, compute: ComputeConfig, storage_path: Path | str,
+                 on_progress: ProgressCallback | None = None) -> None:
         self.compute = compute
         self.storage_path = Path(storage_path).resolve()
         self.fits: list[FitTiming] = []
+        # Every progress record of rank 0 (compression.train.train_model), called from a driver thread
+        # after the line is logged: e.g. per-epoch MLflow metrics.
+        self.on_progress = on_progress
 
     def fit(self, job: TrainJob) -> TrainResult:
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
@@ -386,32 +481,37 @@ class RayTrainer:
         config["config"] = {**config["config"], "compute": compute.model_dump(mode="json")}
         config["config"]["data"] = per_worker_batch(config["config"]["data"], compute.num_workers)
         before = registered_epochs(self.storage_path / name)
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config=config,
-            scaling_config=ScalingConfig(
-                num_workers=compute.num_workers, use_gpu=compute.use_gpu, resources_per_worker=resources
-            ),
-            run_config=RunConfig(
-                storage_path=str(self.storage_path),
-                name=name,
-                failure_config=FailureConfig(max_failures=compute.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=1),
-            ),
-        )
         started = time.perf_counter()
+        relay = ProgressRelay(self._emitter())
         try:
+            trainer = TorchTrainer(
+                train_loop_per_worker,
+                train_loop_config={**config, PROGRESS_QUEUE_KEY: relay.queue},
+                scaling_config=ScalingConfig(
+                    num_workers=compute.num_workers, use_gpu=compute.use_gpu, resources_per_worker=resources
+                ),
+                run_config=RunConfig(
+                    storage_path=str(self.storage_path),
+                    name=name,
+                    failure_config=FailureConfig(max_failures=compute.max_failures),
+                    checkpoint_config=CheckpointConfig(num_to_keep=1),
+                ),
+            )
             result = trainer.fit()
         except TrainingFailedError as err:
             user_error = worker_user_error(err)
             if user_error is not None:
                 raise user_error from None
             raise
+        finally:
+            relay.close()
         seconds = time.perf_counter() - started
         output = Path(job.output_checkpoint)
         if not output.is_file():
             raise RuntimeError(f"Ray Train run {name} finished without writing {output}")
-        history = list(read_metadata(output).get("extra", {}).get("history", []))
+        extra = read_metadata(output).get("extra", {})
+        history = list(extra.get("history", []))
+        precision = extra.get("precision")
         returned = getattr(result, "return_value", None) or {}  # rank 0's, from the last attempt
         last_attempt_from = int(returned.get("resumed_from_epoch", before))
         restarted_from = last_attempt_from if last_attempt_from > before else None
@@ -421,9 +521,20 @@ class RayTrainer:
                 "group (compute.max_failures=%d); it resumed after epoch %d of %d, none of those was retrained",
                 job.stage, name, compute.max_failures, restarted_from, len(history),
             )
-        self.fits.append(FitTiming(name, seconds, len(history) - before, before, history, restarted_from))
+        self.fits.append(FitTiming(name, seconds, len(history) - before, before, history, precision, restarted_from))
         log.info("%s: Ray Train fit %s took %.1fs (%d epochs)", job.stage, name, seconds, len(history) - before)
-        return TrainResult(output_checkpoint=str(output), history=history)
+        return TrainResult(output_checkpoint=str(output), history=history, precision=precision)
+
+    def _emitter(self) -> Callable[[dict[str, Any]], None]:
+        logger = _driver_logger()  # taken here: the Prefect run context does not follow into the relay thread
+        hook = self.on_progress
+
+        def emit(record: dict[str, Any]) -> None:
+            logger.info(format_progress(record))
+            if hook is not None:
+                hook(record)
+
+        return emit
 
 
 def per_worker_batch(data: dict[str, Any], num_workers: int) -> dict[str, Any]:

@@ -411,7 +411,10 @@ class RunTracker:
         run_id = run.info.run_id
         try:
             now = int(time.time() * 1000)
-            flat_params = {"stage": stage, "phase": phase or "", **flatten(params or {})}
+            meta = read_metadata(checkpoint)
+            # How the stage trained: bf16 / channels-last as resolved on the workers, where early stopping ended.
+            trained = {k: v for k, v in meta.get("extra", {}).items() if k in ("precision", "early_stopping")}
+            flat_params = {"stage": stage, "phase": phase or "", **flatten(params or {}), **flatten(trained)}
             metric_rows = [Metric(k, v, now, 0) for k, v in numeric_metrics(metrics).items()]
             for epoch_metrics in history:
                 step = int(epoch_metrics.get("epoch", 0))
@@ -424,7 +427,6 @@ class RunTracker:
             client.log_artifact(run_id, str(checkpoint), artifact_path="checkpoint")
             if selection is not None and Path(selection).is_file():
                 client.log_artifact(run_id, str(selection), artifact_path="selection")
-            meta = read_metadata(checkpoint)
             shapes = meta.get("module_shapes", {})
             if stage == "pretrain" and not self.base_shapes:
                 self.base_shapes = shapes

@@ -263,7 +263,7 @@ work, epochs = Path(sys.argv[1]), int(sys.argv[2])
 import ray
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
-from compression.config import load_config
+from compression.config import OptimConfig, load_config
 from compression.data.digits import write_digits_voc
 from compression.jobs import TrainJob
 from tasks.ray_trainer import RayTrainer, ensure_ray
@@ -293,7 +293,7 @@ def release():
 
 threading.Thread(target=release, daemon=True).start()
 job = TrainJob(stage="pretrain", config=cfg.model_dump(mode="json"),
-               optim=cfg.stages.pretrain.model_dump(mode="json", exclude={"checkpoint"}),
+               optim=cfg.stages.pretrain.model_dump(mode="json", include=set(OptimConfig.model_fields)),
                input_checkpoint=None, output_checkpoint=str(work / "pretrained.safetensors"))
 trainer = RayTrainer(cfg.compute, work / "ray")
 result = trainer.fit(job)

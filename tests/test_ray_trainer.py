@@ -6,6 +6,7 @@ Train's fixed start-up per fit (controller + worker processes), printed with ``-
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -19,7 +20,7 @@ import torch  # noqa: E402
 from conftest import FLOAT32  # noqa: E402
 
 from compression.checkpoint import load_checkpoint, read_metadata  # noqa: E402
-from compression.config import ComputeConfig, load_config  # noqa: E402
+from compression.config import ComputeConfig, OptimConfig, load_config  # noqa: E402
 from compression.data.digits import write_digits_voc  # noqa: E402
 from compression.jobs import LocalTrainer, TrainJob, initial_checkpoint  # noqa: E402
 from compression.train import TrainState, make_optimizer, make_scheduler  # noqa: E402
@@ -63,7 +64,7 @@ def pretrain_job(cfg, out, epochs: int) -> TrainJob:
     stage_cfg = cfg.model_copy(deep=True)
     stage_cfg.stages.pretrain.epochs = epochs
     return TrainJob(stage="pretrain", config=stage_cfg.model_dump(mode="json"),
-                    optim=stage_cfg.stages.pretrain.model_dump(mode="json", exclude={"checkpoint"}),
+                    optim=stage_cfg.stages.pretrain.model_dump(mode="json", include=set(OptimConfig.model_fields)),
                     input_checkpoint=None, output_checkpoint=str(out))
 
 
@@ -113,6 +114,35 @@ def test_more_epochs_resume_from_the_last_reported_checkpoint(cfg, first_fit, tm
     assert load_checkpoint(second.output_checkpoint).model_name == cfg.model.name
 
 
+def test_a_ray_fit_relays_progress_to_the_driver_and_stops_on_validation(cfg, ray_session, tmp_path, caplog):
+    stage_cfg = cfg.model_copy(deep=True)
+    stage_cfg.stages.pretrain = stage_cfg.stages.pretrain.model_copy(
+        update={"early_stopping": True, "patience": 1, "eval_every": 1})
+    stage_cfg.compute.log_every_steps = 2  # 32 images, 8 a step over 2 workers: 4 steps an epoch
+    job = pretrain_job(stage_cfg, tmp_path / "ray_es.safetensors", epochs=3)
+    records: list[dict] = []
+    trainer = RayTrainer(stage_cfg.compute, tmp_path / "ray-storage", on_progress=records.append)
+
+    with caplog.at_level(logging.INFO, logger="tasks.ray_trainer"):
+        result = trainer.fit(job)
+
+    # Lines logged in the driver process (the Prefect task's log when the fit runs in a task).
+    lines = [r.getMessage() for r in caplog.records if r.name == "tasks.ray_trainer"]
+    precision = "bf16 autocast off (compute.amp_bf16=false) / channels-last off (compute.channels_last=false)"
+    assert f"stage pretrain on cpu: precision: {precision}" in lines
+    assert any(line.startswith("stage pretrain epoch 1/3 step 2/4: loss ") and "ETA" in line for line in lines)
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [h["epoch"] for h in result.history]
+    assert all(r["loss"] > 0 and r["eta_s"] >= 0 and r["images_per_s"] > 0 for r in epochs)
+    assert sum(line.startswith("stage pretrain epoch ") and "val map_voc07" in line for line in lines) == len(epochs)
+    # Every rank took the same decision (the fit ended cleanly), and the curve is in the checkpoint.
+    stop = read_metadata(result.output_checkpoint)["extra"]["early_stopping"]
+    curve = [h["val_map_voc07"] for h in result.history]
+    assert stop["best_epoch"] == curve.index(max(curve)) + 1
+    assert len(curve) == (stop["best_epoch"] + 1 if stop["stopped_early"] else 3)
+    assert result.precision["reason"] == precision == trainer.fits[-1].precision["reason"]
+
+
 def test_train_state_round_trips_without_pickle(tmp_path):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
     model(torch.zeros(1, 3, 8, 8))
@@ -122,8 +152,10 @@ def test_train_state_round_trips_without_pickle(tmp_path):
     model(torch.randn(2, 3, 8, 8)).sum().backward()
     optimizer.step()
     scheduler.step()
+    best = {k: v.clone() for k, v in model.state_dict().items()}
     state = TrainState(epoch=1, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                       history=[{"epoch": 1, "train_loss": 0.5}])
+                       history=[{"epoch": 1, "train_loss": 0.5, "val_map_voc07": 0.25}], best_epoch=1,
+                       best_metric=0.25, best_weights=best, stopped=True)
 
     save_train_state(tmp_path, model.state_dict(), state)
     weights, loaded = load_train_state(tmp_path)
@@ -131,6 +163,8 @@ def test_train_state_round_trips_without_pickle(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["objective.safetensors", "state.json", "state.safetensors"]
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
     assert (loaded.epoch, loaded.history, loaded.scheduler) == (1, state.history, state.scheduler)
+    assert (loaded.best_epoch, loaded.best_metric, loaded.stopped) == (1, 0.25, True)
+    assert all(torch.equal(loaded.best_weights[k], v) for k, v in best.items())
     fresh = make_optimizer(model.parameters(), optim_cfg)
     fresh.load_state_dict(loaded.optimizer)  # the restored structure is what torch expects
     for key, value in optimizer.state_dict()["state"][0].items():

@@ -50,6 +50,10 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+# conftest.FLOAT32 as config keys: tiny models train in float32 (bf16 + channels-last can diverge for them).
+FLOAT32_COMPUTE = {"amp_bf16": False, "channels_last": False}
+
+
 def _ssd_raw(devkit: Path) -> dict:
     return {
         "name": "ssd-test",
@@ -63,6 +67,7 @@ def _ssd_raw(devkit: Path) -> dict:
             "distill": {"epochs": 1},
             "phases": SSD_PHASES,
         },
+        "compute": FLOAT32_COMPUTE,
     }
 
 
@@ -79,6 +84,7 @@ def _cls_raw(root: Path, **selection) -> dict:
             "retrain": {"epochs": 1, "lr": 0.001, "optimizer": "adamw"},
             "distill": {"epochs": 1, "lr": 0.001, "optimizer": "adamw"},
         },
+        "compute": FLOAT32_COMPUTE,
     }
 
 

@@ -471,9 +471,9 @@ def taylor_prune_stage(input_path: Path, cfg: PipelineConfig, out: Path, *, phas
     """
     from compression.criteria import taylor_prune
     from compression.data.loaders import build_loader
+    from compression.device import resolve_compute
     from compression.models import model_input_size
     from compression.pruning import layer_channels
-    from compression.device import resolve_compute
     from compression.train import make_objective, move_batch, seed_everything, train_model
 
     started = time.perf_counter()

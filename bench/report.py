@@ -89,7 +89,7 @@ def _overhead_targets(r: dict) -> list[tuple[str, bool]]:
     return checks
 
 
-BUDGET_TIME_LIMIT_MIN = 40  # the limit README.md documents for the default preset on 2 cores
+BUDGET_TIME_LIMIT_MIN = 40  # the limit docs/budget.md documents for the default preset on 2 cores
 
 
 def _budget_targets(r: dict) -> list[tuple[str, bool]]:

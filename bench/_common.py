@@ -6,10 +6,14 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
+ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"  # git-ignored: inputs of the later benchmarks
 
@@ -45,9 +49,24 @@ def _git_commit() -> str | None:
         return None
 
 
+def portable(value: Any, roots: tuple[Path | str, ...] = (ROOT,)) -> Any:
+    """``value`` (a result, nested) with no machine's paths in it: paths in a checkout (``roots``) become
+    relative to it, paths in a scratch folder under the temp dir relative to that folder."""
+    if isinstance(value, dict):
+        return {key: portable(item, roots) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [portable(item, roots) for item in value]
+    if not isinstance(value, str):
+        return value
+    for root in roots:
+        value = value.replace(f"{str(root).rstrip('/')}/", "")
+    return re.sub(re.escape(tempfile.gettempdir().rstrip("/")) + r"/[^/\s`'\"]+/", "", value)
+
+
 def write_result(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(), **payload}
+    payload = portable(payload)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return path

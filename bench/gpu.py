@@ -1,4 +1,4 @@
-"""Issue 7 benchmark: torchvision's stock SSD path vs compression/ssd_fast.py's batched path.
+"""Benchmark: torchvision's stock SSD path vs compression/ssd_fast.py's batched path.
 
 Runs on a bare GPU machine with only PyTorch, torchvision and torch-pruning installed (it imports nothing
 from the project but compression/ssd_fast.py). For SSD300-VGG16 (21 classes, random weights) on a
@@ -13,7 +13,7 @@ with 50% of every backbone/extra conv's channels pruned (torch-pruning, head con
   share of each step spent in the network.
 
     python bench/gpu.py --json out.json                               # H100/H200: bf16, channels_last
-    python bench/gpu.py --device cpu --batch 2 --steps 2 --json /tmp/smoke.json    # CPU smoke run
+    python bench/gpu.py --device cpu --batch 2 --steps 2 --json smoke.json    # CPU smoke run
 """
 
 from __future__ import annotations

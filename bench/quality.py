@@ -735,7 +735,7 @@ def main() -> None:
              "always for taylor (after its own fine-tuning between steps). Wall: pre-pruning phase (shared by the targets of a seed, counted in full in each) + "
              f"pruning + fine-tuning + measurements, one job of {args.jobs} on {threads} thread(s). "
              + (f"{len(failed)} run(s) failed (shown in the table). " if failed else ""))
-    markdown = "\n\n".join([HOW, *parts]) + "\n\nTarget of the issue (4x fewer FLOPs, same budget):\n\n" \
+    markdown = "\n\n".join([HOW, *parts]) + "\n\nTarget (4x fewer FLOPs, same budget):\n\n" \
         + "\n".join(verdicts) + f"\n\n![quality vs FLOPs](bench/results/{figure.name})\n\n{notes}"
     payload = {
         "tasks": {task: {**preps[task], "label": TASKS[task]["label"]} for task in tasks},

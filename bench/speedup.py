@@ -1,4 +1,4 @@
-"""Real CPU speedup of pruned models (issue 6, item 2): latency of dense vs pruned next to the FLOPs ratio.
+"""Real CPU speedup of pruned models: latency of dense vs pruned next to the FLOPs ratio.
 
     .venv/bin/python bench/speedup.py                       # built models (random weights), ~10 min
     .venv/bin/python bench/speedup.py --checkpoints base.safetensors pruned1.safetensors ...

@@ -1,4 +1,4 @@
-"""Stage 6: knowledge distillation from the pretrained teacher into the pruned student (METHOD.md).
+"""Stage 6: knowledge distillation from the pretrained teacher into the pruned student (docs/method.md).
 
 - Classifier (Hinton et al. 2015): L = (1−a)·CE(y, z_s) + a·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)).
 - SSD (Chen et al. 2017, on torchvision's SSD outputs, teacher and student sharing the default boxes):

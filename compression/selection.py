@@ -1,4 +1,4 @@
-"""Stage 3 of the seed method: choose the filters to remove from their zero fractions (METHOD.md).
+"""Stage 3 of the seed method: choose the filters to remove from their zero fractions (docs/method.md).
 
 On the thresholded model Θ_L1^th, for each layer l of the phase and each filter f:
 

@@ -1,4 +1,4 @@
-"""Stage 2 of the seed method: L1 sparsity induction, per-layer thresholds and the choice of α (METHOD.md).
+"""Stage 2 of the seed method: L1 sparsity induction, per-layer thresholds and the choice of α (docs/method.md).
 
 - ``l1_penalty``: Σ_{l∈L} ‖W_l‖₁ over the conv/linear *weights* of the phase's layers (no biases, no
   BatchNorm); the caller multiplies by λ and adds it to the task loss (``train_model(extra_loss=...)``).

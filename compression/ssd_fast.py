@@ -1,4 +1,4 @@
-"""Batched pre-processing, loss and post-processing for torchvision ``SSD`` models (issue 7).
+"""Batched pre-processing, loss and post-processing for torchvision ``SSD`` models.
 
 torchvision's ``SSD.forward`` normalises and resizes every image separately, matches anchors image by
 image and post-processes image by image and class by class; at batch 32 on a GPU those Python loops

@@ -177,6 +177,8 @@ def _route_logs(log_file: Path) -> Iterator[None]:
     """Everything at INFO and above into ``log_file``; on the terminal (stderr) only what _TerminalFilter
     keeps. MLflow and Ray attach their own terminal handlers at import; they are routed here instead.
     The previous logging set-up is restored afterwards (tests call the CLI repeatedly in one process)."""
+    import ray  # noqa: F401 - Ray sets up its logger when first imported; do that before rerouting it
+
     root = logging.getLogger()
     own = [logging.getLogger(name) for name in ("ray", "mlflow")]
     saved = (root.level, list(root.handlers), [(lg.handlers, lg.propagate) for lg in own])
@@ -709,7 +711,11 @@ def compare(
 
 
 def main() -> None:
-    logging.basicConfig(level=os.environ.get("PRUNEPIPE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    terminal = logging.StreamHandler()
+    terminal.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    if "PRUNEPIPE_LOG" not in os.environ:  # PRUNEPIPE_LOG=DEBUG shows every library's lines too
+        terminal.addFilter(_TerminalFilter())
+    logging.basicConfig(level=os.environ.get("PRUNEPIPE_LOG", "WARNING"), handlers=[terminal])
     try:
         code = app(standalone_mode=False)
     except typer.TyperException as exc:  # a bad option or argument value: one line, like every other bad input

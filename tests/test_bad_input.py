@@ -9,7 +9,7 @@ test_selection, test_distill, test_ray_trainer, ...); this file checks what a us
 point in its own process (warnings, logging set-up, the interpreter's exit) is checked by
 ``test_security.py::test_a_planted_pickle_is_refused_by_the_real_cli``.
 
-README.md's "Bad input" table is this table's messages.
+docs/bad-input.md's table is this table's messages.
 """
 
 from __future__ import annotations
@@ -326,7 +326,7 @@ def pretrained_only(box: Sandbox) -> dict:
 @dataclass(frozen=True)
 class Case:
     id: str
-    where: str  # where it is caught (README column)
+    where: str  # where it is caught (docs/bad-input.md's column)
     make: Callable[[Sandbox], dict]
     args: list[str]
     expect: list[str]  # substrings of the one line; {placeholders} from the sandbox and make()'s dict
@@ -485,7 +485,7 @@ CASES = [
 ]
 
 
-# What each case printed, paths relative to its sandbox (the README's table quotes these lines).
+# What each case printed, paths relative to its sandbox (docs/bad-input.md's table quotes these lines).
 PRINTED: dict[str, str] = {}
 
 
@@ -535,13 +535,12 @@ def test_bad_input_ends_in_one_line(case: Case, sandbox: Sandbox, capsys, monkey
         assert sorted(set(after) - set(before)) == []
 
 
-def test_readme_table_quotes_what_the_cli_prints():
-    """Every message in README.md's "Bad input" table is a line one of the cases above printed, verbatim."""
+def test_the_documented_table_quotes_what_the_cli_prints():
+    """Every message in docs/bad-input.md's table is a line one of the cases above printed, verbatim."""
     expected = {case.id for case in CASES if not any(m.name == "skipif" and m.args[0] for m in case.marks)}
     if not expected <= set(PRINTED):
         pytest.skip("needs the whole table run first (in this module, before this test)")
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("\n## Bad input\n", 1)[1].split("\n## ", 1)[0]
+    section = (Path(__file__).resolve().parent.parent / "docs" / "bad-input.md").read_text()
     quoted = [re.sub(r"^`+ ?| ?`+$", "", row.rsplit("|", 2)[1].strip())
               for row in section.splitlines() if row.startswith("| ") and "error: " in row]
     assert len(quoted) >= 20
@@ -550,7 +549,7 @@ def test_readme_table_quotes_what_the_cli_prints():
 
 
 def test_every_kind_of_bad_input_is_covered():
-    """The README table promises at least 20 cases across config, data, checkpoints, stages, services."""
+    """The documented table promises at least 20 cases across config, data, checkpoints, stages, services."""
     kinds = {case.id.split("-")[0] for case in CASES}
     assert {"config", "data", "ckpt", "stage", "phase", "service"} <= kinds
     assert len(CASES) >= 24

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("pretrain", "sparsity", "prune", "retrain", "distill")
 # Two runs of the same seed on the same machine train bit for bit alike (per-epoch seeding, gloo's
 # fixed reduction order); a resumed stage too. What may differ is the evaluation's floating-point
-# summation order with other thread counts: the tolerance the README states for a resumed run.
+# summation order with other thread counts: the tolerance RELIABILITY.md states for a resumed run.
 MAP_TOLERANCE = 0.01
 WEIGHT_TOLERANCE = 1e-4
 

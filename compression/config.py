@@ -38,7 +38,14 @@ class DataConfig(_Strict):
         "digits", description="class names (without background): a preset name or an explicit list"
     )
     train_sets: list[str] = Field(["2007:train"], description="VOC year:split lists combined for training")
-    val_sets: list[str] = ["2007:val"]
+    val_sets: list[str] = Field(
+        ["2007:val"], description="VOC year:split lists for validation, disjoint from train_sets ([] with val_holdout)"
+    )
+    val_holdout: float | None = Field(
+        None, gt=0, lt=1,
+        description="validate on this share of the training images instead, drawn with data.seed and left out "
+                    "of training (for training sets that leave no validation split of their own)",
+    )
     test_sets: list[str] = ["2007:test"]
     hflip: bool = Field(False, description="horizontal-flip augmentation (off for digits: a flipped 2 is no 2)")
     augment: Literal["ssd", "photometric"] = Field(
@@ -48,7 +55,7 @@ class DataConfig(_Strict):
     eval_batch_size: int = Field(64, ge=1, le=4096)
     num_workers: int = Field(0, ge=0, le=64)
     max_images: int | None = Field(None, ge=1, description="use only the first N images of each split (smoke tests)")
-    seed: int = Field(0, description="seed of the built-in dataset generator")
+    seed: int = Field(0, description="seed of the built-in dataset generator and of the val_holdout draw")
 
     @field_validator("train_sets", "val_sets", "test_sets")
     @classmethod
@@ -57,6 +64,30 @@ class DataConfig(_Strict):
         if bad:
             raise ValueError(f"image set {bad[0]!r}: expected 'YEAR:SPLIT', e.g. '2007:trainval'")
         return sets
+
+    @model_validator(mode="after")
+    def _validation_apart_from_training(self) -> DataConfig:
+        # Choices made on validation (alpha, early checks) must not be made on training images.
+        if self.val_holdout is not None:
+            if self.val_sets:
+                raise ValueError(f"data.val_holdout={self.val_holdout} validates on held-out training images: "
+                                 f"set data.val_sets to [] (got {self.val_sets})")
+            return self
+        if self.kind == "voc":
+            for val in self.val_sets:
+                for train in self.train_sets:
+                    if _image_sets_overlap(val, train):
+                        raise ValueError(f"data.val_sets {val!r} overlaps data.train_sets {train!r}: validation would "
+                                         "run on training images; hold them out with data.val_holdout instead")
+        return self
+
+
+def _image_sets_overlap(a: str, b: str) -> bool:
+    """Whether two VOC ``YEAR:SPLIT`` lists share images by VOC's naming (trainval is train plus val)."""
+    year_a, split_a = a.split(":")
+    year_b, split_b = b.split(":")
+    parts = {"trainval": {"train", "val"}}
+    return year_a == year_b and bool(parts.get(split_a, {split_a}) & parts.get(split_b, {split_b}))
 
 
 class ModelConfig(_Strict):

@@ -93,3 +93,26 @@ def test_a_phase_overrides_lambda_gamma_and_targets_of_its_own_stages_only():
             "stages.phases=[{name: p1, layers: [conv1_1], prune_ratio: 0.5}, {name: p2, layers: [conv5_1]}]"]))
     with pytest.raises(ConfigError, match="gamma"):
         load_config("default", ["stages.phases=[{name: p1, layers: [conv1_1], gamma: 1.5}]"])
+
+
+@pytest.mark.parametrize("val", ["2007:train", "2007:val", "2007:trainval"])
+def test_a_validation_set_inside_the_training_sets_is_refused(val):
+    with pytest.raises(ConfigError) as err:
+        load_config("default", ["data.train_sets=['2007:trainval', '2012:trainval']", f"data.val_sets=['{val}']"])
+    message = str(err.value)
+    assert f"data.val_sets '{val}' overlaps data.train_sets '2007:trainval'" in message and "\n" not in message
+    assert "data.val_holdout" in message
+
+
+def test_a_holdout_replaces_the_validation_sets():
+    cfg = load_config("default", ["data.val_sets=[]", "data.val_holdout=0.1"])
+    assert cfg.data.val_holdout == 0.1
+    with pytest.raises(ConfigError, match=r"set data.val_sets to \[\]"):
+        load_config("default", ["data.val_holdout=0.1"])
+    with pytest.raises(ConfigError, match="val_holdout"):
+        load_config("default", ["data.val_sets=[]", "data.val_holdout=1"])
+
+
+def test_the_voc_preset_validates_on_held_out_training_images():
+    data = load_config("ssd300_voc").data
+    assert data.val_sets == [] and 0 < data.val_holdout < 1

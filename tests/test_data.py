@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import Subset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from compression.config import DataConfig, load_config
 from compression.data import (
     DIGIT_CLASSES,
     VOC_CLASSES,
@@ -26,6 +28,7 @@ from compression.data import (
     write_digits_voc,
 )
 from compression.data.digits import MANIFEST_NAME, SPLITS
+from compression.data.loaders import build_dataset
 from compression.errors import ConfigError, DataError
 
 SMALL = {"train": 24, "val": 6, "test": 12}
@@ -391,3 +394,51 @@ def test_cifar_missing_folder(tmp_path):
         classification_class_names("cifar10", tmp_path)
     with pytest.raises(ConfigError, match="split 'dev'"):
         build_classification_dataset("cifar10", tmp_path, "dev", train_aug=False)
+
+
+# ---------------------------------------------------------------------------------------------- validation split
+
+
+def split_ids(cfg: DataConfig, split: str) -> list[str]:
+    dataset = build_dataset(cfg, split, train=False, image_size=64)
+    if isinstance(dataset, Subset):
+        return [dataset.dataset.ids[i] for i in dataset.indices]
+    return list(dataset.ids)
+
+
+def holdout_config(devkit: Path, **changes) -> DataConfig:
+    settings = {"root": devkit, "builtin": None, "train_sets": ["2007:trainval"], "val_sets": [], "val_holdout": 0.2}
+    return DataConfig(**{**settings, **changes})
+
+
+def test_held_out_validation_images_are_disjoint_from_training_and_cover_it(small_devkit):
+    cfg = holdout_config(small_devkit)
+    train, val = split_ids(cfg, "train"), split_ids(cfg, "val")
+    trainval = split_ids(cfg.model_copy(update={"val_holdout": None, "val_sets": ["2007:val"]}), "train")
+    assert not set(train) & set(val)
+    assert sorted(train + val) == sorted(trainval) and len(trainval) == SMALL["train"] + SMALL["val"]
+    assert len(val) == round(0.2 * len(trainval))
+
+
+def test_held_out_validation_images_are_fixed_by_the_seed(small_devkit):
+    val = split_ids(holdout_config(small_devkit, seed=3), "val")
+    assert split_ids(holdout_config(small_devkit, seed=3), "val") == val
+    assert split_ids(holdout_config(small_devkit, seed=4), "val") != val
+
+
+def test_an_image_listed_twice_for_training_is_held_out_whole(small_devkit):
+    cfg = holdout_config(small_devkit, train_sets=["2007:train", "2007:trainval"])
+    train, val = split_ids(cfg, "train"), split_ids(cfg, "val")
+    assert val and not set(train) & set(val)
+
+
+def test_a_holdout_that_leaves_nothing_to_train_on_is_refused(tmp_path):
+    devkit = write_digits_voc(tmp_path, seed=0, num_images={"train": 1, "val": 1, "test": 1})
+    with pytest.raises(DataError, match="leaves none to train on"):
+        build_dataset(holdout_config(devkit, train_sets=["2007:train"]), "train", train=False, image_size=64)
+
+
+def test_the_built_in_presets_validate_on_images_they_do_not_train_on(small_devkit):
+    for preset in ("default", "digits_voc_thorough"):
+        data = load_config(preset).data.model_copy(update={"root": small_devkit, "builtin": None})
+        assert not set(split_ids(data, "train")) & set(split_ids(data, "val")), preset

@@ -35,12 +35,7 @@ LITE_ARGS = {"num_classes": len(CLASSES) + 1, "width_mult": 0.0625}
 VGG_ARGS = {"num_classes": len(CLASSES), "width_mult": 0.125}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine's cores are shared
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the machine's cores are shared
 
 
 def _save(folder, name, model_name, args, model):

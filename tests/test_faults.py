@@ -16,32 +16,26 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
-from tasks.env import apply_env_defaults
+import pytest
+import torch
+import yaml
+from conftest import tiny_config
+from mlflow import MlflowClient
 
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))  # before Prefect loads
-apply_env_defaults()
+from compression.checkpoint import load_checkpoint, save_checkpoint
+from compression.config import OptimConfig, load_config
+from compression.errors import CheckpointError
+from compression.jobs import TrainJob, initial_checkpoint, run_train_job
+from tasks.ray_trainer import ensure_ray, registered_epochs
+from tasks.stages import storage_path
+from tasks.tracking import PROCESS_TAG, process_id, process_is_gone
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
-from conftest import FLOAT32  # noqa: E402
-from mlflow import MlflowClient  # noqa: E402
-
-from compression.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from compression.config import OptimConfig, load_config  # noqa: E402
-from compression.data.digits import write_digits_voc  # noqa: E402
-from compression.errors import CheckpointError  # noqa: E402
-from compression.jobs import TrainJob, initial_checkpoint, run_train_job  # noqa: E402
-from tasks.ray_trainer import ensure_ray, registered_epochs  # noqa: E402
-from tasks.stages import storage_path  # noqa: E402
-from tasks.tracking import PROCESS_TAG, process_id, process_is_gone  # noqa: E402
-
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("pretrain", "sparsity", "prune", "retrain", "distill")
 # Two runs of the same seed on the same machine train bit for bit alike (per-epoch seeding, gloo's
@@ -51,26 +45,17 @@ MAP_TOLERANCE = 0.01
 WEIGHT_TOLERANCE = 1e-4
 
 
-def tiny_overrides(root: Path) -> list[str]:
-    devkit = write_digits_voc(root / "data", image_size=64, num_images={"train": 32, "val": 16, "test": 8})
-    return [
-        "name=faults", f"workdir={root / 'baseline'}", f"tracking.mlflow_uri=sqlite:///{root / 'mlflow.db'}",
-        f"data.root={devkit}", "data.builtin=null", "data.batch_size=8", "data.eval_batch_size=8",
-        "model.width_mult=0.0625", "model.image_size=64", *FLOAT32,
-        "stages.pretrain.epochs=2", "stages.pretrain.warmup_epochs=0", "stages.sparsity.epochs=2",
-        "stages.sparsity.alpha_grid=[3.0]", "stages.selection.min_channels=2",
-        "stages.retrain.epochs=2", "stages.distill.epochs=2",
-        "stages.phases=[{name: p1, layers: [conv3_1, conv3_2]}]", "compute.max_failures=0",
-        "tracking.registered_model=null", "tracking.log_onnx=false",
-    ]
+# The tiny pipeline with 2 epochs per training stage (a stage can die after its first epoch).
+FAULTS = ["name=faults", "stages.pretrain.epochs=2", "stages.sparsity.epochs=2", "stages.retrain.epochs=2",
+          "stages.distill.epochs=2", "tracking.registered_model=null", "tracking.log_onnx=false"]
 
 
 # --------------------------------------------------------------------------------------------
 # In-process: resumed training, a full disk, the orphaned-run check
 
 
-def test_a_resumed_training_run_equals_an_uninterrupted_one(tmp_path):
-    cfg = load_config("default", tiny_overrides(tmp_path))
+def test_a_resumed_training_run_equals_an_uninterrupted_one(tmp_path, digits_devkit):
+    cfg = tiny_config(tmp_path, digits_devkit, *FAULTS)
     job = TrainJob(stage="pretrain", config=cfg.model_dump(mode="json"),
                    optim=cfg.stages.pretrain.model_dump(mode="json", include=set(OptimConfig.model_fields)),
                    input_checkpoint=None, output_checkpoint=str(tmp_path / "out.safetensors"))
@@ -158,17 +143,9 @@ def test_a_run_is_orphaned_only_when_its_process_is_gone():
 
 
 @pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=None):
-        yield PREFECT_API_URL.value()
-
-
-@pytest.fixture(scope="module")
-def cfg(tmp_path_factory):
-    return load_config("default", tiny_overrides(tmp_path_factory.mktemp("faults")))
+def cfg(tmp_path_factory, digits_devkit):
+    root = tmp_path_factory.mktemp("faults")
+    return tiny_config(root, digits_devkit, *FAULTS, f"workdir={root / 'baseline'}")
 
 
 @pytest.fixture(scope="module")

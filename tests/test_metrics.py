@@ -46,14 +46,6 @@ def target(boxes, labels, difficult=None):
     }
 
 
-@pytest.fixture
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def ssd300():
     return torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None, num_classes=21)

@@ -31,12 +31,7 @@ from compression.pruning import (
 NUM_CLASSES = len(DIGIT_CLASSES) + 1  # digits + background
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine's cores are shared
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the machine's cores are shared
 
 
 @pytest.fixture(scope="module")

@@ -15,36 +15,29 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from tasks.env import apply_env_defaults
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.exceptions import PrefectHTTPStatusError
 
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))  # before Prefect loads
-apply_env_defaults()
-
-import pytest  # noqa: E402
-import yaml  # noqa: E402
-from prefect.client.orchestration import get_client  # noqa: E402
-from prefect.exceptions import PrefectHTTPStatusError  # noqa: E402
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
-
-from compression.config import load_config  # noqa: E402
-from flows.serve import NIGHTLY_CRON, deployment_parameters, plan_deployments, preset_names, to_deployments  # noqa: E402
+from compression.config import load_config
+from flows.serve import NIGHTLY_CRON, deployment_parameters, plan_deployments, preset_names, to_deployments
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def registered():
+def registered(prefect_server):
     """Every preset's deployment (what `prunepipe serve` registers by default), read back from the server."""
     planned = plan_deployments()
-    with prefect_test_harness(server_startup_timeout=None):
-        ids = {d.name: d.apply() for d in to_deployments(planned)}
-        with get_client(sync_client=True) as client:
-            yield {name: client.read_deployment(ids[name]) for name in ids}, planned
+    ids = {d.name: d.apply() for d in to_deployments(planned)}
+    with get_client(sync_client=True) as client:
+        return {name: client.read_deployment(ids[name]) for name in ids}, planned
 
 
+@pytest.mark.slow
 def test_every_preset_becomes_a_compress_deployment_with_a_nightly_cron(registered):
     deployments, planned = registered
     assert sorted(deployments) == preset_names() and {"default", "ssd300_voc"} <= set(deployments)
@@ -61,6 +54,7 @@ def test_every_preset_becomes_a_compress_deployment_with_a_nightly_cron(register
     assert deployments["default"].schedules[0].active and not deployments["ssd300_voc"].schedules[0].active
 
 
+@pytest.mark.slow
 def test_the_parameter_is_the_whole_config_defaulting_to_the_preset_with_its_bounds(registered):
     deployments, _ = registered
     default = deployments["default"]
@@ -76,6 +70,7 @@ def test_the_parameter_is_the_whole_config_defaulting_to_the_preset_with_its_bou
         "ssd300_vgg16", "ssd_vgg_lite", "vgg16_cifar"]
 
 
+@pytest.mark.slow
 def test_the_server_refuses_an_out_of_range_value_and_names_the_field(registered):
     deployments, _ = registered
     default = deployments["default"]

@@ -30,12 +30,7 @@ from compression.ssd_fast import (
 NUM_CLASSES = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine's cores are shared
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the machine's cores are shared
 
 
 class TinyBackbone(nn.Module):

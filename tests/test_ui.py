@@ -7,17 +7,21 @@ ssd_vgg_lite at width 1/8, an untrained base checkpoint instead of pretraining, 
 one epoch of sparsity and of retraining on one Ray worker, no distillation, no model registration).
 Playwright drives Debian's Chromium (``/usr/bin/chromium``; ``apt-get install -y chromium``).
 
-Through the real UI: the deployments list; a run started with Run > Quick run > Run and followed from its
-toast (or, once the toast is gone, by the id of the run the click created) to its flow run page; that page showing Completed, and its checkpoint table artifact; the Custom
+Through the real UI: the deployments list; a run started with Run > Quick run > Run, the UI's answer
+waited for (its "scheduled" toast, or an error toast that fails the test with the failed API calls), and
+followed from the toast (or, once the toast is gone, by the id of the run the click created) to its flow
+run page; that page showing Completed, and its checkpoint table artifact; the Custom
 run form refusing stages.selection.gamma = 1.5 (the form submits, the server checks the parameter
 schema, the form shows the refusal naming the field, and no run is created); the MLflow experiment's
 runs table with size_bytes / flops / map_voc07 columns (picked in Columns) and the run's checkpoint runs.
-Through the API (plain REST / MlflowClient): waiting for the run to finish (the UI is checked after),
+Through the API (plain REST / MlflowClient): waiting for the run to finish while `prunepipe serve` lives,
+its states (Scheduled until serve polls for it, Pending, Running, Completed; the UI is checked after),
 the ids to open pages by, and the numbers the MLflow table must show. Screenshots go to test-artifacts/.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -29,15 +33,16 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FLOAT32
+from conftest import tiny_config
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
+from playwright.sync_api import sync_playwright
 
 from compression.checkpoint import save_checkpoint
-from compression.config import load_config
-from compression.data.digits import write_digits_voc
 from compression.jobs import initial_checkpoint
 from infra.local.stack import stack_down, stack_env, stack_up
 
@@ -50,6 +55,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 TINY = "ui_tiny"
 EXPERIMENT = "ui-test"
 RUN_TIMEOUT = 900  # seconds for the tiny flow run (about 2 min on an idle 2-core machine, 5 when busy)
+UI_ANSWER_TIMEOUT = 300  # seconds for the UI to answer Run with a toast (about 1 s idle, 5 s when busy)
 GAMMA_INPUT = ("xpath=//span[contains(@class, 'schema-form-property__label') and starts-with(normalize-space(.), 'Gamma')]"
                "/ancestor::div[contains(concat(' ', @class, ' '), ' schema-form-property ')][1]//input")
 
@@ -60,16 +66,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def tiny_preset(root: Path) -> Path:
-    devkit = write_digits_voc(root / "data", image_size=64, num_images={"train": 16, "val": 8, "test": 8})
-    cfg = load_config("default", [
-        f"name={TINY}", f"workdir={root / 'runs'}", f"data.root={devkit}", "data.builtin=null",
-        "data.batch_size=8", "data.eval_batch_size=8", "model.width_mult=0.125", "model.image_size=64", *FLOAT32,
-        "stages.sparsity.epochs=1", "stages.sparsity.alpha_grid=[1.0]", "stages.selection.gamma=0.9", "stages.retrain.epochs=1",
-        "stages.distill.enabled=false", "stages.phases=[{name: p1, layers: [conv1_1, conv1_2]}]",
-        "tracking.registered_model=null", f"tracking.experiment={EXPERIMENT}", "compute.num_workers=1",
-        "compute.max_failures=0",
-    ])
+def tiny_preset(root: Path, devkit: Path) -> Path:
+    cfg = tiny_config(root, devkit, f"name={TINY}", "model.width_mult=0.125", "stages.sparsity.alpha_grid=[1.0]",
+                      "stages.selection.gamma=0.9", "stages.selection.min_channels=4", "stages.distill.enabled=false",
+                      "stages.phases=[{name: p1, layers: [conv1_1, conv1_2]}]", "tracking.mlflow_uri=null",
+                      "tracking.registered_model=null", f"tracking.experiment={EXPERIMENT}", "compute.num_workers=1")
     base = save_checkpoint(initial_checkpoint(cfg), root / "base.safetensors")
     preset = cfg.model_dump(mode="json")
     preset["stages"]["pretrain"]["checkpoint"] = str(base)
@@ -83,6 +84,7 @@ class Site:
     prefect: str
     mlflow: str
     deployments: dict[str, str]  # name -> id
+    serve: subprocess.Popen
     serve_log: Path
 
     def api(self, path: str, body: dict | None = None):
@@ -97,7 +99,7 @@ class Site:
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
+def site(tmp_path_factory, digits_devkit):
     started = time.perf_counter()
     root = tmp_path_factory.mktemp("ui")
     home = root / "home"
@@ -114,7 +116,7 @@ def site(tmp_path_factory):
     stack_thread = threading.Thread(target=start_stack)
     stack_thread.start()  # the servers start while the data and preset are written here
     try:
-        preset = tiny_preset(root)
+        preset = tiny_preset(root, digits_devkit)
     finally:
         stack_thread.join()
     if failure:
@@ -130,7 +132,7 @@ def site(tmp_path_factory):
     with serve_log.open("w") as log:
         serve = subprocess.Popen(command, cwd=root, env=child_env, stdout=log, stderr=subprocess.STDOUT,
                                  start_new_session=True)
-    site = Site(env["PREFECT_API_URL"].removesuffix("/api"), env["MLFLOW_TRACKING_URI"], {}, serve_log)
+    site = Site(env["PREFECT_API_URL"].removesuffix("/api"), env["MLFLOW_TRACKING_URI"], {}, serve, serve_log)
     try:
         while len(site.deployments) < 3:
             assert serve.poll() is None, f"prunepipe serve exited: {site.log_tail()}"
@@ -153,8 +155,6 @@ def site(tmp_path_factory):
 def browser():
     if not CHROMIUM.is_file():
         pytest.fail(f"{CHROMIUM} not found: install Debian's Chromium (apt-get install -y chromium)")
-    from playwright.sync_api import sync_playwright
-
     SCREENSHOTS.mkdir(exist_ok=True)
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
@@ -181,16 +181,42 @@ def flow_runs_of(site: Site, deployment: str) -> list[dict]:
     return site.api("/flow_runs/filter", {"deployments": {"id": {"any_": [site.deployments[deployment]]}}})
 
 
-def new_flow_run(site: Site, before: set[str], timeout: float = 60) -> str:
-    """The id of the one flow run of the tiny deployment that is not in ``before`` (waits for it)."""
-    deadline = time.perf_counter() + timeout
-    while True:
-        created = [run["id"] for run in flow_runs_of(site, TINY) if run["id"] not in before]
-        if created:
-            assert len(created) == 1, f"one click created {len(created)} flow runs"
-            return created[0]
-        assert time.perf_counter() < deadline, f"no flow run of {TINY} was created {timeout:.0f}s after Run"
-        time.sleep(1)
+def record_failed_requests(page) -> list[str]:
+    """What the page's API calls answered with an error (or never answered): the UI shows only "Oops"."""
+    failed: list[str] = []
+    page.on("requestfailed", lambda request: failed.append(f"{request.method} {request.url}: {request.failure}"))
+    page.on("response", lambda response: failed.append(f"{response.request.method} {response.url}: HTTP {response.status}")
+            if response.status >= 500 else None)
+    return failed
+
+
+def click_run_and_wait_for_the_answer(page, dialog, failed: list[str]):
+    """Click the Run dialog's Run and wait, however long a busy machine takes, for the UI's answer: the
+    "<run> scheduled to start now" toast (the server created the run; the dialog closes) or an error toast
+    (an API call failed: the dialog stays open and nothing is created). Returns the scheduled toast."""
+    scheduled = page.locator(".toast-flow-run-create")  # "<run> scheduled to start now  [View run]"
+    error = page.locator(".p-toast-container__toast").filter(has=page.locator(".p-toast__icon--error"))
+    errors_before = error.count()
+    clicked = time.perf_counter()
+    dialog.get_by_role("button", name="Run", exact=True).click()
+    while not scheduled.count():
+        if error.count() > errors_before:
+            raise AssertionError(f"the UI answered Run with an error toast {' '.join(error.last.inner_text().split())!r}; "
+                                 f"failed API calls: {failed or 'none seen'}")
+        assert time.perf_counter() - clicked < UI_ANSWER_TIMEOUT, (
+            f"the UI showed neither a scheduled nor an error toast {UI_ANSWER_TIMEOUT}s after Run; "
+            f"failed API calls: {failed or 'none seen'}")
+        page.wait_for_timeout(200)
+    print(f"\nthe UI scheduled the run {time.perf_counter() - clicked:.1f}s after Run")
+    return scheduled
+
+
+def new_flow_run(site: Site, before: set[str]) -> str:
+    """The id of the one flow run of the tiny deployment that is not in ``before`` (the UI has just said
+    that the server created it)."""
+    created = [run["id"] for run in flow_runs_of(site, TINY) if run["id"] not in before]
+    assert len(created) == 1, f"one click created {len(created)} flow runs"
+    return created[0]
 
 
 @pytest.fixture(scope="module")
@@ -198,20 +224,20 @@ def quick_run(site, browser) -> dict:
     """A run of compress/ui_tiny started from the UI: Run > Quick run > Run, then its flow run page."""
     page = browser.new_page(viewport={"width": 1600, "height": 1000})
     page.set_default_timeout(60_000)
+    failed = record_failed_requests(page)
     try:
         open_run_menu(page, site, TINY)
         page.get_by_text("Quick run").click()
         dialog = page.get_by_role("dialog")
         dialog.get_by_text("Validate parameters").wait_for()  # the parameter form has rendered
         before = {run["id"] for run in flow_runs_of(site, TINY)}
-        dialog.get_by_role("button", name="Run", exact=True).click()
+        scheduled = click_run_and_wait_for_the_answer(page, dialog, failed)
         run_id = new_flow_run(site, before)
-        # The UI raises a "scheduled" toast with View run; it can be gone before a busy machine looks for it,
-        # so follow it when it is there and open the run the click created otherwise.
-        view_run = page.get_by_role("button", name="View run")
-        if view_run.count():
-            view_run.last.click()
-        else:
+        dialog.wait_for(state="hidden")
+        # The toast's View run leads to the run; it lasts 5 s, so on a busy machine it may be gone by now.
+        try:
+            scheduled.last.get_by_role("button", name="View run").click(timeout=2_000)
+        except PlaywrightTimeout:
             page.goto(f"{site.prefect}/runs/flow-run/{run_id}")
         page.wait_for_url(re.compile(rf"/runs/flow-run/{run_id}$"))
         page.get_by_text(TINY, exact=True).first.wait_for()  # the deployment, named on the flow run page
@@ -248,17 +274,30 @@ def test_the_run_form_refuses_an_out_of_range_gamma(site, page, quick_run):
     assert len(flow_runs_of(site, TINY)) == before  # nothing was started
 
 
+def state_times(states: list[dict]) -> list[tuple[str, float]]:
+    """Each state's name and when it began, in seconds after the first."""
+    times = [datetime.fromisoformat(state["timestamp"]) for state in states]
+    return [(state["name"], (began - times[0]).total_seconds()) for state, began in zip(states, times, strict=True)]
+
+
 @pytest.fixture(scope="module")
 def finished_run(site, quick_run) -> dict:
+    """The run once it has ended, waited for through the API while `prunepipe serve` lives: Scheduled until
+    the serve process polls for it, then Pending (its subprocess starts), Running, and an end state."""
     while True:
         run = site.api(f"/flow_runs/{quick_run['id']}")
         if run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
             break
+        assert site.serve.poll() is None, f"prunepipe serve exited with the run {run['state_name']}: {site.log_tail()}"
         assert time.perf_counter() - quick_run["started"] < RUN_TIMEOUT, f"run still {run['state_name']}"
         time.sleep(3)
+    states = sorted(site.api(f"/flow_run_states/?flow_run_id={run['id']}"), key=lambda state: state["timestamp"])
     print(f"\nflow run from the UI: {run['state_name']} after {time.perf_counter() - quick_run['started']:.0f}s "
-          f"(flow {run['total_run_time']:.0f}s)")
+          f"(flow {run['total_run_time']:.0f}s; states {', '.join(f'{n} +{t:.0f}s' for n, t in state_times(states))})")
     assert run["state_type"] == "COMPLETED", f"{run['state']['message']}\n{site.log_tail()}"
+    kinds = [state["type"] for state in states]
+    # Each state once, in order (a busy machine may mark the scheduled run Late, a SCHEDULED state, first).
+    assert [kind for kind, _ in itertools.groupby(kinds)] == ["SCHEDULED", "PENDING", "RUNNING", "COMPLETED"]
     return run
 
 

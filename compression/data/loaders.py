@@ -30,9 +30,39 @@ def ensure_builtin_data(cfg: DataConfig) -> Path:
 
 
 def build_dataset(cfg: DataConfig, split: str, train: bool, image_size: int) -> Dataset:
-    """The dataset of ``split`` ('train', 'val' or 'test'); ``train`` switches augmentation on."""
+    """The dataset of ``split`` ('train', 'val' or 'test'); ``train`` switches augmentation on.
+
+    With ``cfg.val_holdout`` the 'val' images are a seeded share of the 'train' ones, and 'train' is the rest.
+    """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r} (valid: {', '.join(SPLITS)})")
+    if cfg.val_holdout is not None and split in ("train", "val"):
+        dataset: Dataset = _source_dataset(cfg, "train", train, image_size)
+        held_out, kept = holdout_indices(len(dataset), cfg.val_holdout, cfg.seed)  # type: ignore[arg-type]
+        ids = getattr(dataset, "ids", None)
+        if ids is not None:  # an image listed twice in train_sets stays out of training once held out
+            held_out_ids = {ids[i] for i in held_out}
+            kept = [i for i in kept if ids[i] not in held_out_ids]
+        if not kept:
+            raise DataError(f"data.val_holdout={cfg.val_holdout} of {len(dataset)} training images "  # type: ignore[arg-type]
+                            "leaves none to train on")
+        dataset = Subset(dataset, held_out if split == "val" else kept)
+    else:
+        dataset = _source_dataset(cfg, split, train, image_size)
+    if cfg.max_images is not None and len(dataset) > cfg.max_images:  # type: ignore[arg-type]
+        dataset = Subset(dataset, range(cfg.max_images))
+    return dataset
+
+
+def holdout_indices(count: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """``(held_out, kept)``: a seeded draw of ``fraction`` of ``range(count)`` (at least one), and the rest."""
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+    size = max(1, round(count * fraction)) if count else 0
+    return sorted(order[:size]), sorted(order[size:])
+
+
+def _source_dataset(cfg: DataConfig, split: str, train: bool, image_size: int) -> Dataset:
+    """``split`` as the data source names it (VOC image sets, CIFAR's or the ImageFolder's splits)."""
     if cfg.kind == "voc":
         from compression.data.transforms import eval_transforms, ssd_train_transforms
         from compression.data.voc import VOCDetection
@@ -43,14 +73,10 @@ def build_dataset(cfg: DataConfig, split: str, train: bool, image_size: int) -> 
             if train
             else eval_transforms()
         )
-        dataset: Dataset = VOCDetection(cfg.root, sets, class_names(cfg), transforms=transforms)
-    else:
-        from compression.data.classification import build_classification_dataset
+        return VOCDetection(cfg.root, sets, class_names(cfg), transforms=transforms)
+    from compression.data.classification import build_classification_dataset
 
-        dataset = build_classification_dataset(cfg.kind, Path(cfg.root), split, train_aug=train, hflip=cfg.hflip)
-    if cfg.max_images is not None and len(dataset) > cfg.max_images:  # type: ignore[arg-type]
-        dataset = Subset(dataset, range(cfg.max_images))
-    return dataset
+    return build_classification_dataset(cfg.kind, Path(cfg.root), split, train_aug=train, hflip=cfg.hflip)
 
 
 def build_loader(cfg: DataConfig, split: str, train: bool, image_size: int, seed: int = 0,

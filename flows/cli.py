@@ -697,8 +697,8 @@ def compare(
     from flows.compare import compare_runs, compare_table, pareto_plot, resolve_uri, task_metric
 
     uri = resolve_uri(mlflow_uri, home)
-    _plain(f"MLflow tracking: {uri}", stderr=as_json)
     rows = compare_runs(uri, experiment, runs or [], last=last)
+    _plain(f"MLflow tracking: {uri}", stderr=as_json)
     metric = task_metric(rows)
     plot = pareto_plot(rows, out, metric)
     if as_json:

@@ -147,12 +147,15 @@ OUR_LOGGERS = ("compression", "tasks", "flows")
 # Prefect logs every task's end as "Finished in state Completed()" (failures are logged as errors).
 _PREFECT_STATE_LINE = re.compile(r"^Finished in state (Completed|Cached)\b")
 _PREFECT_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+# Notices logged as warnings that ask nothing of the user: Ray saying that the local Ray it starts uses
+# token authentication (which prunepipe wants).
+_NOTICES = ("ray._private.authentication.authentication_token_setup",)
 
 
 class _TerminalFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name == "py.warnings":  # library warnings (MLflow's schema hints, torchmetrics'): log file
-            return False
+        if record.name == "py.warnings" or record.name in _NOTICES:  # library warnings (MLflow's schema hints,
+            return False  # torchmetrics'), notices: the log file only
         if record.name.split(".")[0] in OUR_LOGGERS:
             return record.levelno >= logging.INFO
         if record.name in _PREFECT_RUN_LOGGERS and record.levelno < logging.WARNING:

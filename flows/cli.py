@@ -719,7 +719,7 @@ def main() -> None:
         terminal.addFilter(_TerminalFilter())
     logging.basicConfig(level=os.environ.get("PRUNEPIPE_LOG", "WARNING"), handlers=[terminal])
     try:
-        code = app(standalone_mode=False)
+        code = app(prog_name="prunepipe", standalone_mode=False)
     except typer.TyperException as exc:  # a bad option or argument value: one line, like every other bad input
         ctx = getattr(exc, "ctx", None)
         where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""

@@ -147,12 +147,15 @@ OUR_LOGGERS = ("compression", "tasks", "flows")
 # Prefect logs every task's end as "Finished in state Completed()" (failures are logged as errors).
 _PREFECT_STATE_LINE = re.compile(r"^Finished in state (Completed|Cached)\b")
 _PREFECT_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+# Notices logged as warnings that ask nothing of the user: Ray saying that the local Ray it starts uses
+# token authentication (which prunepipe wants).
+_NOTICES = ("ray._private.authentication.authentication_token_setup",)
 
 
 class _TerminalFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name == "py.warnings":  # library warnings (MLflow's schema hints, torchmetrics'): log file
-            return False
+        if record.name == "py.warnings" or record.name in _NOTICES:  # library warnings (MLflow's schema hints,
+            return False  # torchmetrics'), notices: the log file only
         if record.name.split(".")[0] in OUR_LOGGERS:
             return record.levelno >= logging.INFO
         if record.name in _PREFECT_RUN_LOGGERS and record.levelno < logging.WARNING:
@@ -698,8 +701,8 @@ def compare(
     from tasks.compare import compare_runs, compare_table, pareto_plot, resolve_uri, task_metric
 
     uri = resolve_uri(mlflow_uri, home)
-    _plain(f"MLflow tracking: {uri}", stderr=as_json)
     rows = compare_runs(uri, experiment, runs or [], last=last)
+    _plain(f"MLflow tracking: {uri}", stderr=as_json)
     metric = task_metric(rows)
     plot = pareto_plot(rows, out, metric)
     if as_json:
@@ -717,7 +720,7 @@ def main() -> None:
         terminal.addFilter(_TerminalFilter())
     logging.basicConfig(level=os.environ.get("PRUNEPIPE_LOG", "WARNING"), handlers=[terminal])
     try:
-        code = app(standalone_mode=False)
+        code = app(prog_name="prunepipe", standalone_mode=False)
     except typer.TyperException as exc:  # a bad option or argument value: one line, like every other bad input
         ctx = getattr(exc, "ctx", None)
         where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""

@@ -4,7 +4,7 @@ Stages pass checkpoint *paths*, not models, so an orchestrator (Prefect tasks in
 cache, retry and distribute them; training is delegated to a ``Trainer`` (in-process by default,
 Ray Train in the flow). The order they run in, and which output each reads, is ``compression.plan``.
 
-The method (METHOD.md), per phase: ``induce_sparsity`` (Θ -> Θ_L1, α chosen on the validation
+The method (docs/method.md), per phase: ``induce_sparsity`` (Θ -> Θ_L1, α chosen on the validation
 split) -> ``select_filters`` (a selection JSON) -> ``prune`` (Θ_L1 minus the selected filters) ->
 ``retrain``; ``taylor_prune_stage`` replaces sparsity/selection/prune for the Taylor criterion; then
 ``distill`` from the pretrained teacher. An output file appears only once its stage is complete: a

@@ -86,6 +86,7 @@ class Site:
     deployments: dict[str, str]  # name -> id
     serve: subprocess.Popen
     serve_log: Path
+    server_log: Path
 
     def api(self, path: str, body: dict | None = None):
         data = None if body is None else json.dumps(body).encode()
@@ -96,6 +97,11 @@ class Site:
 
     def log_tail(self) -> str:
         return self.serve_log.read_text(errors="replace")[-4000:]
+
+    def server_errors(self) -> str:
+        """The Prefect server's logged request errors (the last few), or 'none'."""
+        lines = self.server_log.read_text(errors="replace").splitlines()
+        return " | ".join([line for line in lines if "exception in request" in line or "OperationalError" in line][-6:]) or "none"
 
 
 @pytest.fixture(scope="module")
@@ -114,11 +120,15 @@ def site(tmp_path_factory, digits_devkit):
             failure.append(exc)
 
     stack_thread = threading.Thread(target=start_stack)
-    stack_thread.start()  # the servers start while the data and preset are written here
-    try:
-        preset = tiny_preset(root, digits_devkit)
-    finally:
-        stack_thread.join()
+    with pytest.MonkeyPatch.context() as server_env:
+        # A busy sqlite database makes the server answer 503, which the UI shows as "Oops. Something went
+        # wrong" while, by default, the server logs nothing: log it, for the failure messages here.
+        server_env.setenv("PREFECT_SERVER_LOG_RETRYABLE_ERRORS", "true")
+        stack_thread.start()  # the servers start while the preset is written here
+        try:
+            preset = tiny_preset(root, digits_devkit)
+        finally:
+            stack_thread.join()
     if failure:
         raise failure[0]
     env = stack_env(home)
@@ -132,7 +142,8 @@ def site(tmp_path_factory, digits_devkit):
     with serve_log.open("w") as log:
         serve = subprocess.Popen(command, cwd=root, env=child_env, stdout=log, stderr=subprocess.STDOUT,
                                  start_new_session=True)
-    site = Site(env["PREFECT_API_URL"].removesuffix("/api"), env["MLFLOW_TRACKING_URI"], {}, serve, serve_log)
+    site = Site(env["PREFECT_API_URL"].removesuffix("/api"), env["MLFLOW_TRACKING_URI"], {}, serve, serve_log,
+                home / "logs" / "prefect.log")
     try:
         while len(site.deployments) < 3:
             assert serve.poll() is None, f"prunepipe serve exited: {site.log_tail()}"
@@ -190,7 +201,7 @@ def record_failed_requests(page) -> list[str]:
     return failed
 
 
-def click_run_and_wait_for_the_answer(page, dialog, failed: list[str]):
+def click_run_and_wait_for_the_answer(site: Site, page, dialog, failed: list[str]):
     """Click the Run dialog's Run and wait, however long a busy machine takes, for the UI's answer: the
     "<run> scheduled to start now" toast (the server created the run; the dialog closes) or an error toast
     (an API call failed: the dialog stays open and nothing is created). Returns the scheduled toast."""
@@ -202,10 +213,10 @@ def click_run_and_wait_for_the_answer(page, dialog, failed: list[str]):
     while not scheduled.count():
         if error.count() > errors_before:
             raise AssertionError(f"the UI answered Run with an error toast {' '.join(error.last.inner_text().split())!r}; "
-                                 f"failed API calls: {failed or 'none seen'}")
+                                 f"failed API calls: {failed or 'none seen'}; server errors: {site.server_errors()}")
         assert time.perf_counter() - clicked < UI_ANSWER_TIMEOUT, (
             f"the UI showed neither a scheduled nor an error toast {UI_ANSWER_TIMEOUT}s after Run; "
-            f"failed API calls: {failed or 'none seen'}")
+            f"failed API calls: {failed or 'none seen'}; server errors: {site.server_errors()}")
         page.wait_for_timeout(200)
     print(f"\nthe UI scheduled the run {time.perf_counter() - clicked:.1f}s after Run")
     return scheduled
@@ -231,7 +242,7 @@ def quick_run(site, browser) -> dict:
         dialog = page.get_by_role("dialog")
         dialog.get_by_text("Validate parameters").wait_for()  # the parameter form has rendered
         before = {run["id"] for run in flow_runs_of(site, TINY)}
-        scheduled = click_run_and_wait_for_the_answer(page, dialog, failed)
+        scheduled = click_run_and_wait_for_the_answer(site, page, dialog, failed)
         run_id = new_flow_run(site, before)
         dialog.wait_for(state="hidden")
         # The toast's View run leads to the run; it lasts 5 s, so on a busy machine it may be gone by now.

@@ -116,11 +116,9 @@ def build_job_objective(job: TrainJob, ckpt: Checkpoint) -> nn.Module:
 def job_extra_loss(job: TrainJob, model: nn.Module) -> Callable[[], torch.Tensor] | None:
     if not job.l1_layers or job.l1_lambda == 0:
         return None
-    from compression.sparsity import l1_penalty
+    from compression.sparsity import sparsity_penalty
 
-    layers = list(job.l1_layers)
-    lam = job.l1_lambda
-    return lambda: lam * l1_penalty(model, layers)
+    return sparsity_penalty(model, list(job.l1_layers), job.l1_lambda)
 
 
 def run_train_job(

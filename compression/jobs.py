@@ -74,7 +74,7 @@ def initial_checkpoint(cfg: PipelineConfig) -> Checkpoint:
 
     names = class_names(cfg.data) if cfg.data.kind == "voc" else _classification_names(cfg)
     args: dict[str, Any] = {"num_classes": len(names) + (1 if model_task(cfg.model.name) == "detection" else 0)}
-    for key in ("width_mult", "image_size"):
+    for key in ("width_mult", "image_size", "batch_norm"):
         value = getattr(cfg.model, key)
         if value is not None:
             args[key] = value

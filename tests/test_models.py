@@ -354,6 +354,20 @@ def test_vgg16_cifar_forward_train_step_and_bn_order():
     assert model(images).shape == (4, 10)
 
 
+def test_vgg16_cifar_head_cannot_die():
+    """The old head (Linear -> ReLU -> Linear, no BatchNorm) died within 40 AdamW steps at the digits preset's
+    lr 3e-3: every hidden unit negative for every input, no gradient to the convs, loss stuck at ln 10.
+    A single Linear passes the gradient to the features whatever its weights have become."""
+    torch.manual_seed(0)
+    model = build_model("vgg16_cifar", 10, width_mult=0.125).train()
+    with torch.no_grad():
+        for module in model.classifier:
+            if isinstance(module, nn.Linear):
+                module.bias.fill_(-100.0)  # the state a drifted head ends in
+    F.cross_entropy(model(torch.rand(8, 3, 32, 32)), torch.arange(8)).backward()
+    assert model.features.conv1_1.weight.grad.abs().sum() > 0
+
+
 # ---------------------------------------------------------------- weights_path
 
 

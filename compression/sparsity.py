@@ -169,8 +169,9 @@ def choose_alpha(
     the first one within ``max_drop`` (that is the largest passing α; larger ones were tried and failed).
     Returns plain data::
 
-        {"alpha", "taus": {layer: τ}, "sparsity_before": {layer: frac}, "sparsity_after": {layer: frac},
-         "val_metric_l1", "val_metric_thresholded", "max_drop",
+        {"alpha", "layers": [the phase's layers, then their consumers], "taus": {layer: τ},
+         "sparsity_before": {layer: frac}, "sparsity_after": {layer: frac}, "val_metric_l1",
+         "val_metric_thresholded", "max_drop",
          "tried": [{"alpha", "val_metric", "drop", "sparsity", "ok"}, ...]}
 
     When no α passes **(ours)**: ``alpha`` is None, τ are 0 (no thresholding), and the selection then
@@ -205,6 +206,7 @@ def choose_alpha(
         chosen = {"alpha": None, "taus": dict.fromkeys(names, 0.0), "after": before, "metric": base}
     return {
         "alpha": chosen["alpha"],
+        "layers": names,
         "taus": chosen["taus"],
         "sparsity_before": before,
         "sparsity_after": chosen["after"],

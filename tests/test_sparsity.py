@@ -212,6 +212,7 @@ def test_choose_alpha_takes_the_largest_alpha_within_max_drop():
     assert [t["ok"] for t in result["tried"]] == [False] * (len(result["tried"]) - 1) + [True]
     assert result["taus"]["3"] == pytest.approx(alpha * net[3].weight.abs().mean().item())
     assert result["taus"]["0"] == pytest.approx(alpha * _effective(net, "0").abs().mean().item(), rel=1e-5)
+    assert result["layers"] == ["0", "3", "7"]
     assert result["sparsity_before"] == {"0": 0.0, "3": 0.0, "7": 0.0}
     assert 0 < result["sparsity_after"]["0"] < 1
     assert len(calls) == 1 + len(result["tried"]) + 1  # no α below the chosen one was evaluated

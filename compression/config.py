@@ -95,6 +95,16 @@ class ModelConfig(_Strict):
     width_mult: float | None = Field(None, gt=0, le=1, description="channel width multiplier (lite/cifar models)")
     image_size: int | None = Field(None, ge=32, le=1024, description="input size (lite/cifar models)")
     weights: Path | None = Field(None, description="local weights file (.safetensors or a weights-only state dict)")
+    batch_norm: bool | None = Field(
+        None, description="ssd_vgg_lite: a BatchNorm after every conv (empty: on); false gives the paper's plain "
+                          "conv + ReLU SSD"
+    )
+
+    @model_validator(mode="after")
+    def _batch_norm_option(self) -> ModelConfig:
+        if self.batch_norm is not None and self.name != "ssd_vgg_lite":
+            raise ValueError(f"batch_norm is an option of ssd_vgg_lite only, not of {self.name}")
+        return self
 
 
 class OptimConfig(_Strict):

@@ -69,6 +69,8 @@ __all__ = [
 
 CRITERIA = ("l1_norm", "bn_scale", "random", "taylor")
 DEFAULT_SCOPE = {"l1_norm": "layer", "bn_scale": "layer", "random": "layer", "taylor": "global"}
+# taylor_prune's last step may overshoot its FLOPs target by at most this fraction (ours).
+FLOPS_TOLERANCE = 0.05
 
 LossFn = Callable[[nn.Module, Any], Any]
 
@@ -387,6 +389,46 @@ def _cycle_batches(batches: Iterable[Any]):
             return
 
 
+def _taylor_step(
+    ranked: list[tuple[float, str, int]],
+    room: dict[str, int],
+    want: int,
+    estimate: FlopsModel | None,
+    keep_fraction: float | None,
+) -> dict[str, list[int]]:
+    """Up to ``want`` filters, lowest score first, within each layer's ``room``: ``{layer: [index]}``.
+
+    With a FLOPs goal (``keep_fraction``: the share of the current FLOPs to keep, priced by ``estimate``)
+    the step stops as soon as the goal is reached, and passes over a filter whose removal would leave
+    less than ``keep_fraction / (1 + FLOPS_TOLERANCE)``: the last step removes fewer (or cheaper) filters.
+    """
+    chosen: dict[str, list[int]] = {}
+    counts: dict[str, int] = {}
+    floor = keep_fraction / (1 + FLOPS_TOLERANCE) if keep_fraction is not None else None
+    closest: tuple[float, str, int] | None = None  # the passed-over filter that overshoots least
+    for _, name, f in ranked:
+        if want <= 0:
+            break
+        if room[name] <= 0:
+            continue
+        if estimate is not None:
+            fraction = estimate.flops({**counts, name: counts.get(name, 0) + 1}) / estimate.base
+            if fraction < floor:
+                if not chosen and (closest is None or fraction > closest[0]):
+                    closest = (fraction, name, f)
+                continue
+        chosen.setdefault(name, []).append(f)
+        counts[name] = counts.get(name, 0) + 1
+        room[name] -= 1
+        want -= 1
+        if estimate is not None and fraction <= keep_fraction:
+            break
+    if not chosen and closest is not None:  # every filter with room overshoots: take the smallest overshoot
+        _, name, f = closest
+        chosen[name] = [f]
+    return chosen
+
+
 def taylor_prune(
     model: nn.Module,
     layers: Iterable[LayerRef],
@@ -406,8 +448,14 @@ def taylor_prune(
     ``cfg.target_flops_ratio`` (whichever is set; with both, the first reached). Each step scores over
     ``cfg.taylor_batches`` batches of ``batches`` (a DataLoader is re-iterated as needed), then calls
     ``finetune_fn(model, cfg.taylor_finetune_batches)`` unless it was the last step (the model changed
-    shape: the callee builds its optimizer anew). Layers never go below ``cfg.min_channels``;
-    ``cfg.round_to`` is not applied (a step removes single filters) **(ours)**. Prunes ``model`` in place.
+    shape: the callee builds its optimizer anew). Each layer keeps at least
+    ``selection.layer_floor`` of its width when the loop started (``cfg.min_channels``,
+    ``cfg.max_layer_ratio``); ``cfg.round_to`` is not applied (a step removes single filters) **(ours)**.
+    The step that reaches the FLOPs target takes filters in rank order but passes over any whose removal
+    would overshoot it by more than ``FLOPS_TOLERANCE`` (``FlopsModel`` prices each removal), so the
+    result lands in [target, (1 + FLOPS_TOLERANCE)·target] unless no single filter fits (then the one that
+    overshoots least is removed) **(ours)**.
+    Prunes ``model`` in place.
 
     ``history``: one entry per step, ``{"step", "removed": {layer: [original filter indices]},
     "filters", "flops", "flops_ratio", "removed_fraction"}`` (JSON-able).
@@ -419,6 +467,7 @@ def taylor_prune(
     pairs = resolve_layers(model, model_name, names, dg=dg)
     size = input_size or input_size_of(model)
     original = {name: list(range(layer_channels(layer))) for name, layer in pairs}
+    floors = {name: layer_floor(len(ids), cfg.min_channels, cfg.max_layer_ratio) for name, ids in original.items()}
     total = sum(len(ids) for ids in original.values())
     target_removed = math.ceil(cfg.prune_ratio * total) if cfg.prune_ratio is not None else None
     base_flops = count_flops(model, size)
@@ -437,23 +486,17 @@ def taylor_prune(
         if done():
             break
         scores = taylor_scores(model, dg, pairs, loss_fn, stream, cfg.taylor_batches)
-        room = {name: layer_channels(layer) - layer_floor(len(original[name]), cfg.min_channels, cfg.max_layer_ratio)
-                for name, layer in pairs}
+        room = {name: layer_channels(layer) - floors[name] for name, layer in pairs}
         want = cfg.taylor_step_filters
         if target_removed is not None:
             want = min(want, target_removed - removed_total)
         ranked = sorted((float(s), name, f) for name, values in scores.items() for f, s in enumerate(values))
-        chosen: dict[str, list[int]] = {}
-        for _, name, f in ranked:
-            if want <= 0:
-                break
-            if room[name] > 0:
-                chosen.setdefault(name, []).append(f)
-                room[name] -= 1
-                want -= 1
+        chosen = _taylor_step(ranked, room, want, FlopsModel(model, dg, pairs, size) if flops_goal else None,
+                              flops_goal / flops if flops_goal else None)
         if not chosen:
-            log.warning("taylor: every layer is at min_channels=%d; stopping before the target", cfg.min_channels)
-            history.append({"step": step, "stopped": "all layers at min_channels"})
+            log.warning("taylor: every layer is at its floor (min_channels=%d, max_layer_ratio=%g); stopping "
+                        "before the target", cfg.min_channels, cfg.max_layer_ratio)
+            history.append({"step": step, "stopped": "all layers at their floor"})
             break
         prune_filters(model, chosen, dg=dg)
         removed_ids = {}

@@ -84,7 +84,7 @@ def initial_checkpoint(cfg: PipelineConfig) -> Checkpoint:
 
     names = class_names(cfg.data) if cfg.data.kind == "voc" else _classification_names(cfg)
     args: dict[str, Any] = {"num_classes": len(names) + (1 if model_task(cfg.model.name) == "detection" else 0)}
-    for key in ("width_mult", "image_size"):
+    for key in ("width_mult", "image_size", "batch_norm"):
         value = getattr(cfg.model, key)
         if value is not None:
             args[key] = value
@@ -149,11 +149,9 @@ def job_validation(job: TrainJob, ckpt: Checkpoint, device: torch.device | str,
 def job_extra_loss(job: TrainJob, model: nn.Module) -> Callable[[], torch.Tensor] | None:
     if not job.l1_layers or job.l1_lambda == 0:
         return None
-    from compression.sparsity import l1_penalty
+    from compression.sparsity import sparsity_penalty
 
-    layers = list(job.l1_layers)
-    lam = job.l1_lambda
-    return lambda: lam * l1_penalty(model, layers)
+    return sparsity_penalty(model, list(job.l1_layers), job.l1_lambda)
 
 
 def run_train_job(

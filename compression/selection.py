@@ -1,6 +1,7 @@
 """Stage 3 of the seed method: choose the filters to remove from their zero fractions (docs/method.md).
 
-On the thresholded model Θ_L1^th, for each layer l of the phase and each filter f:
+On the thresholded model Θ_L1^th (thresholded on effective weights, through any BatchNorm: see
+``compression.sparsity``), for each layer l of the phase and each filter f:
 
 - ``s_out(f)``: fraction of zero weights in W_l[f, :, :, :] (the filter itself; bias not counted).
 - ``s_in(f)``: fraction of zero weights among *all* weights that read channel f in the layer's
@@ -32,6 +33,7 @@ from torch import nn
 
 from compression.errors import ConfigError
 from compression.pruning import LayerRef, _as_layers, _channel_group
+from compression.sparsity import effective_weight, sparsity_targets
 
 __all__ = ["filter_sparsity_scores", "layer_floor", "relative_l1_norms", "rounded_keep", "select_filters", "sparsity_importance",
            "sparsity_rank"]
@@ -95,13 +97,20 @@ def sparsity_rank(s_out: list[float], s_in: list[float]) -> list[int]:
 
 
 @torch.no_grad()
-def relative_l1_norms(model: nn.Module, layers: Iterable[LayerRef]) -> dict[str, list[float]]:
-    """``{layer: [‖W_l[f]‖₁ / mean_f ‖W_l[f]‖₁]}``: each filter's L1 norm relative to its layer's mean."""
+def relative_l1_norms(
+    model: nn.Module, layers: Iterable[LayerRef], dg: tp.DependencyGraph | None = None
+) -> dict[str, list[float]]:
+    """``{layer: [‖W_eff[f]‖₁ / mean_f ‖W_eff[f]‖₁]}``: each effective filter's L1 norm (through the BatchNorm
+    after it, ``sparsity.effective_weight``) relative to its layer's mean."""
+    names = {name for name, _ in _as_layers(model, layers)}
     out: dict[str, list[float]] = {}
-    for name, layer in _as_layers(model, layers):
-        norms = layer.weight.detach().abs().reshape(layer.weight.shape[0], -1).sum(1).float()
+    for target in sparsity_targets(model, layers, dg):
+        if target.layer not in names:
+            continue
+        weight = effective_weight(model, target)
+        norms = weight.abs().reshape(weight.shape[0], -1).sum(1).float()
         mean = float(norms.mean())
-        out[name] = [float(v) / mean if mean > 0 else 0.0 for v in norms]
+        out[target.layer] = [float(v) / mean if mean > 0 else 0.0 for v in norms]
     return out
 
 

@@ -206,3 +206,32 @@ def test_taylor_prune_steps_finetunes_between_and_tracks_original_indices(digits
     assert len(history) >= 2 and history[-2]["flops_ratio"] < 1.5  # stopped at the first step that got there
     with pytest.raises(ConfigError, match="prune_ratio or target_flops_ratio"):
         taylor_prune(small, ["0"], classification_loss, digits_loader, None, SelectionConfig(criterion="taylor"))
+
+
+def test_taylor_prune_floors_each_layer_at_a_share_of_its_original_width(digits_loader):
+    # Step after step the floor stays (1 - max_layer_ratio) of the width the loop started from; it must not
+    # be recomputed from the shrunk width (which lets every layer collapse to min_channels).
+    net = plain_net()
+    cfg = SelectionConfig(criterion="taylor", prune_ratio=1.0, max_layer_ratio=0.5, min_channels=1,
+                          taylor_step_filters=2, taylor_batches=1, taylor_finetune_batches=0)
+    _, history = taylor_prune(net, [("0", net[0]), ("2", net[2])], classification_loss, digits_loader, None, cfg,
+                              input_size=(32, 32))
+    assert (net[0].out_channels, net[2].out_channels) == (4, 8)
+    assert history[-1] == {"step": len(history), "stopped": "all layers at their floor"}
+
+
+@pytest.mark.parametrize("target", [2.0, 8.0])
+def test_taylor_prune_stops_within_five_percent_of_the_flops_target(digits_loader, target):
+    model = build_model("vgg16_cifar", 10, width_mult=0.125)
+    layers = [f"features.conv{block}_{i}" for block, count in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3))
+              for i in range(1, count + 1)]
+    widths = {name: model.get_submodule(name).out_channels for name in layers}
+    base = metrics.count_flops(model, (32, 32))
+    cfg = SelectionConfig(criterion="taylor", target_flops_ratio=target, min_channels=2, max_layer_ratio=0.9,
+                          taylor_step_filters=24, taylor_batches=1, taylor_finetune_batches=0)
+    _, history = taylor_prune(model, layers, classification_loss, digits_loader, None, cfg)
+    ratio = base / metrics.count_flops(model, (32, 32))
+    assert target <= ratio <= 1.05 * target, history[-1]
+    assert history[-1]["flops_ratio"] == pytest.approx(ratio)
+    for name in layers:  # the floor is 10 % of the original width (at least min_channels)
+        assert model.get_submodule(name).out_channels >= max(2, -(-widths[name] // 10))

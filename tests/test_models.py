@@ -83,9 +83,11 @@ def test_registry_names_tasks_and_phases():
         assert prunable_layers(name) == list(layer_names(name).values())
         phases = DEFAULT_PHASES[name]
         assert len(phases) == 4
-        assert [layer for phase in phases for layer in phase] == SSD_LAYERS  # consecutive, complete
-        assert phases[1] == ["conv5_1", "conv5_2", "conv5_3", "fc6", "fc7"]
-        assert phases[2] == ["conv8_1", "conv8_2"]
+        # Consecutive and complete, and each phase after the first starts with the previous one's last layer.
+        assert phases[0] + [layer for phase in phases[1:] for layer in phase[1:]] == SSD_LAYERS
+        assert all(phases[i + 1][0] == phases[i][-1] for i in range(3))
+        assert phases[1] == ["conv4_3", "conv5_1", "conv5_2", "conv5_3", "fc6", "fc7"]
+        assert phases[2] == ["fc7", "conv8_1", "conv8_2"]
         assert not any(path.startswith("head") for path in prunable_layers(name))
     cifar_names = layer_names("vgg16_cifar")
     blocks = {1: 2, 2: 2, 3: 3, 4: 3, 5: 3}  # convs per VGG16 block
@@ -145,9 +147,10 @@ def test_lite_layers_feature_sizes_and_anchors():
     assert ssd_feature_sizes(larger) == [(32, 32), (16, 16), (8, 8), (4, 4), (2, 2), (2, 2)]
 
 
-def test_lite_train_step_on_digits_lowers_loss(digits):
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_lite_train_step_on_digits_lowers_loss(digits, batch_norm):
     torch.manual_seed(0)
-    model = build_model("ssd_vgg_lite", 11)
+    model = build_model("ssd_vgg_lite", 11, batch_norm=batch_norm)
     model.train()
     batch = [digit_canvas(digits, seed) for seed in (1, 2)]
     images, targets = [b[0] for b in batch], [b[1] for b in batch]
@@ -165,6 +168,24 @@ def test_lite_train_step_on_digits_lowers_loss(digits):
         optimizer.step()
         totals.append(total.item())
     assert totals[-1] < 0.5 * totals[0]
+
+
+def test_lite_without_batch_norm_is_plain_conv_relu_and_the_config_selects_it():
+    from compression.config import load_config
+    from compression.jobs import initial_checkpoint
+    from compression.sparsity import sparsity_targets
+
+    ckpt = initial_checkpoint(load_config("default", ["model.batch_norm=false"]))
+    assert ckpt.model_args["batch_norm"] is False  # kept with the checkpoint, so it loads as it was built
+    plain, with_bn = ckpt.model, build_model("ssd_vgg_lite", 11)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in plain.modules())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in with_bn.modules()) == len(SSD_LAYERS)
+    # The same layers and widths (phases and selections carry over); only the BN parameters are gone.
+    widths = [conv_at(plain, path).out_channels for path in layer_names("ssd_vgg_lite").values()]
+    assert widths == [conv_at(with_bn, path).out_channels for path in layer_names("ssd_vgg_lite").values()]
+    parameters = [sum(p.numel() for p in m.parameters()) for m in (with_bn, plain)]
+    assert parameters[0] - parameters[1] == 2 * sum(widths)
+    assert all(target.batchnorm is None for target in sparsity_targets(plain, ["backbone.conv8_1"]))
 
 
 def test_lite_eval_boxes_are_in_original_image_coordinates(digits):
@@ -331,6 +352,20 @@ def test_vgg16_cifar_forward_train_step_and_bn_order():
     group.prune()
     assert model.features.bn5_3.num_features == 510 and model.classifier[0].in_features == 510
     assert model(images).shape == (4, 10)
+
+
+def test_vgg16_cifar_head_cannot_die():
+    """The old head (Linear -> ReLU -> Linear, no BatchNorm) died within 40 AdamW steps at the digits preset's
+    lr 3e-3: every hidden unit negative for every input, no gradient to the convs, loss stuck at ln 10.
+    A single Linear passes the gradient to the features whatever its weights have become."""
+    torch.manual_seed(0)
+    model = build_model("vgg16_cifar", 10, width_mult=0.125).train()
+    with torch.no_grad():
+        for module in model.classifier:
+            if isinstance(module, nn.Linear):
+                module.bias.fill_(-100.0)  # the state a drifted head ends in
+    F.cross_entropy(model(torch.rand(8, 3, 32, 32)), torch.arange(8)).backward()
+    assert model.features.conv1_1.weight.grad.abs().sum() > 0
 
 
 # ---------------------------------------------------------------- weights_path

@@ -281,8 +281,7 @@ def test_resolve_layers_accepts_paper_names_and_paths_and_refuses_outputs():
     with pytest.raises(ConfigError, match="BatchNorm2d, not a prunable"):
         resolve_layers(model, "vgg16_cifar", ["features.bn1_1"])
     with pytest.raises(ConfigError, match="produces the network's outputs"):
-        resolve_layers(model, "vgg16_cifar", ["classifier.2"])
-    assert resolve_layers(model, "vgg16_cifar", ["classifier.0"])[0][0] == "classifier.0"  # hidden FC: prunable
+        resolve_layers(model, "vgg16_cifar", ["classifier.0"])  # the one Linear: its outputs are the classes
 
 
 def test_prune_refuses_emptying_and_out_of_range_selections():

@@ -200,3 +200,63 @@ def test_seed_without_a_flops_budget_still_flags_at_gamma(tmp_path):
     scores = filter_sparsity_scores(thresholded, build_dependency_graph(thresholded), layers)
     assert record["layers"] == select_filters(scores, gamma=0.9, min_channels=4)
     assert set(range(8, 32)) <= set(record["layers"]["features.conv4_1"]["remove"])
+
+
+def test_s_in_of_a_phases_last_layer_is_taken_on_thresholded_consumers():
+    """conv4_3 ends the first SSD phase: its consumers (conv5_1 and the two head convs it feeds) are
+    thresholded with the phase, so its s_in counts their thresholded zeros, not the raw weights' (none)."""
+    from compression.models import DEFAULT_PHASES
+
+    torch.manual_seed(0)
+    model = build_model("ssd_vgg_lite", 11)
+    assert DEFAULT_PHASES["ssd_vgg_lite"][0][-1] == "conv4_3" == DEFAULT_PHASES["ssd_vgg_lite"][1][0]
+    layers = [p for p, _ in resolve_layers(model, "ssd_vgg_lite", ["conv4_2", "conv4_3"])]
+    raw = filter_sparsity_scores(model, build_dependency_graph(model), layers)
+    assert max(raw["backbone.conv4_3"]["s_in"]) == 0.0
+    thresholded, taus = threshold_weights(model, layers, alpha=1.0)
+    consumers = ["backbone.conv5_1", "head.classification_head.module_list.0", "head.regression_head.module_list.0"]
+    assert set(consumers) <= set(taus)
+    zeros = {name: int((thresholded.get_submodule(name).weight == 0).sum()) for name in consumers}
+    total = sum(thresholded.get_submodule(name).weight.numel() for name in consumers)
+    s_in = filter_sparsity_scores(thresholded, build_dependency_graph(thresholded), layers)["backbone.conv4_3"]["s_in"]
+    assert sum(s_in) / len(s_in) == pytest.approx(sum(zeros.values()) / total)  # every weight read once
+    assert min(s_in) > 0.3
+
+
+def test_a_layer_shared_by_two_phases_is_selected_and_pruned_in_each(tmp_path):
+    """Phases share their boundary layer (as the paper's): the second phase selects and prunes it again at the
+    width the first phase left, with the stages' own select_filters / prune."""
+    from compression import stages as S
+    from compression.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from compression.config import validate_config
+    from compression.data.digits import write_digits_cls
+
+    root = write_digits_cls(tmp_path / "digits", num_images={"train": 10, "val": 10, "test": 10})
+    phases = [{"name": "a", "layers": ["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1"]},
+              {"name": "b", "layers": ["conv3_1", "conv3_2", "conv3_3", "conv4_1"]}]
+    cfg = validate_config({
+        "data": {"kind": "imagefolder", "root": str(root), "builtin": None, "eval_batch_size": 10},
+        "model": {"name": "vgg16_cifar", "width_mult": 0.125},
+        "stages": {"selection": {"criterion": "seed", "gamma": 0.9, "min_channels": 2, "compensate": False},
+                   "phases": phases},
+    })
+    torch.manual_seed(0)
+    model = build_model("vgg16_cifar", 10, width_mult=0.125)
+    widths = []
+    for index, phase in enumerate(S.phases_for(cfg)):
+        with torch.no_grad():  # an L1-trained stand-in: the shared layer's filters 0-5 all zeros, in each phase
+            model.features.conv3_1.weight[:6] = 0
+        ckpt = Checkpoint(model=model, model_name="vgg16_cifar", model_args={"num_classes": 10, "width_mult": 0.125},
+                          class_names=[str(d) for d in range(10)], stage="sparsity", phase=phase.name,
+                          extra={"alpha": 1.0})
+        sparse = save_checkpoint(ckpt, tmp_path / f"sparse_{index}.safetensors")
+        selection, _ = S.select_filters(sparse, cfg, tmp_path / f"selection_{index}.json", phase=phase)
+        entry = json.loads(selection.read_text())["layers"]["features.conv3_1"]
+        assert set(range(6)) <= set(entry["remove"]), (index, entry)
+        assert len(entry["remove"]) + entry["keep"] == model.features.conv3_1.out_channels
+        pruned, _ = S.prune(sparse, selection, cfg, tmp_path / f"pruned_{index}.safetensors", phase=phase)
+        model = load_checkpoint(pruned).model
+        widths.append(model.features.conv3_1.out_channels)
+        assert widths[-1] == entry["keep"] and model.features.conv3_2.in_channels == entry["keep"]
+    assert widths == [32 - 6, 32 - 12]  # exactly the zero filters, in each phase
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)

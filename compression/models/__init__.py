@@ -69,14 +69,17 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
     "vgg16_cifar": ("width_mult", "image_size", "weights_path"),
 }
 
+# The paper's four SSD300 phases (conv1_1..conv4_3, conv4_3..fc7, fc7..conv8_2, conv8_2..conv11_2): each
+# phase after the first starts with the previous one's last layer, so that layer is pruned again once
+# its consumers (L1-trained and thresholded in that phase) give it a real s_in. The classifier is pruned
+# in one phase (ours).
 _SSD_PHASES: list[list[str]] = [
     ["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3",
      "conv4_1", "conv4_2", "conv4_3"],
-    ["conv5_1", "conv5_2", "conv5_3", "fc6", "fc7"],
-    ["conv8_1", "conv8_2"],
-    ["conv9_1", "conv9_2", "conv10_1", "conv10_2", "conv11_1", "conv11_2"],
+    ["conv4_3", "conv5_1", "conv5_2", "conv5_3", "fc6", "fc7"],
+    ["fc7", "conv8_1", "conv8_2"],
+    ["conv8_2", "conv9_1", "conv9_2", "conv10_1", "conv10_2", "conv11_1", "conv11_2"],
 ]  # fmt: skip
-# The paper's four SSD300 phases; the classifier is pruned in one phase (ours).
 DEFAULT_PHASES: dict[str, list[list[str]]] = {
     "ssd300_vgg16": [list(phase) for phase in _SSD_PHASES],
     "ssd_vgg_lite": [list(phase) for phase in _SSD_PHASES],

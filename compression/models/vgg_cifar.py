@@ -37,7 +37,7 @@ class Normalize(nn.Module):
 
 
 class VGGCifar(nn.Module):
-    """``normalize`` -> ``features`` (conv_i_j, bn_i_j, relu_i_j, pool_i) -> global pool -> ``classifier``.
+    """``normalize`` -> ``features`` (conv_i_j, bn_i_j, relu_i_j, pool_i) -> global pool -> ``classifier`` (one Linear).
 
     Each conv's BatchNorm is the next module in ``features`` (``features.conv4_3`` -> ``features.bn4_3``).
     The global average pool is a no-op at 32 px (the map is 1x1) and lets larger inputs work too.
@@ -63,12 +63,9 @@ class VGGCifar(nn.Module):
             in_channels = out_channels
         self.features = nn.Sequential(layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        hidden = max(8, round(512 * width_mult))
-        self.classifier = nn.Sequential(
-            nn.Linear(in_channels, hidden),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden, num_classes),
-        )
+        # One Linear, as Network Slimming's CIFAR VGG: a hidden FC + ReLU without BatchNorm died within 40
+        # AdamW steps on the digits (every hidden unit negative for every input, loss stuck at ln 10).
+        self.classifier = nn.Sequential(nn.Linear(in_channels, num_classes))
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")

@@ -171,7 +171,7 @@ def induce_sparsity(input_path: Path, cfg: PipelineConfig, out: Path, *, phase: 
     A loss that turns NaN/inf stops with a one-line ``StageError`` naming the epoch and λ; ``out`` is not
     written then and the input is never touched.
     """
-    from compression.sparsity import choose_alpha, weight_sparsity
+    from compression.sparsity import choose_alpha, sparsity_targets, weight_sparsity
 
     started = time.perf_counter()
     cfg = cfg.for_phase(phase)
@@ -179,7 +179,8 @@ def induce_sparsity(input_path: Path, cfg: PipelineConfig, out: Path, *, phase: 
     refuse_same_file(input_path, out)
     source = load_checkpoint(input_path, expect_model=cfg.model.name)
     layers = _phase_layers(source, phase)
-    before = weight_sparsity(source.model, layers)
+    # The phase's layers and their consumers: stage 2 trains and thresholds both (s_in reads the consumers).
+    before = weight_sparsity(source.model, [target.layer for target in sparsity_targets(source.model, layers)])
     del source
     sparsity = cfg.stages.sparsity
     job = TrainJob(stage="sparsity", config=cfg.model_dump(mode="json"), optim=_optim(sparsity),

@@ -163,6 +163,9 @@ def _services(
             # PREFECT_SERVER_DATABASE_CONNECTION_URL is prefect 3's name for PREFECT_API_DATABASE_CONNECTION_URL.
             "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect' / 'prefect.db'}",
             "PREFECT_API_URL": f"{prefect_url}/api",
+            # A busy SQLite database makes the server answer 503, which the UI shows as "Oops. Something went
+            # wrong"; by default the server logs nothing then. Log it, so logs/prefect.log says why.
+            "PREFECT_SERVER_LOG_RETRYABLE_ERRORS": "true",
         }
     )
     # A single-node stack has nowhere to move work on `down`: short drain instead of Ray's 30 s.

@@ -594,7 +594,9 @@ def compress(
     task = model_task(cfg.model.name)
     table = compression_table(f"{cfg.name}: {cfg.model.name} in {run_dir} (x: base / checkpoint)", rows, task)
     console.print(table, width=max(console.width, 160))  # a log file gets the whole table, not 80 columns
-    _plain(f"final checkpoint: {rows[-1]['path']}")
+    # The better of retrained and distilled on validation (the plan's choice), not simply the last stage.
+    final = next((row for row in rows if row.get("final")), rows[-1])
+    _plain(f"final checkpoint: {final['path']}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,6 +30,13 @@ HEADER = """# Benchmarks
 
 Every number below was written by a script in `bench/` (its command and machine are given with it) and
 collected by `bench/report.py`; none is typed in. Re-run a script, then `bench/report.py`, to refresh.
+
+Each section names the commit it was measured at. Since then the method has changed: stage 2 measures
+and penalises the effective filter where a BatchNorm follows, pretraining stops early on the validation
+split, and the final model (distilled or retrained) and the budget's trial are chosen on validation. The
+pruning results below (compression, quality, budget, speedup) describe the method before those changes and
+have not been measured again; none of them is compared with a dense model trained for the same epochs.
+Read them as history, not as the current method's result.
 """
 
 

@@ -444,6 +444,15 @@ def run(
     elif search:
         raise PrunepipeError("--search needs --budget (e.g. --budget map_drop=1.0)")
     cfg = _load(config, overrides)
+    from compression.checks import check_method_config
+
+    # A bad method setting (of the run, or of any budget trial) stops here, before any service is named.
+    check_method_config(cfg)
+    if budget is not None:
+        from compression.budget import plan_trials
+
+        for trial in plan_trials(cfg, search_settings):
+            check_method_config(trial.config)
     from_stack = _connect(home)
     from tasks.env import apply_env_defaults
 

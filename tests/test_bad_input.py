@@ -57,7 +57,7 @@ stages:
   phases:
     - {name: p1, layers: [conv1_1, conv1_2]}
 tracking: {mlflow_uri: "sqlite:///mlflow.db"}
-compute: {use_gpu: false, num_workers: 1}
+compute: {use_gpu: false, num_workers: 1, amp_bf16: false, channels_last: false}  # tiny models train in float32 (conftest.py)
 """
 
 

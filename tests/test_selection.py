@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from compression.checks import phases_for
 from compression.errors import ConfigError
 from compression.models import build_model
 from compression.pruning import build_dependency_graph, prune_filters, resolve_layers
@@ -243,7 +244,7 @@ def test_a_layer_shared_by_two_phases_is_selected_and_pruned_in_each(tmp_path):
     torch.manual_seed(0)
     model = build_model("vgg16_cifar", 10, width_mult=0.125)
     widths = []
-    for index, phase in enumerate(S.phases_for(cfg)):
+    for index, phase in enumerate(phases_for(cfg)):
         with torch.no_grad():  # an L1-trained stand-in: the shared layer's filters 0-5 all zeros, in each phase
             model.features.conv3_1.weight[:6] = 0
         ckpt = Checkpoint(model=model, model_name="vgg16_cifar", model_args={"num_classes": 10, "width_mult": 0.125},

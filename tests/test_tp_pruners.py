@@ -11,6 +11,7 @@ from bench.tp_pruners import TP_METHODS, build_pruner, prune_to_flops, sparse_tr
 from compression import metrics
 from compression.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from compression.config import OptimConfig
+from compression.criteria import FLOPS_TOLERANCE
 from compression.data.classification import build_classification_dataset
 from compression.data.digits import write_digits_cls
 from compression.errors import StageError
@@ -55,7 +56,8 @@ def test_each_pruner_reaches_the_flops_target_and_round_trips(method, tmp_path):
     info = prune_to_flops(pruner, model, 3.0, min_channels=4)
     after = metrics.count_flops(model, (32, 32))
     assert info["flops_before"] == before and info["flops_after"] == after
-    assert 3.0 <= before / after < 3.0 * 1.02  # the last step stops at the target
+    # The last step stops at the target: "equal FLOPs" between methods means within FLOPS_TOLERANCE (5%).
+    assert 3.0 <= before / after < 3.0 * (1 + FLOPS_TOLERANCE)
     widths = [layer_channels(model.get_submodule(name)) for name in VGG_LAYERS]
     assert min(widths) >= 4 and sum(widths) < sum(b for b, _ in info["channels"].values())
     assert model.classifier[-1].out_features == 10  # the output layer is ignored, only a consumer

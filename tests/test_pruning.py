@@ -307,3 +307,23 @@ def test_prune_accepts_selection_records_and_copies_are_independent():
     prune_filters(model, {"conv5_1": {"remove": [2, 3], "keep": 62}}, model_name="ssd_vgg_lite")
     assert model.backbone.conv5_1.out_channels == 62 and model.backbone.conv5_2.in_channels == 62
     assert twin.backbone.conv5_1.out_channels == 64
+
+
+def test_a_layer_pruned_again_after_a_checkpoint_round_trip_keeps_l2norm_in_step(tmp_path):
+    # The default SSD phases share their boundary layers: conv4_3 (which feeds the L2Norm) is pruned in
+    # phase 1, saved, loaded, and pruned again in phase 2.
+    from compression.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+
+    model = build_model("ssd_vgg_lite", num_classes=11, width_mult=0.125, image_size=128).eval()
+    prune_filters(model, {"conv4_3": [0, 1, 2]}, model_name="ssd_vgg_lite")
+    ckpt = Checkpoint(model=model, model_name="ssd_vgg_lite",
+                      model_args={"num_classes": 11, "width_mult": 0.125, "image_size": 128},
+                      class_names=list(DIGIT_CLASSES),
+                      stage="prune")
+    loaded = load_checkpoint(save_checkpoint(ckpt, tmp_path / "phase1.safetensors")).model.eval()
+    width = loaded.get_submodule(layer_names("ssd_vgg_lite")["conv4_3"]).out_channels
+    prune_filters(loaded, {"conv4_3": [width - 1, width - 2]}, model_name="ssd_vgg_lite")
+    norms = [m for m in loaded.modules() if type(m).__name__ == "L2Norm"]
+    assert norms and all(norm.num_channels == width - 2 for norm in norms)
+    with torch.no_grad():
+        loaded(torch.rand(1, 3, 128, 128))

@@ -69,9 +69,14 @@ class L2Norm(nn.Module):
 
     def __init__(self, num_channels: int, scale: float = 20.0, eps: float = 1e-12):
         super().__init__()
-        self.num_channels = num_channels
         self.eps = eps
         self.weight = nn.Parameter(torch.full((num_channels,), float(scale)))
+
+    @property
+    def num_channels(self) -> int:
+        # Read from the weight, so a pruned checkpoint (loaded into the shapes it was saved with) and a
+        # layer pruned twice agree with it.
+        return self.weight.shape[0]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.weight.view(1, -1, 1, 1) * F.normalize(x, dim=1, eps=self.eps)
@@ -89,7 +94,6 @@ class L2NormPruner(tp.pruner.function.BasePruningFunc):
         removed = set(idxs)
         keep_idxs = [i for i in range(layer.num_channels) if i not in removed]
         layer.weight = self._prune_parameter_and_grad(layer.weight, keep_idxs, 0)
-        layer.num_channels = len(keep_idxs)
         return layer
 
     # Removing an input channel removes the same output channel, so both directions are one function.

@@ -44,6 +44,12 @@ def _finish(ckpt: Checkpoint, cfg: PipelineConfig, out: Path, base: dict[str, An
     """
     out = Path(out)
     ckpt.path = None
+    if ckpt.task == "detection":
+        # Measured, stored and deployed with the same post-processing (ONNX sidecar, MLflow model).
+        from compression.models import apply_postprocess_settings, postprocess_settings
+
+        settings = {"score_threshold": cfg.export.score_threshold, "pre_nms_top_k": cfg.export.pre_nms_top_k}
+        ckpt.extra["postprocess"] = postprocess_settings(apply_postprocess_settings(ckpt.model, settings))
     result = measure(ckpt, cfg, base=base, with_val=True, val_metric=val_metric)
     result["stage_seconds"] = stage_seconds
     if extra_metrics:

@@ -431,8 +431,8 @@ def read_sidecar(onnx_path: Path | str) -> tuple[dict[str, Any], np.ndarray | No
     return sidecar, anchors
 
 
-def onnx_session(onnx_path: Path | str, threads: int = 1):
-    """An ONNX Runtime CPU session of ``onnx_path`` with every graph optimisation (Conv+activation fusion,
+def onnx_session(onnx_path: Path | str | bytes, threads: int = 1):
+    """An ONNX Runtime CPU session of ``onnx_path`` (or a serialised model) with every graph optimisation (Conv+activation fusion,
     the NCHWc layout on x86) and ``threads`` intra-op threads, one inter-op thread."""
     import onnxruntime as ort
 
@@ -441,7 +441,8 @@ def onnx_session(onnx_path: Path | str, threads: int = 1):
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    model = onnx_path if isinstance(onnx_path, bytes) else str(onnx_path)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 @dataclass

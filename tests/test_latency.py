@@ -104,3 +104,76 @@ def test_load_or_measure_reuses_a_matching_table(tmp_path):
 def test_torch_runtime_is_the_gpus():
     with pytest.raises(ConfigError, match="torch runtime is the GPU's"):
         measure_latency_table(build_model("ssd_vgg_lite", num_classes=3), "ssd_vgg_lite", runtime="torch")
+
+
+# --------------------------------------------------------------------------------------------
+# Selection by latency
+
+
+def test_select_by_latency_reaches_the_target_on_fast_widths(lite, table):
+    from compression.criteria import select_by_latency
+    from compression.errors import StageError
+
+    dg = build_dependency_graph(lite)
+    layers = resolve_layers(lite, "ssd_vgg_lite", prunable_layers("ssd_vgg_lite"), dg=dg)
+    scores = rank_filters("l1_norm", lite, dg, layers)
+    chosen, info = select_by_latency(lite, scores, 2.0, table, model_name="ssd_vgg_lite", min_channels=2,
+                                     max_layer_ratio=0.75)
+    assert info["latency_ratio"] >= 2.0 and info["latency_before_ms"] > info["latency_after_ms"]
+    for name, entry in chosen.items():
+        n = len(entry["scores"])
+        assert entry["keep"] == n or entry["keep"] in table.fast_widths(name)
+        assert entry["keep"] >= n / 4 and len(entry["remove"]) == n - entry["keep"]
+        assert info["round_to"][name] == table.round_to(name)
+    pruned = prune_filters(copy.deepcopy(lite), chosen)
+    widths = model_widths(pruned, "ssd_vgg_lite")
+    assert table.network_ms(widths) == pytest.approx(info["latency_after_ms"])
+    # What was removed is, per millisecond, the least important: the cheapest filters of each layer go first.
+    for entry in chosen.values():
+        kept = sorted(set(range(len(entry["scores"]))) - set(entry["remove"]))
+        if entry["remove"] and kept:
+            assert max(entry["scores"][f] for f in entry["remove"]) <= min(entry["scores"][f] for f in kept)
+
+    with pytest.raises(StageError, match="target_latency_ratio 50 is out of reach"):
+        select_by_latency(lite, scores, 50.0, table, model_name="ssd_vgg_lite", max_layer_ratio=0.5)
+
+
+def test_selection_stage_with_a_latency_target(tmp_path, digits_devkit):
+    from compression.checkpoint import Checkpoint, save_checkpoint
+    from compression.config import PhaseConfig
+    from compression.stages import LATENCY_TABLE, select_filters
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path, digits_devkit, "stages.selection.criterion=l1_norm", "export.batch_size=2",
+                      "stages.selection.target_latency_ratio=1.3", "stages.selection.max_layer_ratio=0.75")
+    torch.manual_seed(0)
+    args = {"num_classes": 11, "width_mult": 0.0625, "image_size": 64}
+    path = save_checkpoint(Checkpoint(model=build_model("ssd_vgg_lite", **args), model_name="ssd_vgg_lite",
+                                      model_args=args, class_names=[str(d) for d in range(10)]),
+                           tmp_path / "base.safetensors")
+    phase = PhaseConfig(name="p1", layers=["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1"])
+    out, metrics = select_filters(path, cfg, tmp_path / "selection.json", phase=phase)
+    record = json.loads(out.read_text())
+    assert record["target_latency_ratio"] == 1.3 and record["latency_ratio"] >= 1.3
+    assert metrics["filters_removed_total"] > 0
+    assert (tmp_path / LATENCY_TABLE).is_file()
+    stored = json.loads((tmp_path / LATENCY_TABLE).read_text())
+    (tables,) = stored["tables"].values()
+    assert tables[0]["fingerprint"]["batch_size"] == 2 and tables[0]["fingerprint"]["runtime"] == "onnxruntime"
+
+
+def test_latency_target_settings_per_phase_and_refusals():
+    from compression.checks import check_ranking_target
+    from compression.config import PhaseConfig, load_config
+
+    cfg = load_config("default", ["stages.selection.criterion=l1_norm"])
+    phase = PhaseConfig(name="p", layers=["conv1_1"], target_latency_ratio=2.5)
+    assert cfg.for_phase(phase).stages.selection.target_latency_ratio == 2.5
+    check_ranking_target(cfg.for_phase(phase))  # a latency target is a ranking criterion's target
+    with pytest.raises(ConfigError, match=r"'l1_norm' needs prune_ratio or target_flops_ratio \(or target_latency"):
+        check_ranking_target(cfg)
+    taylor = load_config("default", ["stages.selection.criterion=taylor", "stages.selection.target_latency_ratio=2"])
+    with pytest.raises(ConfigError, match="'taylor' takes prune_ratio or target_flops_ratio, not target_latency"):
+        check_ranking_target(taylor)
+    with pytest.raises(ConfigError, match="target_latency_ratio"):
+        load_config("default", ["stages.selection.target_latency_ratio=0.5"])

@@ -358,9 +358,11 @@ class LatencyTable:
                    if name == layer or site["producer"] == layer)
 
     def fast_widths(self, layer: str) -> list[int]:
-        """The widths of ``layer`` the table shows the device runs faster than every wider one, ascending."""
-        site = self.sites[layer]
-        widths, times = site["fine_widths"], site["fine_ms"]
+        """The widths of ``layer`` the table shows the device runs faster than every wider one, ascending: the
+        layer's own site and the sites that read it (``layer_ms``), the other layers at the table's widths."""
+        widths = self.sites[layer]["fine_widths"]
+        base = self.data.get("model", {}).get("widths", {})
+        times = [self.layer_ms(base, layer, width) for width in widths]
         fast, best = [], math.inf
         for width, ms in sorted(zip(widths, times, strict=True), reverse=True):
             if ms < best or width == widths[-1]:

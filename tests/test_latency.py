@@ -199,3 +199,15 @@ def test_in_process_pipeline_prunes_to_a_latency_target(tmp_path, digits_devkit)
     assert prune_row["metrics"]["flops_ratio"] > 1.0
     meta = read_metadata(Path(rows[-1]["path"]))
     assert meta["extra"]["postprocess"] == {"score_threshold": 0.05, "pre_nms_top_k": 50}
+
+
+def test_latency_table_settings_key_only_the_selection():
+    from compression.config import load_config
+    from compression.plan import stage_settings
+
+    base, other = load_config("default"), load_config("default", ["export.threads=2", "export.grid_step=4"])
+    assert stage_settings(base, "pretrain") == stage_settings(other, "pretrain")
+    assert stage_settings(base, "selection") != stage_settings(other, "selection")
+    # The post-processing is part of every measured checkpoint.
+    thresholded = load_config("default", ["export.score_threshold=0.05"])
+    assert stage_settings(base, "pretrain") != stage_settings(thresholded, "pretrain")

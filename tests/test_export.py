@@ -339,3 +339,25 @@ def test_onnx_runtime_matches_pytorch_on_the_digits_test_split(tmp_path, digits_
     assert parity["unpaired"] == 0 and parity["label_mismatches"] == 0
     assert parity["max_abs_diff_outputs"] < 1e-4
     assert parity["max_abs_diff_boxes"] < 1e-2 and parity["max_abs_diff_scores"] < 1e-4
+
+
+def test_mlflow_model_runs_the_deployment_graph_with_the_stored_post_processing(tmp_path):
+    from mlflow.pyfunc import PythonModelContext
+
+    from tasks.mlflow_model import PrunepipeModel
+
+    torch.manual_seed(0)
+    model = _with_trained_like_batchnorm(build_model("ssd_vgg_lite", **LITE_ARGS))
+    settings = {"score_threshold": 0.095, "pre_nms_top_k": 20}
+    path = save_checkpoint(Checkpoint(model=model, model_name="ssd_vgg_lite", model_args=LITE_ARGS, class_names=CLASSES,
+                                      extra={"postprocess": settings}), tmp_path / "served.safetensors")
+    served = PrunepipeModel()
+    served.load_context(PythonModelContext(artifacts={"checkpoint": str(path)}, model_config={}))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in served.model.modules())
+    images = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(6))
+    rows = served.predict(None, images.numpy())
+    reference = ssd_detect(load_checkpoint(path).model.eval(), images)
+    assert len(rows) == sum(len(found["scores"]) for found in reference) > 0
+    assert bool((rows["score"] > 0.095).all()) and int(rows.groupby(["image", "label"]).size().max()) <= 20
+    np.testing.assert_allclose(np.sort(rows["score"].to_numpy()),
+                               np.sort(torch.cat([found["scores"] for found in reference]).numpy()), atol=1e-4)

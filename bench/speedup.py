@@ -1,7 +1,7 @@
 """Real speedup of pruned detectors in their deployment runtimes: dense vs FLOPs-targeted vs latency-targeted.
 
     .venv/bin/python bench/speedup.py --quick        # smoke test: built models, 1 warm-up, 2 runs (not a measurement)
-    .venv/bin/python bench/speedup.py                # built models (random weights, no mAP), ~10 min on 2 cores
+    .venv/bin/python bench/speedup.py                # built models (random weights, no mAP), a few minutes
     .venv/bin/python bench/speedup.py --dense BASE --flops-target A --latency-target B   # trained checkpoints
     .venv/bin/python bench/speedup.py --set compute.use_gpu=true ...                   # adds the GPU table
 

@@ -180,15 +180,17 @@ def test_latency_target_settings_per_phase_and_refusals():
         load_config("default", ["stages.selection.target_latency_ratio=0.5"])
 
 
-def test_in_process_pipeline_prunes_to_a_latency_target(tmp_path, digits_devkit):
-    """The whole method with a latency target: selection by the run's table, then prune, retrain, distill;
-    the pruned checkpoint has the widths the selection chose and carries the post-processing settings."""
+@pytest.mark.parametrize("criterion", ["l1_norm", "seed"])
+def test_in_process_pipeline_prunes_to_a_latency_target(tmp_path, digits_devkit, criterion):
+    """The whole method with a latency target: selection by the run's table (seed: its global sparsity
+    ranking, after the sparsity stage), then prune and retrain; the final checkpoint carries the
+    post-processing settings."""
     from compression.checkpoint import read_metadata
     from compression.pipeline import run_pipeline_in_process
     from compression.stages import LATENCY_TABLE
     from tests.conftest import tiny_config
 
-    cfg = tiny_config(tmp_path, digits_devkit, "stages.selection.criterion=l1_norm", "export.batch_size=2",
+    cfg = tiny_config(tmp_path, digits_devkit, f"stages.selection.criterion={criterion}", "export.batch_size=2",
                       "stages.selection.target_latency_ratio=1.2", "stages.selection.max_layer_ratio=0.75",
                       "stages.distill.enabled=false", "export.score_threshold=0.05", "export.pre_nms_top_k=50",
                       "stages.phases=[{name: p1, layers: [conv1_1, conv1_2, conv2_1, conv2_2]}]")
@@ -196,6 +198,7 @@ def test_in_process_pipeline_prunes_to_a_latency_target(tmp_path, digits_devkit)
     prune_row = next(row for row in rows if row["stage"] == "prune")
     selection = json.loads(open(prune_row["selection"]).read())
     assert selection["latency_ratio"] >= 1.2 and (tmp_path / "run" / LATENCY_TABLE).is_file()
+    assert selection["criterion"] == criterion and selection["scope"] == ("global" if criterion == "seed" else "layer")
     assert prune_row["metrics"]["flops_ratio"] > 1.0
     meta = read_metadata(Path(rows[-1]["path"]))
     assert meta["extra"]["postprocess"] == {"score_threshold": 0.05, "pre_nms_top_k": 50}

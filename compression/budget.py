@@ -5,8 +5,9 @@ A *budget* says what the user can give up or must reach:
 - ``map_drop=1.0``: at most 1.0 point (0.01) of the task metric (mAP VOC07, or top-1) below the
   pretrained model on the validation split; the answer is the most compressed model (FLOPs ratio first,
   then parameters) within it;
-- ``flops=4x`` / ``params=6x``: at least that compression; the answer is the model with the smallest
-  validation metric drop among those reaching it.
+- ``flops=4x`` / ``params=6x`` / ``latency=3x``: at least that compression (``latency``: the checkpoint's
+  measured batch-32 latency, ``latency_b32_ms``, against the base's); the answer is the model with the
+  smallest validation metric drop among those reaching it.
 
 A *trial* is the pipeline with some knobs set (``SearchConfig.knobs``: config key paths -> candidate
 values, e.g. ``stages.selection.gamma: [0.5, 0.7, 0.9]``). Trials are screened cheaply (sparsity,
@@ -36,9 +37,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from compression.config import PipelineConfig, apply_override, describe_error, validate_config
 from compression.errors import ConfigError
 
-BudgetKind = Literal["map_drop", "flops", "params"]
-BUDGET_FORMS = "map_drop=POINTS (e.g. map_drop=1.0), flops=RATIOx (e.g. flops=4x) or params=RATIOx (e.g. params=6x)"
-_BUDGET = re.compile(r"^\s*(map_drop|flops|params)\s*=\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(x?)\s*$")
+BudgetKind = Literal["map_drop", "flops", "params", "latency"]
+BUDGET_FORMS = ("map_drop=POINTS (e.g. map_drop=1.0), flops=RATIOx (e.g. flops=4x), params=RATIOx (e.g. params=6x) "
+                "or latency=RATIOx (e.g. latency=3x)")
+# The trial measurement each ratio budget reads (``latency_ratio``: base latency_b32_ms / the trial's).
+RATIO_KEYS: dict[str, str] = {"flops": "flops_ratio", "params": "params_ratio", "latency": "latency_ratio",
+                              "map_drop": "flops_ratio"}
+_NOUNS = {"flops": "FLOPs", "params": "parameters", "latency": "latency (batch 32)"}
+_BUDGET = re.compile(r"^\s*(map_drop|flops|params|latency)\s*=\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(x?)\s*$")
 # Knobs that change what happens before filter selection: trials that differ only in other knobs share
 # their sparsity stage (the flow's cache does the sharing; the order below lets it).
 _LATE_SECTIONS = ("stages.selection", "stages.retrain", "stages.distill")
@@ -64,12 +70,12 @@ class Budget:
     @property
     def ratio_key(self) -> str:
         """The compression measure the budget is about (``map_drop``: FLOPs, the cost that matters)."""
-        return "params_ratio" if self.kind == "params" else "flops_ratio"
+        return RATIO_KEYS[self.kind]
 
     def describe(self) -> str:
         if self.kind == "map_drop":
             return f"at most {self.value:g} points of mAP/top-1 below the pretrained model"
-        return f"at least {self.value:g}x fewer {'FLOPs' if self.kind == 'flops' else 'parameters'}"
+        return f"at least {self.value:g}x {'lower' if self.kind == 'latency' else 'fewer'} {_NOUNS[self.kind]}"
 
     def reaches_ratio(self, trial: Mapping[str, Any]) -> bool:
         """Whether a trial's compression meets a ratio budget (always true for ``map_drop``)."""
@@ -87,7 +93,7 @@ class Budget:
 
 
 def parse_budget(text: str) -> Budget:
-    """``map_drop=1.0`` | ``flops=4x`` | ``params=6x`` -> Budget; anything else is a one-line ConfigError."""
+    """``map_drop=1.0`` | ``flops=4x`` | ``params=6x`` | ``latency=3x`` -> Budget; anything else is a one-line ConfigError."""
     match = _BUDGET.match(str(text))
     if match is None:
         raise ConfigError(f"--budget {text!r}: expected {BUDGET_FORMS}")

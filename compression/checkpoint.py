@@ -180,6 +180,14 @@ def load_checkpoint(path: Path | str, expect_model: str | None = None) -> Checkp
             f"{path}: weights do not fit a {meta['model_name']!r} model ({what}); "
             "is it a checkpoint of another architecture?"
         )
+    postprocess = (meta.get("extra") or {}).get("postprocess")
+    if postprocess is not None:  # the deployment's post-processing the stage measured the model with
+        from compression.models import apply_postprocess_settings
+
+        try:
+            apply_postprocess_settings(model, postprocess if isinstance(postprocess, dict) else {})
+        except (ModelError, AttributeError) as exc:
+            raise CheckpointError(f"{path}: metadata 'postprocess' {postprocess!r}: {_short(exc)}") from None
     return Checkpoint(
         model=model,
         model_name=meta["model_name"],

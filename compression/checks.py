@@ -18,13 +18,18 @@ PHASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def check_ranking_target(cfg: PipelineConfig) -> None:
-    """A ranking criterion and Taylor need ``prune_ratio`` or ``target_flops_ratio`` (one-line ConfigError)."""
+    """A ranking criterion needs ``prune_ratio``, ``target_flops_ratio`` or ``target_latency_ratio``, Taylor one
+    of the first two (one-line ConfigError)."""
     selection = cfg.stages.selection
+    if selection.criterion == "taylor" and selection.target_latency_ratio is not None:
+        raise ConfigError("stages.selection: criterion 'taylor' takes prune_ratio or target_flops_ratio, not "
+                          "target_latency_ratio (use seed, l1_norm, bn_scale or random for a latency target)")
     if selection.criterion in (*RANKING_CRITERIA, "taylor") and selection.prune_ratio is None \
-            and selection.target_flops_ratio is None:
+            and selection.target_flops_ratio is None and selection.target_latency_ratio is None:
+        latency = "" if selection.criterion == "taylor" else " (or target_latency_ratio)"
         raise ConfigError(
-            f"stages.selection: criterion {selection.criterion!r} needs prune_ratio or target_flops_ratio "
-            "(how many filters to remove); only 'seed' decides that from the weights"
+            f"stages.selection: criterion {selection.criterion!r} needs prune_ratio or target_flops_ratio{latency}: "
+            "how many filters to remove; only 'seed' decides that from the weights"
         )
 
 

@@ -164,6 +164,12 @@ class SelectionConfig(_Strict):
     target_flops_ratio: float | None = Field(
         None, gt=1, description="ranking criteria: remove filters until FLOPs shrink by this factor"
     )
+    target_latency_ratio: float | None = Field(
+        None, gt=1,
+        description="remove the filters with the least importance per millisecond saved until the deployment "
+                    "latency (the latency table of export.*) shrinks by this factor; kept widths are the ones the "
+                    "table shows the device runs fastest",
+    )
     taylor_batches: int = Field(10, ge=1, description="batches over which Taylor scores are accumulated")
     taylor_step_filters: int = Field(8, ge=1, description="filters removed per Taylor step")
     taylor_finetune_batches: int = Field(20, ge=0, description="fine-tuning batches between Taylor steps")
@@ -198,6 +204,9 @@ class PhaseConfig(_Strict):
     target_flops_ratio: float | None = Field(
         None, gt=1, description="this phase's stages.selection.target_flops_ratio (FLOPs of the phase's input model)"
     )
+    target_latency_ratio: float | None = Field(
+        None, gt=1, description="this phase's stages.selection.target_latency_ratio (latency of the phase's input model)"
+    )
     max_layer_ratio: float | None = Field(None, gt=0, le=1, description="this phase's stages.selection.max_layer_ratio")
 
 
@@ -217,6 +226,23 @@ class TrackingConfig(_Strict):
     alias: str = "champion"
     log_onnx: bool = Field(True, description="export the final checkpoint to ONNX and log the files, "
                            "onnx_size_bytes and onnx_flops on its MLflow run")
+
+
+class ExportConfig(_Strict):
+    """The deployment target: its post-processing, and the runtime, batch and threads latency is measured at."""
+
+    score_threshold: float = Field(
+        0.01, ge=0, lt=1, description="detectors: class scores at or below this never reach NMS (evaluation uses it too)"
+    )
+    pre_nms_top_k: int = Field(
+        400, ge=1, le=100_000, description="detectors: at most this many boxes per class and image enter NMS "
+                                           "(evaluation uses it too)"
+    )
+    batch_size: int = Field(32, ge=1, le=4096, description="batch size the latency table is measured at")
+    threads: int = Field(1, ge=1, le=1024, description="CPU threads of the deployment runtime (ONNX Runtime)")
+    grid_step: int = Field(
+        8, ge=1, le=512, description="latency table: widths measured are multiples of this (and each layer's width)"
+    )
 
 
 class ComputeConfig(_Strict):
@@ -251,6 +277,7 @@ class PipelineConfig(_Strict):
     stages: StagesConfig = StagesConfig()
     tracking: TrackingConfig = TrackingConfig()
     compute: ComputeConfig = ComputeConfig()
+    export: ExportConfig = ExportConfig()
 
     @model_validator(mode="after")
     def _data_fits_model(self) -> PipelineConfig:
@@ -268,7 +295,8 @@ class PipelineConfig(_Strict):
         if phase is None:
             return self
         sparsity = {"l1_lambda": phase.l1_lambda} if phase.l1_lambda is not None else {}
-        selection = {key: getattr(phase, key) for key in ("gamma", "prune_ratio", "target_flops_ratio", "max_layer_ratio")
+        selection = {key: getattr(phase, key) for key in ("gamma", "prune_ratio", "target_flops_ratio",
+                                                                    "target_latency_ratio", "max_layer_ratio")
                      if getattr(phase, key) is not None}
         if not sparsity and not selection:
             return self

@@ -62,6 +62,7 @@ __all__ = [
     "FlopsModel",
     "rank_filters",
     "select_by_flops",
+    "select_by_latency",
     "select_by_ratio",
     "taylor_prune",
     "taylor_scores",
@@ -372,6 +373,91 @@ def select_by_flops(
     info = {"flops_before": estimate.base, "flops_after": lowest, "flops_ratio": estimate.base / lowest,
             "prune_ratio": high}
     return best, info
+
+
+# --------------------------------------------------------------------------------------------
+# Latency
+
+
+def select_by_latency(
+    model: nn.Module,
+    scores: Mapping[str, Sequence[float]],
+    target_latency_ratio: float,
+    table: Any,
+    *,
+    model_name: str,
+    min_channels: int = 1,
+    scope: str = "layer",
+    max_layer_ratio: float = 1.0,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Remove the filters with the least importance per millisecond saved until the network's predicted
+    latency (``table``, a ``latency.LatencyTable`` of this device) is at most the input model's /
+    ``target_latency_ratio`` (HALP's latency-saliency trade, solved greedily as NetAdapt does).
+
+    Each layer of ``scores`` may only be cut to one of the widths the table shows the device runs fastest
+    (``LatencyTable.fast_widths``, so a layer's ``round_to`` comes from the table) and never below
+    ``selection.layer_floor(n, min_channels, max_layer_ratio)``. A move cuts one layer from its width to a
+    lower allowed width, removing its lowest-scored filters; the move with the least importance removed per
+    millisecond saved (the layer's own site and its readers', at the other layers' current widths) goes
+    first, until the target is reached. ``scope="layer"`` scores (not comparable across layers) are divided
+    by their layer's mean first, so a move's cost is the share of its layer's importance it removes.
+
+    Returns (selection, {"latency_before_ms", "latency_after_ms", "latency_ratio", "round_to",
+    "latency_device"}) with predicted network times (ms per batch). ``StageError`` when even the floors
+    cannot reach the target.
+    """
+    from compression.latency import model_widths
+
+    if not target_latency_ratio > 1:
+        raise ConfigError(f"selection.target_latency_ratio must be > 1, got {target_latency_ratio}")
+    widths = model_widths(model, model_name)
+    missing = [name for name in scores if name not in table.sites]
+    if missing:
+        raise StageError(f"the latency table has no layer {missing[0]!r}; measure it for this model")
+    orders, cumulative, allowed = {}, {}, {}
+    for name, values in scores.items():
+        n = len(values)
+        mean = sum(values) / n if scope == "layer" and n and sum(values) > 0 else 1.0
+        orders[name] = _ascending(values)
+        sums = [0.0]
+        for f in orders[name]:
+            sums.append(sums[-1] + float(values[f]) / mean)
+        cumulative[name] = sums
+        floor = layer_floor(n, min_channels, max_layer_ratio)
+        allowed[name] = sorted({w for w in table.fast_widths(name) if floor <= w < n})
+    before = table.network_ms(widths)
+    goal = before / target_latency_ratio
+    current = dict(widths)
+    predicted = before
+    while predicted > goal:
+        best: tuple[float, float, str, int] | None = None
+        for name in scores:
+            n, width = len(scores[name]), current[name]
+            now = table.layer_ms(current, name, width)
+            for candidate in allowed[name]:
+                if candidate >= width:
+                    continue
+                saved = now - table.layer_ms(current, name, candidate)
+                if saved <= 0:
+                    continue
+                lost = cumulative[name][n - candidate] - cumulative[name][n - width]
+                key = (lost / saved, -saved, name, candidate)
+                if best is None or key < best:
+                    best = key
+        if best is None:
+            raise StageError(
+                f"target_latency_ratio {target_latency_ratio:g} is out of reach: cutting these layers to the "
+                f"widths the device runs fastest, down to min_channels={min_channels}, max_layer_ratio="
+                f"{max_layer_ratio:g}, gives at most {before / predicted:.2f}x"
+            )
+        _, _, name, candidate = best
+        current[name] = candidate
+        predicted = table.network_ms(current)
+    selection = {name: _entry(orders[name], len(values), current[name], list(values)) for name, values in scores.items()}
+    info = {"latency_before_ms": before, "latency_after_ms": predicted, "latency_ratio": before / predicted,
+            "round_to": {name: table.round_to(name) for name in scores},
+            "latency_device": table.fingerprint, "scope": scope}
+    return selection, info
 
 
 # --------------------------------------------------------------------------------------------

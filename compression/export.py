@@ -11,6 +11,15 @@
   the score / NMS thresholds and the post-processing recipe in words (``POSTPROCESS_RECIPE``).
 - ``model.anchors.npy`` (detectors): the (A, 4) float32 default boxes, xyxy pixels of the model's input.
 
+The exported network is the deployment graph: every BatchNorm that reads one conv's output alone is folded
+into that conv (``fold_batchnorm``, torch's ``fuse_conv_bn_eval``), and the ONNX model's metadata
+(``metadata_props``) and the sidecar carry the post-processing settings the checkpoint was measured
+with (``export.score_threshold``, ``export.pre_nms_top_k``). ``deployment_network`` is the same graph for
+PyTorch (channels-last on the CPU). ONNX Runtime is a first-class runtime: ``onnx_session`` opens the
+file with all graph optimisations, ``onnx_detect`` runs it with the batched post-processing of
+``ssd_fast`` (the same code PyTorch's path runs), and ``onnx_parity`` compares it with PyTorch's
+``ssd_detect`` image by image over a data split.
+
 Box decoding, scoring and NMS stay outside the graph (they are cheap, data-dependent and every runtime
 has its own NMS); ``postprocess_onnx_outputs`` is the reference implementation of the recipe (numpy, and
 torchvision's ``batched_nms``), checked against ``compression.ssd_fast.ssd_detect`` in tests/test_export.py.
@@ -28,26 +37,31 @@ inference), the figure a deployment sees; for this project's models it equals ``
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.ssd import SSD
 
 from compression.checkpoint import load_checkpoint
 from compression.errors import ConfigError, ModelError
 from compression.metrics import count_flops, count_parameters, file_size_bytes
 
-__all__ = ["EXPORT_FORMATS", "POSTPROCESS_RECIPE", "export_onnx", "export_paths", "onnx_flops",
-           "postprocess_onnx_outputs"]
+__all__ = ["EXPORT_FORMATS", "POSTPROCESS_RECIPE", "deployment_network", "export_onnx", "export_paths",
+           "fold_batchnorm", "onnx_detect", "onnx_flops", "onnx_parity", "onnx_session", "postprocess_onnx_outputs",
+           "read_sidecar"]
 
 EXPORT_FORMATS: tuple[str, ...] = ("onnx",)
 SIDECAR_FORMAT = "prunepipe-onnx/1"
@@ -89,6 +103,45 @@ def _check_out(out: Path, is_detector: bool, opset: int, exporter: str) -> None:
             raise ConfigError(f"{path}: already exists; pass another output path (nothing was overwritten)")
     if not out.parent.is_dir():
         raise ConfigError(f"{out.parent}: output folder does not exist")
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode with every BatchNorm2d that reads one conv's output, and that nothing
+    else reads, folded into that conv (``torch.nn.utils.fusion.fuse_conv_bn_eval``); the BatchNorm becomes
+    ``nn.Identity``. The outputs are the same to float rounding; FLOPs and module paths are unchanged."""
+    from compression.pruning import build_dependency_graph
+
+    folded = copy.deepcopy(model).eval()
+    dg = build_dependency_graph(folded)
+    names = {module: name for name, module in folded.named_modules()}
+    for conv in [m for m in folded.modules() if isinstance(m, nn.Conv2d)]:
+        node = dg.module2node.get(conv)
+        if node is None or len(node.outputs) != 1:
+            continue
+        bn = node.outputs[0].module
+        if not isinstance(bn, nn.BatchNorm2d) or len(dg.module2node[bn].inputs) != 1 or not bn.track_running_stats:
+            continue
+        _set_module(folded, names[conv], fuse_conv_bn_eval(conv, bn))
+        _set_module(folded, names[bn], nn.Identity())
+    return folded
+
+
+def deployment_network(model: nn.Module, channels_last: bool | None = None) -> nn.Module:
+    """What the deployment runs, as a PyTorch module: BatchNorm folded (``fold_batchnorm``), eval mode,
+    for a detector ``SSDNetwork(normalize_input=True)`` ([0, 1] images in, (bbox_regression, cls_logits)
+    out). ``channels_last`` (default: on for a CPU model) stores its weights in NHWC, oneDNN's fast layout;
+    feed it channels-last batches."""
+    network, _ = _network(fold_batchnorm(model))
+    device = next(network.parameters()).device
+    if channels_last if channels_last is not None else device.type == "cpu":
+        network = network.to(memory_format=torch.channels_last)
+    return network
 
 
 def _network(model: nn.Module) -> tuple[nn.Module, list[str]]:
@@ -156,7 +209,7 @@ def export_onnx(
     from compression.models import model_input_size, ssd_default_boxes
 
     height, width = model_input_size(model)
-    network, output_names = _network(model)
+    network, output_names = _network(fold_batchnorm(model))
     example = torch.rand(2 if dynamic_batch else 1, 3, height, width, generator=torch.Generator().manual_seed(0))
     sidecar: dict[str, Any] = {
         "format": SIDECAR_FORMAT,
@@ -181,6 +234,7 @@ def export_onnx(
             "num_classes_with_background": len(ckpt.class_names) + 1,
             "box_coder_weights": [float(w) for w in model.box_coder.weights],
             "bbox_xform_clip": float(model.box_coder.bbox_xform_clip),
+            # What the checkpoint was measured with (export.score_threshold / export.pre_nms_top_k).
             "score_thresh": float(model.score_thresh),
             "nms_thresh": float(model.nms_thresh),
             "topk_candidates": int(model.topk_candidates),
@@ -195,6 +249,7 @@ def export_onnx(
         temporaries["onnx"] = _write_atomic(
             out, lambda tmp: _export(network, example, tmp, output_names, opset, dynamic_batch, exporter)
         )
+        _add_metadata(temporaries["onnx"], sidecar)
         onnx.checker.check_model(temporaries["onnx"], full_check=True)
         if is_detector:
             temporaries["anchors"] = _write_atomic(paths["anchors"], lambda tmp: _save_npy(tmp, anchors))
@@ -282,6 +337,24 @@ def onnx_flops(onnx_path: Path | str) -> int:
     return 2 * macs
 
 
+def _add_metadata(path: str, sidecar: dict[str, Any]) -> None:
+    """The post-processing settings as the ONNX model's own metadata (``metadata_props``), so a runtime that
+    sees the .onnx alone still finds them."""
+    import onnx
+
+    model = onnx.load(path)
+    props = {"prunepipe.format": SIDECAR_FORMAT, "prunepipe.model_name": str(sidecar["model_name"]),
+             "prunepipe.class_names": json.dumps(sidecar["class_names"])}
+    if "detection" in sidecar:
+        det = sidecar["detection"]
+        props.update({"prunepipe.score_threshold": repr(det["score_thresh"]),
+                      "prunepipe.pre_nms_top_k": str(det["topk_candidates"]),
+                      "prunepipe.nms_threshold": repr(det["nms_thresh"]),
+                      "prunepipe.detections_per_img": str(det["detections_per_img"])})
+    onnx.helper.set_model_props(model, props)
+    onnx.save(model, path)
+
+
 def _save_npy(path: str, array: np.ndarray) -> None:
     # Through a file object: given a name without ".npy", np.save would append one.
     with open(path, "wb") as handle:
@@ -344,3 +417,127 @@ def postprocess_onnx_outputs(
         results.append({"boxes": all_boxes[keep] * scale, "scores": all_scores[keep], "labels": all_labels[keep]})
     return results
 
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX Runtime
+
+
+def read_sidecar(onnx_path: Path | str) -> tuple[dict[str, Any], np.ndarray | None]:
+    """The parsed ``model.json`` next to ``onnx_path`` and, for a detector, its default boxes."""
+    paths = export_paths(onnx_path)
+    sidecar = json.loads(paths["json"].read_text())
+    anchors = np.load(paths["anchors"]) if "detection" in sidecar else None
+    return sidecar, anchors
+
+
+def onnx_session(onnx_path: Path | str | bytes, threads: int = 1):
+    """An ONNX Runtime CPU session of ``onnx_path`` (or a serialised model) with every graph optimisation (Conv+activation fusion,
+    the NCHWc layout on x86) and ``threads`` intra-op threads, one inter-op thread."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    model = onnx_path if isinstance(onnx_path, bytes) else str(onnx_path)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+@dataclass
+class _SidecarPostprocess:
+    """The attributes of an SSD that ``ssd_fast.postprocess_batched`` reads, from an export's sidecar."""
+
+    box_coder: BoxCoder
+    score_thresh: float
+    topk_candidates: int
+    nms_thresh: float
+    detections_per_img: int
+
+    @classmethod
+    def from_sidecar(cls, sidecar: dict[str, Any]) -> _SidecarPostprocess:
+        det = sidecar["detection"]
+        return cls(BoxCoder(tuple(det["box_coder_weights"]), det["bbox_xform_clip"]), det["score_thresh"],
+                   det["topk_candidates"], det["nms_thresh"], det["detections_per_img"])
+
+
+def onnx_detect(session, sidecar: dict[str, Any], anchors: np.ndarray, images: torch.Tensor,
+                original_sizes: Sequence[tuple[int, int]] | None = None) -> list[dict[str, torch.Tensor]]:
+    """Detections of an exported SSD in ONNX Runtime: ``images`` (B, 3, H, W) in [0, 1] at the model's input
+    size; the post-processing is ``ssd_fast.postprocess_batched`` with the sidecar's settings (the code
+    PyTorch's ``ssd_detect`` runs). Boxes in ``original_sizes`` pixels (default: the input size)."""
+    from compression.ssd_fast import postprocess_batched
+
+    size = (sidecar["input"]["height"], sidecar["input"]["width"])
+    boxes, logits = session.run(None, {"images": np.ascontiguousarray(images.numpy(), dtype=np.float32)})
+    outputs = {"bbox_regression": torch.from_numpy(boxes), "cls_logits": torch.from_numpy(logits)}
+    return postprocess_batched(_SidecarPostprocess.from_sidecar(sidecar), outputs, torch.from_numpy(anchors), size,
+                               list(original_sizes or [size] * images.shape[0]))
+
+
+def _match_detections(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> tuple[int, float, float]:
+    """Pairs each reference detection with the same-label detection of ``ours`` nearest in (box, score):
+    (unpaired count, max |box difference| px, max |score difference|) over the pairs. Nearest, not same
+    position: scores within 1e-6 of each other may swap neighbours between runtimes."""
+    unpaired, box_diff, score_diff = abs(len(ours["scores"]) - len(reference["scores"])), 0.0, 0.0
+    boxes, scores, labels = (ours[k].numpy() for k in ("boxes", "scores", "labels"))
+    for box, score, label in zip(*(reference[k].numpy() for k in ("boxes", "scores", "labels")), strict=True):
+        (same,) = np.nonzero(labels == label)
+        if not len(same):
+            unpaired += 1
+            continue
+        distance = np.abs(boxes[same] - box).max(axis=1) + np.abs(scores[same] - score) * 1000
+        nearest = same[int(np.argmin(distance))]
+        box_diff = max(box_diff, float(np.abs(boxes[nearest] - box).max()))
+        score_diff = max(score_diff, float(abs(scores[nearest] - score)))
+    return unpaired, box_diff, score_diff
+
+
+@torch.no_grad()
+def onnx_parity(checkpoint_path: Path | str, onnx_path: Path | str, batches: Iterable[Any],
+                threads: int = 1) -> dict[str, Any]:
+    """ONNX Runtime against PyTorch on real images, for a detector export of ``checkpoint_path``.
+
+    ``batches``: (images, targets) as a detection data loader yields them (each image (3, h, w) in [0, 1]).
+    PyTorch runs ``ssd_fast.ssd_detect`` on the checkpoint's model; ONNX Runtime runs ``onnx_detect`` on the
+    images resized to the input size (the recipe's step 1). Returns ``images``, ``detections`` (PyTorch's),
+    ``max_abs_diff_outputs`` (the raw network outputs), ``max_abs_diff_boxes`` (pixels),
+    ``max_abs_diff_scores`` over paired detections, ``unpaired`` detections and ``label_mismatches`` (a
+    detection whose label has no counterpart), as plain floats/ints.
+    """
+    import torch.nn.functional as F
+
+    from compression.models import SSDNetwork
+    from compression.ssd_fast import preprocess_batch, ssd_detect
+
+    model = load_checkpoint(checkpoint_path).model.cpu().float().eval()
+    if not isinstance(model, SSD):
+        raise ModelError(f"{checkpoint_path}: onnx_parity compares detectors; this is a classifier")
+    sidecar, anchors = read_sidecar(onnx_path)
+    session = onnx_session(onnx_path, threads)
+    size = (sidecar["input"]["height"], sidecar["input"]["width"])
+    result = {"images": 0, "detections": 0, "max_abs_diff_outputs": 0.0, "max_abs_diff_boxes": 0.0,
+              "max_abs_diff_scores": 0.0, "unpaired": 0, "label_mismatches": 0}
+    for images, _targets in batches:
+        images = list(images) if not isinstance(images, torch.Tensor) else list(images.unbind(0))
+        images = [image.float() for image in images]
+        original_sizes = [tuple(image.shape[-2:]) for image in images]
+        reference = ssd_detect(model, images)
+        resized = torch.cat([F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)
+                             for image in images])
+        ours = onnx_detect(session, sidecar, anchors, resized, original_sizes)
+        onnx_outputs = session.run(None, {"images": resized.numpy()})
+        prepared, _ = preprocess_batch(model, images)
+        torch_outputs = SSDNetwork(model)(prepared)
+        result["max_abs_diff_outputs"] = max(result["max_abs_diff_outputs"], *(
+            float(np.abs(a - b.numpy()).max()) for a, b in zip(onnx_outputs, torch_outputs, strict=True)))
+        for mine, theirs in zip(ours, reference, strict=True):
+            unpaired, box_diff, score_diff = _match_detections(mine, theirs)
+            result["unpaired"] += unpaired
+            result["label_mismatches"] += int(set(mine["labels"].tolist()) != set(theirs["labels"].tolist()))
+            result["max_abs_diff_boxes"] = max(result["max_abs_diff_boxes"], box_diff)
+            result["max_abs_diff_scores"] = max(result["max_abs_diff_scores"], score_diff)
+            result["detections"] += len(theirs["scores"])
+        result["images"] += len(images)
+    return result

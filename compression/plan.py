@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 NEUTRAL_SETTINGS = ("name", "workdir", "tracking")
 # compute.* keys that say where a stage runs, not what it computes.
 INFRA_COMPUTE_KEYS = ("ray_address", "storage_path", "max_failures", "gpus_per_worker")
+# The latency table's settings: only a selection (with a latency target) reads them. The post-processing
+# settings (export.score_threshold, export.pre_nms_top_k) reach every measured checkpoint and stay.
+LATENCY_TABLE_KEYS = ("batch_size", "threads", "grid_step")
 
 
 @dataclass(frozen=True)
@@ -115,8 +118,9 @@ def stage_settings(cfg: PipelineConfig, stage: str, phase: PhaseConfig | None = 
     """The settings that identify ``stage``'s output, besides its input files.
 
     The config (with ``phase``'s own λ / γ / ratios applied) minus what cannot change the output: the
-    run's name, workdir and tracking, where it runs (``INFRA_COMPUTE_KEYS``), the phase list, and every
-    stage section but the stage's own (an earlier stage's settings reach it through its input files).
+    run's name, workdir and tracking, where it runs (``INFRA_COMPUTE_KEYS``), the phase list, every
+    stage section but the stage's own (an earlier stage's settings reach it through its input files), and
+    outside the selection the latency table's settings (``LATENCY_TABLE_KEYS``).
     Used by the flow's cache keys, the Ray Train run names and the in-process pipeline's resume.
     """
     data = cfg.for_phase(phase).model_dump(mode="json")
@@ -124,6 +128,9 @@ def stage_settings(cfg: PipelineConfig, stage: str, phase: PhaseConfig | None = 
         data.pop(key, None)
     for key in INFRA_COMPUTE_KEYS:
         data["compute"].pop(key, None)
+    if stage != "selection":
+        for key in LATENCY_TABLE_KEYS:
+            data["export"].pop(key, None)
     sections = STAGES[stage].sections if stage in STAGES else ()
     data["stages"] = {name: section for name, section in data["stages"].items() if name in sections}
     data["phase"] = phase.model_dump(mode="json") if phase is not None else None

@@ -44,6 +44,12 @@ def _finish(ckpt: Checkpoint, cfg: PipelineConfig, out: Path, base: dict[str, An
     """
     out = Path(out)
     ckpt.path = None
+    if ckpt.task == "detection":
+        # Measured, stored and deployed with the same post-processing (ONNX sidecar, MLflow model).
+        from compression.models import apply_postprocess_settings, postprocess_settings
+
+        settings = {"score_threshold": cfg.export.score_threshold, "pre_nms_top_k": cfg.export.pre_nms_top_k}
+        ckpt.extra["postprocess"] = postprocess_settings(apply_postprocess_settings(ckpt.model, settings))
     result = measure(ckpt, cfg, base=base, with_val=True, val_metric=val_metric)
     result["stage_seconds"] = stage_seconds
     if extra_metrics:
@@ -275,21 +281,21 @@ def select_filters(input_path: Path, cfg: PipelineConfig, out: Path, *,
         # α None: no grid value kept the metric, so only the weights L1 drove to exactly zero count.
         thresholded, taus = threshold_weights(ckpt.model, layers, alpha if alpha is not None else 0.0)
         scores = filter_sparsity_scores(thresholded, build_dependency_graph(thresholded), layers)
-        if settings.target_flops_ratio is None:
+        if settings.target_flops_ratio is None and settings.target_latency_ratio is None:
             chosen = flag_sparse_filters(scores, settings.gamma, settings.min_channels, settings.round_to,
                                          settings.max_layer_ratio)
             record.update(gamma=settings.gamma, taus=taus)
         else:
             # A FLOPs budget instead of γ: the same scores, ranked globally (sparser = less important).
             ranked = sparsity_importance(scores, relative_l1_norms(ckpt.model, layers))
-            chosen, info = _select_ranked(ckpt.model, build_dependency_graph(ckpt.model), ranked, cfg, "global")
+            chosen, info = _select_ranked(ckpt, build_dependency_graph(ckpt.model), ranked, cfg, "global", out)
             for name, entry in chosen.items():
                 entry.update(s_out=scores[name]["s_out"], s_in=scores[name]["s_in"])
             record.update(taus=taus, ranking="max(s_out, s_in), global", **info)
     else:
         dg = build_dependency_graph(ckpt.model)
         scores = rank_filters(settings.criterion, ckpt.model, dg, layers, seed=settings.seed)
-        chosen, info = _select_ranked(ckpt.model, dg, scores, cfg, DEFAULT_SCOPE[settings.criterion])
+        chosen, info = _select_ranked(ckpt, dg, scores, cfg, DEFAULT_SCOPE[settings.criterion], out)
         record.update(info)
     record["layers"] = chosen
     write_json_atomic(out, record)
@@ -298,10 +304,27 @@ def select_filters(input_path: Path, cfg: PipelineConfig, out: Path, *,
     return out, metrics
 
 
-def _select_ranked(model, dg, scores: dict[str, list[float]], cfg: PipelineConfig,
-                   scope: str) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    from compression.criteria import select_by_flops, select_by_ratio
+LATENCY_TABLE = "latency_table.json"
 
+
+def latency_table_for(ckpt: Checkpoint, cfg: PipelineConfig, run_dir: Path):
+    """The deployment target's latency table for ``ckpt``'s model (``compression.latency.load_or_measure``):
+    ONNX Runtime on the CPU, torch on the GPU with ``compute.use_gpu``, at ``export.batch_size`` and
+    ``export.threads``; kept in ``run_dir``/latency_table.json and reused while it covers the model."""
+    from compression.latency import load_or_measure
+
+    use_gpu = default_device(cfg.compute.use_gpu).type == "cuda"
+    return load_or_measure(Path(run_dir) / LATENCY_TABLE, ckpt.model, ckpt.model_name,
+                           runtime="torch" if use_gpu else "onnxruntime", device="cuda" if use_gpu else "cpu",
+                           batch_size=cfg.export.batch_size, threads=cfg.export.threads,
+                           grid_step=cfg.export.grid_step)
+
+
+def _select_ranked(ckpt: Checkpoint, dg, scores: dict[str, list[float]], cfg: PipelineConfig,
+                   scope: str, out: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    from compression.criteria import select_by_flops, select_by_latency, select_by_ratio
+
+    model = ckpt.model
     settings = cfg.stages.selection
     options: list[tuple[dict[str, dict[str, Any]], dict[str, Any]]] = []
     if settings.prune_ratio is not None:
@@ -315,6 +338,12 @@ def _select_ranked(model, dg, scores: dict[str, list[float]], cfg: PipelineConfi
                                        max_layer_ratio=settings.max_layer_ratio,
                                        round_to=settings.round_to, scope=scope, dg=dg)
         options.append((chosen, {"target_flops_ratio": settings.target_flops_ratio, "scope": scope, **info}))
+    if settings.target_latency_ratio is not None:
+        table = latency_table_for(ckpt, cfg, Path(out).parent)
+        chosen, info = select_by_latency(model, scores, settings.target_latency_ratio, table,
+                                         model_name=ckpt.model_name, min_channels=settings.min_channels,
+                                         max_layer_ratio=settings.max_layer_ratio, scope=scope)
+        options.append((chosen, {"target_latency_ratio": settings.target_latency_ratio, **info}))
     # Both targets set: stop at the first one reached (as taylor_prune does), i.e. remove fewer filters.
     return min(options, key=lambda option: sum(len(entry["remove"]) for entry in option[0].values()))
 

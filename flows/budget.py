@@ -56,8 +56,8 @@ from tasks.env import apply_env_defaults
 from tasks.ray_trainer import ensure_ray, ray_summary
 from tasks.tracking import RunTracker
 
-TABLE_COLUMNS = ("trial", "knobs", "status", "flops_ratio", "params_ratio", "size_bytes_ratio", "val_thresholded",
-                 "val_pruned", "val", "val_drop_points", "map_pruned", "map", "drop_points", "final_map",
+TABLE_COLUMNS = ("trial", "knobs", "status", "flops_ratio", "params_ratio", "latency_ratio", "size_bytes_ratio",
+                 "val_thresholded", "val_pruned", "val", "val_drop_points", "map_pruned", "map", "drop_points", "final_map",
                  "final_drop_points", "front_flops_ratio", "front_params_ratio", "mlflow_run_id")
 
 
@@ -126,6 +126,7 @@ def budget_trial(config: PipelineConfig, trial_name: str, trial_dir: str, shared
         "pruned_path": pruned["path"],
         "sparsity_path": sparse["path"] if sparse else None, "sparsity_cached": sparse["cached"] if sparse else None,
         "flops_ratio": measured.get("flops_ratio"), "params_ratio": measured.get("params_ratio"),
+        "latency_ratio": measured.get("latency_b32_ms_ratio"),
         "size_bytes_ratio": measured.get("size_bytes_ratio"), "map_pruned": measured.get(metric),
         "drop_pruned": measured.get(f"{metric}_drop"), "alpha": sparse_metrics.get("alpha"),
         "val_l1": sparse_metrics.get("val_metric_l1"),
@@ -393,7 +394,7 @@ def budget_search(config: PipelineConfig, budget: str, search: CB.SearchConfig |
 
 
 def _trial_metrics(record: dict[str, Any]) -> dict[str, Any]:
-    keys = ("flops_ratio", "params_ratio", "size_bytes_ratio", "val_l1", "val_thresholded", "val_pruned",
+    keys = ("flops_ratio", "params_ratio", "latency_ratio", "size_bytes_ratio", "val_l1", "val_thresholded", "val_pruned",
             "map_pruned", "drop_pruned", "alpha", "removed_fraction", "val", "val_drop", "map", "drop",
             "distilled_val_drop", "final_map", "final_drop", "final_val_drop")
     return {k: record[k] for k in keys if isinstance(record.get(k), int | float) and not isinstance(record[k], bool)}

@@ -421,9 +421,9 @@ def run(
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     budget: Annotated[str | None, typer.Option(
-        "--budget", metavar="map_drop=POINTS|flops=RATIOx|params=RATIOx",
+        "--budget", metavar="map_drop=POINTS|flops=RATIOx|params=RATIOx|latency=RATIOx",
         help="search for the most compressed model within an mAP drop, or the best one reaching a "
-        "FLOPs/params reduction (see docs/budget.md)")] = None,
+        "FLOPs/params/latency reduction (see docs/budget.md)")] = None,
     search: Annotated[list[str] | None, typer.Option(
         "--search", metavar="KEY=VALUE", help="with --budget: a search setting, e.g. --search max_trials=4 or "
         "--search knobs.stages.selection.gamma=[0.6,0.8]")] = None,

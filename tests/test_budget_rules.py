@@ -27,18 +27,20 @@ from compression.errors import ConfigError
     ("flops=4x", "flops", 4.0, None),
     ("flops=2.5", "flops", 2.5, None),
     ("params=6x", "params", 6.0, None),
+    ("latency=3x", "latency", 3.0, None),
 ])
 def test_budget_strings_parse(text, kind, value, max_drop):
     budget = parse_budget(text)
     assert (budget.kind, budget.value) == (kind, value)
     assert budget.max_drop == pytest.approx(max_drop) if max_drop is not None else budget.max_drop is None
-    assert budget.ratio_key == ("params_ratio" if kind == "params" else "flops_ratio")
+    assert budget.ratio_key == {"params": "params_ratio", "latency": "latency_ratio"}.get(kind, "flops_ratio")
 
 
 @pytest.mark.parametrize(("text", "says"), [
     ("map_drop", "expected map_drop=POINTS"),
     ("mAP<1", "expected map_drop=POINTS"),
-    ("latency=2x", "expected map_drop=POINTS"),
+    ("speed=2x", "expected map_drop=POINTS"),
+    ("latency=1x", "must be above 1"),
     ("flops=4x;rm -rf /", "expected map_drop=POINTS"),
     ("map_drop=2x", "in mAP points, not a ratio"),
     ("map_drop=150", "between 0 and 100"),
@@ -60,6 +62,21 @@ def test_budget_meets():
     flops = parse_budget("flops=4x")
     assert flops.meets({"flops_ratio": 4.0, "val_drop": 0.5}) and not flops.meets({"flops_ratio": 3.99})
     assert parse_budget("params=6x").meets({"params_ratio": 7, "flops_ratio": 1})
+    latency = parse_budget("latency=3x")
+    assert latency.meets({"latency_ratio": 3.2, "flops_ratio": 1}) and not latency.meets({"latency_ratio": 2.9, "flops_ratio": 9})
+    assert latency.describe() == "at least 3x lower latency (batch 32)"
+
+
+def test_latency_budget_ranks_and_chooses_by_measured_latency():
+    latency = parse_budget("latency=3x")
+    trials = [
+        {"trial": "fast", "latency_ratio": 3.5, "flops_ratio": 2.0, "params_ratio": 2.0, "val_pruned": 0.5, "val_drop": 0.02},
+        {"trial": "flops", "latency_ratio": 2.0, "flops_ratio": 6.0, "params_ratio": 6.0, "val_pruned": 0.9, "val_drop": 0.0},
+        {"trial": "faster", "latency_ratio": 4.0, "flops_ratio": 3.0, "params_ratio": 3.0, "val_pruned": 0.6, "val_drop": 0.03},
+    ]
+    # Only the trials reaching 3x lower latency are retrained, whatever their FLOPs; the smaller drop wins.
+    assert [t["trial"] for t in retrain_order(trials, latency, 3)] == ["faster", "fast"]
+    assert choose(trials, latency)["trial"] == "fast"
 
 
 def test_search_overrides():

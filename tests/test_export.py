@@ -22,7 +22,18 @@ from compression.data.digits import DIGIT_CLASSES, write_digits_voc
 from compression.data.transforms import eval_transforms
 from compression.data.voc import VOCDetection
 from compression.errors import CheckpointError, ConfigError, ModelError
-from compression.export import export_onnx, export_paths, onnx_flops, postprocess_onnx_outputs
+from compression.export import (
+    deployment_network,
+    export_onnx,
+    export_paths,
+    fold_batchnorm,
+    onnx_detect,
+    onnx_flops,
+    onnx_parity,
+    onnx_session,
+    postprocess_onnx_outputs,
+    read_sidecar,
+)
 from compression.metrics import count_flops
 from compression.models import SSDNetwork, build_model, ssd_default_boxes
 from compression.pruning import build_dependency_graph, prune_filters
@@ -243,3 +254,110 @@ def test_cli_export(checkpoints, tmp_path):
     result = runner.invoke(app, ["export", str(checkpoints["vgg"]), "--format", "onnx", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "onnx_size_bytes" in result.output and out.is_file() and out.with_suffix(".json").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# The deployment graph: BatchNorm folded, channels-last, post-processing settings, ONNX Runtime parity
+
+
+def _with_trained_like_batchnorm(model):
+    """BatchNorm statistics and scales away from their initial 0 / 1, so that folding them changes weights."""
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                n = module.num_features
+                module.running_mean.copy_(torch.rand(n, generator=generator) - 0.5)
+                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.bias.copy_(torch.rand(n, generator=generator) - 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("model_name,args,size", [("ssd_vgg_lite", LITE_ARGS, 128), ("vgg16_cifar", VGG_ARGS, 32)])
+def test_fold_batchnorm_keeps_outputs_and_flops(model_name, args, size):
+    torch.manual_seed(0)
+    model = _with_trained_like_batchnorm(build_model(model_name, **args))
+    folded = fold_batchnorm(model)
+    batchnorms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert batchnorms and not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert count_flops(folded, (size, size)) == count_flops(model, (size, size))
+    images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(4))
+    network, folded_network = deployment_network(model, channels_last=False), deployment_network(model)
+    with torch.no_grad():
+        reference = SSDNetwork(model, normalize_input=True)(images) if model_name == "ssd_vgg_lite" else (model(images),)
+        plain = folded_network(images.contiguous(memory_format=torch.channels_last))
+        plain = plain if isinstance(plain, tuple) else (plain,)
+        unfolded = network(images)
+        unfolded = unfolded if isinstance(unfolded, tuple) else (unfolded,)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in folded_network.parameters() if p.dim() == 4)
+    for ours, ref, other in zip(plain, reference, unfolded, strict=True):
+        assert float((ours - ref).abs().max()) < 1e-4 * max(1.0, float(ref.abs().max()))
+        assert float((other - ref).abs().max()) < 1e-4 * max(1.0, float(ref.abs().max()))
+
+
+def test_postprocess_settings_travel_with_checkpoint_and_export(tmp_path):
+    torch.manual_seed(0)
+    ckpt = Checkpoint(model=build_model("ssd_vgg_lite", **LITE_ARGS), model_name="ssd_vgg_lite", model_args=LITE_ARGS,
+                      class_names=CLASSES, extra={"postprocess": {"score_threshold": 0.2, "pre_nms_top_k": 50}})
+    path = save_checkpoint(ckpt, tmp_path / "post.safetensors")
+    loaded = load_checkpoint(path).model
+    assert (loaded.score_thresh, loaded.topk_candidates) == (0.2, 50)
+    metrics = export_onnx(path, tmp_path / "post.onnx")
+    sidecar, _ = read_sidecar(metrics["files"]["onnx"])
+    assert (sidecar["detection"]["score_thresh"], sidecar["detection"]["topk_candidates"]) == (0.2, 50)
+    props = {p.key: p.value for p in onnx.load(metrics["files"]["onnx"]).metadata_props}
+    assert (float(props["prunepipe.score_threshold"]), int(props["prunepipe.pre_nms_top_k"])) == (0.2, 50)
+    # At most 50 boxes per class and image reach NMS: at most 50 detections of each class.
+    images = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(5))
+    detections = onnx_detect(onnx_session(metrics["files"]["onnx"]), sidecar, np.load(metrics["files"]["anchors"]), images)
+    for found in detections:
+        assert len(found["scores"]) and bool((found["scores"] > 0.2).all())
+        assert int(torch.bincount(found["labels"]).max()) <= 50
+
+    bad = Checkpoint(model=build_model("ssd_vgg_lite", **LITE_ARGS), model_name="ssd_vgg_lite", model_args=LITE_ARGS,
+                     class_names=CLASSES, extra={"postprocess": {"score_threshold": 2, "pre_nms_top_k": 50}})
+    with pytest.raises(CheckpointError, match="score_threshold must be a number in"):
+        load_checkpoint(save_checkpoint(bad, tmp_path / "bad.safetensors"))
+
+
+def test_onnx_runtime_matches_pytorch_on_the_digits_test_split(tmp_path, digits_devkit):
+    """Boxes, scores and labels of ONNX Runtime and PyTorch on every test image of the tiny digits devkit."""
+    from compression.config import load_config
+    from compression.data.loaders import build_loader
+
+    args = {**LITE_ARGS, "image_size": 64}
+    torch.manual_seed(0)
+    model = _with_trained_like_batchnorm(build_model("ssd_vgg_lite", **args))
+    path = save_checkpoint(Checkpoint(model=model, model_name="ssd_vgg_lite", model_args=args, class_names=CLASSES),
+                           tmp_path / "digits.safetensors")
+    exported = export_onnx(path, tmp_path / "digits.onnx")
+    cfg = load_config("default", [f"data.root={digits_devkit}", "data.builtin=null", "model.image_size=64",
+                                  "data.eval_batch_size=4"])
+    parity = onnx_parity(path, exported["files"]["onnx"], build_loader(cfg.data, "test", train=False, image_size=64))
+    assert parity["images"] == 8 and parity["detections"] > 0
+    assert parity["unpaired"] == 0 and parity["label_mismatches"] == 0
+    assert parity["max_abs_diff_outputs"] < 1e-4
+    assert parity["max_abs_diff_boxes"] < 1e-2 and parity["max_abs_diff_scores"] < 1e-4
+
+
+def test_mlflow_model_runs_the_deployment_graph_with_the_stored_post_processing(tmp_path):
+    from mlflow.pyfunc import PythonModelContext
+
+    from tasks.mlflow_model import PrunepipeModel
+
+    torch.manual_seed(0)
+    model = _with_trained_like_batchnorm(build_model("ssd_vgg_lite", **LITE_ARGS))
+    settings = {"score_threshold": 0.095, "pre_nms_top_k": 20}
+    path = save_checkpoint(Checkpoint(model=model, model_name="ssd_vgg_lite", model_args=LITE_ARGS, class_names=CLASSES,
+                                      extra={"postprocess": settings}), tmp_path / "served.safetensors")
+    served = PrunepipeModel()
+    served.load_context(PythonModelContext(artifacts={"checkpoint": str(path)}, model_config={}))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in served.model.modules())
+    images = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(6))
+    rows = served.predict(None, images.numpy())
+    reference = ssd_detect(load_checkpoint(path).model.eval(), images)
+    assert len(rows) == sum(len(found["scores"]) for found in reference) > 0
+    assert bool((rows["score"] > 0.095).all()) and int(rows.groupby(["image", "label"]).size().max()) <= 20
+    np.testing.assert_allclose(np.sort(rows["score"].to_numpy()),
+                               np.sort(torch.cat([found["scores"] for found in reference]).numpy()), atol=1e-4)

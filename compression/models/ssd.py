@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -172,6 +173,23 @@ def ssd_default_boxes(ssd: SSD) -> Tensor:
     features = [torch.empty(1, 1, h, w, device=device) for h, w in ssd_feature_sizes(ssd)]
     images = ImageList(torch.empty(1, 3, height, width, device=device), [(height, width)])
     return ssd.anchor_generator(images, features)[0]
+
+
+def postprocess_settings(ssd: SSD) -> dict[str, float | int]:
+    """The deployment post-processing an SSD runs with (``export.score_threshold``, ``export.pre_nms_top_k``)."""
+    return {"score_threshold": float(ssd.score_thresh), "pre_nms_top_k": int(ssd.topk_candidates)}
+
+
+def apply_postprocess_settings(ssd: SSD, settings: dict[str, Any]) -> SSD:
+    """Set the score threshold and the per-class pre-NMS top-k (``postprocess_settings``' keys), in place."""
+    threshold, top_k = settings.get("score_threshold"), settings.get("pre_nms_top_k")
+    if not (isinstance(threshold, int | float) and not isinstance(threshold, bool) and 0 <= threshold < 1):
+        raise ModelError(f"post-processing score_threshold must be a number in [0, 1), got {threshold!r}")
+    if not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 1):
+        raise ModelError(f"post-processing pre_nms_top_k must be an integer >= 1, got {top_k!r}")
+    ssd.score_thresh = float(threshold)
+    ssd.topk_candidates = int(top_k)
+    return ssd
 
 
 def read_state_dict(weights_path: str | Path) -> dict[str, Tensor]:

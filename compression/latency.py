@@ -1,0 +1,484 @@
+"""A latency model of the deployment target: per-layer lookup tables measured on the device (NetAdapt, HALP).
+
+The deployment graph (``export.deployment_network``: BatchNorm folded) is cut into *sites*: every conv with
+the ops it alone feeds up to the next conv (ReLU, max-pooling). A site's time depends on its input channels
+(the width of the prunable conv that produces them) and its output channels (its own width, when it is
+prunable; an SSD head conv keeps its outputs). For every site ``measure_latency_table`` times the site alone
+on the target, in the deployment runtime and layout, at the configured batch size and threads:
+
+- ``ms``: a coarse grid of (input, output) widths, about 1/4, 1/2, 3/4 and all of each width rounded to
+  multiples of ``grid_step``, interpolated bilinearly in between;
+- ``fine_ms``: every multiple of ``grid_step`` up to the output width (and the width itself) at the full
+  input width. It corrects the coarse grid between its points (the staircase of vector widths and blocked
+  layouts) and names the site's *fast widths*: those that run faster than every wider one.
+
+The network's time is the sum of its sites' times plus ``fixed_ms``, what the sites do not hold (the input
+normalisation, SSD's L2Norm, pooling that feeds two branches, the head's reshapes), measured once as the
+whole network's time minus the sum of its sites at full width; ``postprocess_ms`` (detectors) is the
+post-processing of a batch, timed once. Runtimes: ``onnxruntime`` on the CPU (graph optimisations on,
+``intra_op_num_threads`` = threads), ``torch`` on a GPU (channels-last, CUDA-synchronised timing).
+
+Tables are saved as JSON keyed by a device fingerprint (CPU model, runtime, threads, batch, torch and
+ONNX Runtime versions; the GPU's name on a GPU): ``load_or_measure`` reuses a table of the same fingerprint
+and model whose widths cover the model's. No Prefect, Ray or MLflow here.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import math
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from compression.errors import ConfigError, ModelError
+
+__all__ = ["LatencyTable", "device_fingerprint", "load_or_measure", "measure_latency_table", "measure_network_ms",
+           "model_widths"]
+
+TABLE_FORMAT = "prunepipe-latency/1"
+RUNTIMES = ("onnxruntime", "torch")
+# Ops a site takes along after its conv: they read the conv's output alone and cost in proportion to it.
+_FOLLOWERS = ("Relu", "MaxPool")
+_COARSE_FRACTIONS = (0.25, 0.5, 0.75)
+
+
+# --------------------------------------------------------------------------------------------
+# The device
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_fingerprint(runtime: str, batch_size: int, threads: int, device: str = "cpu") -> dict[str, Any]:
+    """What a table's times depend on besides the model: the device, the runtime and its versions, batch and
+    threads. Two tables with equal fingerprints were measured on equal targets."""
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"latency runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
+    fingerprint: dict[str, Any] = {"runtime": runtime, "batch_size": int(batch_size), "threads": int(threads),
+                                   "cpu": _cpu_name(), "torch": torch.__version__}
+    if runtime == "onnxruntime":
+        import onnxruntime
+
+        fingerprint["onnxruntime"] = onnxruntime.__version__
+    if device.startswith("cuda"):
+        fingerprint["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return fingerprint
+
+
+def _fingerprint_key(fingerprint: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(dict(fingerprint), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Sites of the deployment graph
+
+
+@dataclass
+class Site:
+    """One conv of the deployment graph and the ops it alone feeds (``followers``, ONNX nodes)."""
+
+    name: str
+    in_channels: int
+    out_channels: int
+    input_hw: tuple[int, int]
+    conv: Any  # onnx.NodeProto
+    followers: list[Any]
+    producer: str | None  # the prunable conv whose output channels this site reads
+    prunable: bool
+
+
+def _module_path(node_name: str, modules: set[str]) -> str | None:
+    parts = node_name.strip("/").split("/")[:-1]
+    for candidate in (".".join(parts), parts[-1] if parts else ""):
+        if candidate in modules:
+            return candidate
+    return None
+
+
+def _export_network(model: nn.Module, batch_size: int) -> Any:
+    """The deployment network of ``model`` as an in-memory ONNX model at a fixed batch, shapes inferred."""
+    import onnx
+
+    from compression.export import deployment_network
+    from compression.models import model_input_size
+
+    network = deployment_network(model.cpu().float(), channels_last=False)
+    height, width = model_input_size(model)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(network, (torch.rand(batch_size, 3, height, width),), buffer, dynamo=False,
+                          input_names=["images"], opset_version=17, do_constant_folding=True)
+    return onnx.shape_inference.infer_shapes(onnx.load_from_string(buffer.getvalue()))
+
+
+def _sites(model: nn.Module, model_name: str, graph_model: Any) -> list[Site]:
+    from compression.models import prunable_layers
+    from compression.pruning import build_dependency_graph, consumers_of, resolve_layers
+
+    dg = build_dependency_graph(model)
+    prunable = dict(resolve_layers(model, model_name, prunable_layers(model_name), dg=dg))
+    producer_of: dict[str, str] = {}
+    for name, layer in prunable.items():
+        for consumer, _module, kind in consumers_of(dg, layer):
+            if kind in ("conv", "head", "depthwise"):
+                producer_of[consumer] = name
+    graph = graph_model.graph
+    shapes = {info.name: [d.dim_value for d in info.type.tensor_type.shape.dim]
+              for info in [*graph.input, *graph.value_info, *graph.output]}
+    readers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for value in node.input:
+            readers.setdefault(value, []).append(node)
+    outputs = {o.name for o in graph.output}
+    modules = {name for name, _ in model.named_modules()}
+    sites = []
+    for node in graph.node:
+        if node.op_type != "Conv":
+            continue
+        name = _module_path(node.name, modules)
+        if name is None:
+            raise ModelError(f"latency: ONNX conv {node.name!r} matches no module of the model")
+        followers, value = [], node.output[0]
+        while value not in outputs and len(readers.get(value, [])) == 1 and readers[value][0].op_type in _FOLLOWERS:
+            followers.append(readers[value][0])
+            value = readers[value][0].output[0]
+        batch, cin, height, width = shapes[node.input[0]]
+        module = model.get_submodule(name)
+        sites.append(Site(name, int(cin), int(module.out_channels), (int(height), int(width)), node, followers,
+                          producer_of.get(name), name in prunable))
+    return sites
+
+
+def model_widths(model: nn.Module, model_name: str) -> dict[str, int]:
+    """Output channels of every prunable layer of ``model`` (module path -> width)."""
+    from compression.models import prunable_layers
+    from compression.pruning import layer_channels, resolve_layers
+
+    return {name: layer_channels(layer) for name, layer in resolve_layers(model, model_name, prunable_layers(model_name))}
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+
+
+def _median_ms(run: Callable[[], Any], warmup: int, runs: int, sync: Callable[[], None] | None = None) -> float:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(runs):
+        if sync:
+            sync()
+        started = time.perf_counter()
+        run()
+        if sync:
+            sync()
+        times.append((time.perf_counter() - started) * 1000.0)
+    return float(statistics.median(times))
+
+
+def _site_graph(site: Site, batch_size: int, cin: int, cout: int) -> Any:
+    """A one-site ONNX model: the site's conv at (cin, cout) with random weights, then its followers."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    groups = next((a.i for a in site.conv.attribute if a.name == "group"), 1)
+    if groups != 1:
+        raise ModelError(f"latency: grouped conv {site.name!r} is not supported")
+    kernel = next(list(a.ints) for a in site.conv.attribute if a.name == "kernel_shape")
+    rng = np.random.default_rng(0)
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [cout, cin, *kernel],
+                                rng.standard_normal((cout, cin, *kernel)).astype(np.float32).tobytes(), raw=True)
+    bias = helper.make_tensor("b", TensorProto.FLOAT, [cout], np.zeros(cout, np.float32).tobytes(), raw=True)
+    conv = helper.make_node("Conv", ["x", "w", "b"], ["y0"])
+    conv.attribute.extend(site.conv.attribute)
+    nodes, value = [conv], "y0"
+    for index, follower in enumerate(site.followers):
+        node = helper.make_node(follower.op_type, [value], [f"y{index + 1}"])
+        node.attribute.extend(follower.attribute)
+        nodes.append(node)
+        value = f"y{index + 1}"
+    graph = helper.make_graph(nodes, "site", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                            [batch_size, cin, *site.input_hw])],
+                              [helper.make_tensor_value_info(value, TensorProto.FLOAT, None)],
+                              initializer=[weight, bias])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, 10)
+    return onnx.shape_inference.infer_shapes(model)
+
+
+class _Timer:
+    """Times sites and networks on the target: ONNX Runtime on the CPU, torch on a GPU."""
+
+    def __init__(self, runtime: str, batch_size: int, threads: int, warmup: int, runs: int, device: str = "cpu"):
+        self.runtime, self.batch_size, self.threads = runtime, batch_size, threads
+        self.warmup, self.runs, self.device = warmup, runs, torch.device(device)
+
+    def _onnx_ms(self, model_bytes: bytes, input_shape: list[int]) -> float:
+        from compression.export import onnx_session
+
+        session = onnx_session(model_bytes, self.threads)
+        feed = {session.get_inputs()[0].name: np.random.default_rng(1).random(input_shape, dtype=np.float32)}
+        return _median_ms(lambda: session.run(None, feed), self.warmup, self.runs)
+
+    def _torch_ms(self, module: nn.Module, input_shape: list[int]) -> float:
+        module = module.to(self.device).eval().to(memory_format=torch.channels_last)
+        batch = torch.rand(input_shape, device=self.device).contiguous(memory_format=torch.channels_last)
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else None
+        with torch.inference_mode():
+            return _median_ms(lambda: module(batch), self.warmup, self.runs, sync)
+
+    def site_ms(self, site: Site, cin: int, cout: int) -> float:
+        shape = [self.batch_size, cin, *site.input_hw]
+        if self.runtime == "onnxruntime":
+            return self._onnx_ms(_site_graph(site, self.batch_size, cin, cout).SerializeToString(), shape)
+        return self._torch_ms(_torch_site(site, cin, cout), shape)
+
+    def network_ms(self, model: nn.Module) -> float:
+        from compression.export import deployment_network
+        from compression.models import model_input_size
+
+        shape = [self.batch_size, 3, *model_input_size(model)]
+        if self.runtime == "onnxruntime":
+            return self._onnx_ms(_export_network(model, self.batch_size).SerializeToString(), shape)
+        return self._torch_ms(deployment_network(copy.deepcopy(model).to(self.device)), shape)
+
+
+def _attr(node: Any, name: str, default: Any) -> Any:
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return list(attribute.ints) if attribute.ints else attribute.i
+    return default
+
+
+def _torch_site(site: Site, cin: int, cout: int) -> nn.Module:
+    """The site as torch modules (for the torch runtime): its conv at (cin, cout), then its followers."""
+    pads = _attr(site.conv, "pads", [0, 0, 0, 0])
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, _attr(site.conv, "kernel_shape", [1, 1]),
+                                         stride=_attr(site.conv, "strides", [1, 1]), padding=tuple(pads[:2]),
+                                         dilation=_attr(site.conv, "dilations", [1, 1]))]
+    for follower in site.followers:
+        if follower.op_type == "Relu":
+            layers.append(nn.ReLU())
+        else:
+            follower_pads = _attr(follower, "pads", [0, 0, 0, 0])
+            layers.append(nn.MaxPool2d(_attr(follower, "kernel_shape", [1, 1]), _attr(follower, "strides", [1, 1]),
+                                       padding=tuple(follower_pads[:2]), ceil_mode=bool(_attr(follower, "ceil_mode", 0))))
+    return nn.Sequential(*layers)
+
+
+# --------------------------------------------------------------------------------------------
+# The table
+
+
+def _grid(width: int, step: int) -> list[int]:
+    """Coarse widths: about 1/4, 1/2, 3/4 of ``width`` (multiples of ``step`` where that is no coarser) and it."""
+    points = {width}
+    for fraction in _COARSE_FRACTIONS:
+        value = width * fraction
+        points.add(max(1, int(round(value / step)) * step if value >= step else int(round(value))))
+    return sorted(p for p in points if p <= width)
+
+
+def _fine(width: int, step: int) -> list[int]:
+    # Half a step too: whether a layer narrower than one vector block runs any faster is the table's to say.
+    return sorted({width, max(1, min(width, step // 2))} | set(range(step, width, step)) | set(_grid(width, step)))
+
+
+def _interp(points: list[int], values: list[float], x: float) -> float:
+    """Piecewise linear through the points; below the first, the line through the first two (never below 0);
+    above the last, the last value."""
+    if len(points) > 1 and x < points[0]:
+        slope = (values[1] - values[0]) / (points[1] - points[0])
+        return max(0.0, values[0] + slope * (x - points[0]))
+    return float(np.interp(x, points, values))
+
+
+class LatencyTable:
+    """A measured table (``measure_latency_table``'s JSON) and the predictions made from it."""
+
+    def __init__(self, data: dict[str, Any]):
+        self.data = data
+        self.sites: dict[str, dict[str, Any]] = data["sites"]
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        return self.data["fingerprint"]
+
+    def site_ms(self, name: str, cin: float, cout: float) -> float:
+        """Bilinear on the coarse grid, scaled by the fine profile's staircase along the output width."""
+        site = self.sites[name]
+        cin_grid, cout_grid, ms = site["cin_grid"], site["cout_grid"], site["ms"]
+        by_cin = [_interp(cout_grid, row, cout) for row in ms]
+        coarse = _interp(cin_grid, by_cin, cin)
+        if not site["prunable"]:
+            return coarse
+        full_cin = [_interp(cout_grid, row, cout) for row in ms][-1]
+        fine = _interp(site["fine_widths"], site["fine_ms"], cout)
+        return coarse * (fine / full_cin if full_cin > 0 else 1.0)
+
+    def widths_of(self, widths: Mapping[str, int], name: str) -> tuple[int, int]:
+        site = self.sites[name]
+        cin = widths.get(site["producer"], site["in_channels"]) if site["producer"] else site["in_channels"]
+        cout = widths.get(name, site["out_channels"]) if site["prunable"] else site["out_channels"]
+        return cin, cout
+
+    def network_ms(self, widths: Mapping[str, int]) -> float:
+        """Predicted network time (ms per batch) with the prunable layers at ``widths`` (others: full width)."""
+        return sum(self.site_ms(name, *self.widths_of(widths, name)) for name in self.sites) + self.data["fixed_ms"]
+
+    def e2e_ms(self, widths: Mapping[str, int]) -> float:
+        """``network_ms`` plus the post-processing measured once (detectors; 0 for classifiers)."""
+        return self.network_ms(widths) + self.data.get("postprocess_ms", 0.0)
+
+    def layer_ms(self, widths: Mapping[str, int], layer: str, width: int) -> float:
+        """The time of every site ``layer``'s width enters (its own, its readers') with ``layer`` at ``width``."""
+        changed = {**widths, layer: width}
+        return sum(self.site_ms(name, *self.widths_of(changed, name)) for name, site in self.sites.items()
+                   if name == layer or site["producer"] == layer)
+
+    def fast_widths(self, layer: str) -> list[int]:
+        """The widths of ``layer`` the table shows the device runs faster than every wider one, ascending: the
+        layer's own site and the sites that read it (``layer_ms``), the other layers at the table's widths."""
+        widths = self.sites[layer]["fine_widths"]
+        base = self.data.get("model", {}).get("widths", {})
+        times = [self.layer_ms(base, layer, width) for width in widths]
+        fast, best = [], math.inf
+        for width, ms in sorted(zip(widths, times, strict=True), reverse=True):
+            if ms < best or width == widths[-1]:
+                fast.append(width)
+                best = min(best, ms)
+        return sorted(fast)
+
+    def round_to(self, layer: str) -> int:
+        """The width step of ``layer``'s fast widths (their greatest common divisor): its ``round_to``."""
+        return math.gcd(*self.fast_widths(layer))
+
+    def covers(self, model_name: str, input_size: tuple[int, int], widths: Mapping[str, int]) -> bool:
+        model = self.data["model"]
+        return (model["name"] == model_name and tuple(model["input_size"]) == tuple(input_size)
+                and set(model["widths"]) == set(widths)
+                and all(widths[name] <= model["widths"][name] for name in widths))
+
+
+def measure_latency_table(model: nn.Module, model_name: str, *, runtime: str = "onnxruntime", batch_size: int = 32,
+                          threads: int = 1, grid_step: int = 8, warmup: int = 2, runs: int = 5,
+                          device: str = "cpu") -> LatencyTable:
+    """Measure ``model``'s latency table on this machine (see the module docstring); ``model`` is unchanged."""
+    from compression.models import model_input_size
+
+    if runtime == "torch" and not device.startswith("cuda"):
+        raise ConfigError("latency: the torch runtime is the GPU's; on the CPU the deployment runs ONNX Runtime")
+    started = time.perf_counter()
+    model = copy.deepcopy(model).cpu().float().eval()
+    fingerprint = device_fingerprint(runtime, batch_size, threads, device)
+    timer = _Timer(runtime, batch_size, threads, warmup, runs, device)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        sites = _sites(model, model_name, _export_network(model, batch_size))
+        widths = {site.name: site.out_channels for site in sites if site.prunable}
+        table_sites = {}
+        for site in sites:
+            cin_grid = _grid(site.in_channels, grid_step) if site.producer else [site.in_channels]
+            cout_grid = _grid(site.out_channels, grid_step) if site.prunable else [site.out_channels]
+            ms = [[timer.site_ms(site, cin, cout) for cout in cout_grid] for cin in cin_grid]
+            entry = {"in_channels": site.in_channels, "out_channels": site.out_channels, "producer": site.producer,
+                     "prunable": site.prunable, "input_hw": list(site.input_hw),
+                     "ops": [site.conv.op_type, *(f.op_type for f in site.followers)],
+                     "cin_grid": cin_grid, "cout_grid": cout_grid, "ms": ms}
+            if site.prunable:
+                fine = _fine(site.out_channels, grid_step)
+                known = dict(zip(cout_grid, ms[-1], strict=True))
+                entry["fine_widths"] = fine
+                entry["fine_ms"] = [known[w] if w in known else timer.site_ms(site, site.in_channels, w) for w in fine]
+            table_sites[site.name] = entry
+        network = timer.network_ms(model)
+        data = {"format": TABLE_FORMAT, "fingerprint": fingerprint,
+                "model": {"name": model_name, "input_size": list(model_input_size(model)), "widths": widths},
+                "sites": table_sites, "network_ms": network, "timing": {"warmup": warmup, "runs": runs}}
+        table = LatencyTable({**data, "fixed_ms": 0.0})
+        data["fixed_ms"] = network - table.network_ms(widths)
+        data["postprocess_ms"] = _postprocess_ms(model, batch_size, warmup, runs)
+    finally:
+        torch.set_num_threads(previous)
+    data["measured_seconds"] = time.perf_counter() - started
+    return LatencyTable(data)
+
+
+def _postprocess_ms(model: nn.Module, batch_size: int, warmup: int, runs: int) -> float:
+    """A detector's post-processing of one batch of its own outputs on random images (0 for a classifier)."""
+    from torchvision.models.detection.ssd import SSD
+
+    if not isinstance(model, SSD):
+        return 0.0
+    from compression.ssd_fast import postprocess_batched, preprocess_batch, run_network
+
+    with torch.inference_mode():
+        images = torch.rand(batch_size, 3, *model.transform.fixed_size[::-1], generator=torch.Generator().manual_seed(0))
+        prepared, sizes = preprocess_batch(model, images)
+        outputs, anchors = run_network(model, prepared)
+        return _median_ms(lambda: postprocess_batched(model, outputs, anchors, tuple(prepared.shape[-2:]), sizes),
+                          warmup, runs)
+
+
+def measure_network_ms(model: nn.Module, *, runtime: str = "onnxruntime", batch_size: int = 32, threads: int = 1,
+                       warmup: int = 2, runs: int = 5, device: str = "cpu") -> float:
+    """The deployment network's median time (ms per batch) on this machine, as the table measures it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        timer = _Timer(runtime, batch_size, threads, warmup, runs, device)
+        return timer.network_ms(copy.deepcopy(model).cpu().float().eval())
+    finally:
+        torch.set_num_threads(previous)
+
+
+def load_or_measure(path: Path | str, model: nn.Module, model_name: str, *, runtime: str = "onnxruntime",
+                    batch_size: int = 32, threads: int = 1, grid_step: int = 8, warmup: int = 2, runs: int = 5,
+                    device: str = "cpu") -> LatencyTable:
+    """The table in ``path`` for this device fingerprint when it covers ``model`` (same model and input size,
+    widths no wider than the table's); otherwise measured now and added to ``path`` (written atomically)."""
+    from compression.files import write_json_atomic
+    from compression.models import model_input_size
+
+    path = Path(path)
+    key = _fingerprint_key(device_fingerprint(runtime, batch_size, threads, device))
+    stored: dict[str, Any] = {"format": TABLE_FORMAT, "tables": {}}
+    if path.exists():
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path}: is not a latency table file ({exc})") from None
+        if stored.get("format") != TABLE_FORMAT or not isinstance(stored.get("tables"), dict):
+            raise ConfigError(f"{path}: is not a {TABLE_FORMAT} latency table file")
+    widths = model_widths(model, model_name)
+    for data in stored["tables"].get(key, []):
+        table = LatencyTable(data)
+        if table.covers(model_name, model_input_size(model), widths):
+            return table
+    table = measure_latency_table(model, model_name, runtime=runtime, batch_size=batch_size, threads=threads,
+                                  grid_step=grid_step, warmup=warmup, runs=runs, device=device)
+    stored["tables"].setdefault(key, []).append(table.data)
+    write_json_atomic(path, stored)
+    return table

@@ -1,0 +1,216 @@
+"""compression.latency: per-layer latency tables measured with ONNX Runtime, and what they predict.
+
+The machine these tests run on is shared (other work and a long benchmark run beside them): every timing
+is a median after warm-up, and predictions are compared with measurements taken in the same process.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from compression.criteria import rank_filters, select_by_ratio
+from compression.errors import ConfigError
+from compression.latency import (
+    LatencyTable,
+    device_fingerprint,
+    load_or_measure,
+    measure_latency_table,
+    measure_network_ms,
+    model_widths,
+)
+from compression.models import build_model, prunable_layers
+from compression.pruning import build_dependency_graph, prune_filters, resolve_layers
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PREDICTION_TOLERANCE = 0.15
+
+
+def _pruned(model, ratio, layers=None):
+    pruned = copy.deepcopy(model)
+    dg = build_dependency_graph(pruned)
+    pairs = resolve_layers(pruned, "ssd_vgg_lite", layers or prunable_layers("ssd_vgg_lite"), dg=dg)
+    return prune_filters(pruned, select_by_ratio(rank_filters("l1_norm", pruned, dg, pairs), ratio), dg=dg)
+
+
+@pytest.fixture(scope="module")
+def lite():
+    torch.manual_seed(0)
+    return build_model("ssd_vgg_lite", num_classes=11).eval()  # width 1/8, 128 px: the default preset's model
+
+
+@pytest.fixture(scope="module")
+def table(lite):
+    return measure_latency_table(lite, "ssd_vgg_lite", batch_size=8, threads=1, grid_step=8, warmup=2, runs=5)
+
+
+def test_table_covers_every_conv_and_is_quick(lite, table):
+    convs = [name for name, m in lite.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert sorted(table.sites) == sorted(convs)
+    assert table.data["measured_seconds"] < 180  # "a few minutes" at most, on a loaded 2-core machine
+    conv1_2 = table.sites["backbone.conv1_2"]
+    assert conv1_2["ops"] == ["Conv", "Relu", "MaxPool"] and conv1_2["producer"] == "backbone.conv1_1"
+    head = table.sites["head.classification_head.module_list.0"]
+    assert not head["prunable"] and head["producer"] == "backbone.conv4_3"
+    assert table.fingerprint == device_fingerprint("onnxruntime", 8, 1)
+
+
+@pytest.mark.parametrize("ratio,layers", [
+    (0.5, None),
+    (0.75, None),
+    (0.6, ["backbone.conv1_1", "backbone.conv1_2", "backbone.conv2_2", "backbone.conv4_3", "backbone.fc7"]),
+])
+def test_table_predicts_the_pruned_network_time(lite, table, ratio, layers):
+    pruned = _pruned(lite, ratio, layers)
+    predicted = table.network_ms(model_widths(pruned, "ssd_vgg_lite"))
+    measured = measure_network_ms(pruned, batch_size=8, threads=1, warmup=3, runs=15)
+    dense = measure_network_ms(lite, batch_size=8, threads=1, warmup=3, runs=15)
+    assert measured < dense  # pruning these layers does save time
+    assert abs(predicted / measured - 1) <= PREDICTION_TOLERANCE, (predicted, measured)
+
+
+def test_fast_widths_and_round_to_come_from_the_table():
+    site = {"in_channels": 4, "out_channels": 32, "producer": None, "prunable": True, "cin_grid": [4],
+            "cout_grid": [8, 16, 24, 32], "ms": [[2.0, 2.0, 3.0, 3.0]],
+            # a staircase: 24 costs what 32 does, 8 what 16 does
+            "fine_widths": [4, 8, 16, 24, 32], "fine_ms": [2.0, 2.0, 2.0, 3.0, 3.0]}
+    table = LatencyTable({"sites": {"conv": site}, "fixed_ms": 1.0})
+    assert table.fast_widths("conv") == [16, 32]
+    assert table.round_to("conv") == 16
+    assert table.network_ms({"conv": 32}) == pytest.approx(4.0)
+    assert table.network_ms({"conv": 20}) == pytest.approx(1.0 + 2.5 * (2.5 / 2.5))
+
+
+def test_load_or_measure_reuses_a_matching_table(tmp_path):
+    torch.manual_seed(0)
+    small = build_model("ssd_vgg_lite", num_classes=3, width_mult=0.0625, image_size=64).eval()
+    path = tmp_path / "latency.json"
+    first = load_or_measure(path, small, "ssd_vgg_lite", batch_size=2, threads=1, warmup=1, runs=2)
+    again = load_or_measure(path, _pruned(small, 0.5), "ssd_vgg_lite", batch_size=2, threads=1, warmup=1, runs=2)
+    assert again.data == first.data  # a narrower model of the same family: the table covers it
+    other = load_or_measure(path, small, "ssd_vgg_lite", batch_size=4, threads=1, warmup=1, runs=2)
+    assert other.fingerprint["batch_size"] == 4
+    stored = json.loads(path.read_text())
+    assert sorted(len(tables) for tables in stored["tables"].values()) == [1, 1]
+
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="is not a latency table file"):
+        load_or_measure(path, small, "ssd_vgg_lite", batch_size=2)
+
+
+def test_torch_runtime_is_the_gpus():
+    with pytest.raises(ConfigError, match="torch runtime is the GPU's"):
+        measure_latency_table(build_model("ssd_vgg_lite", num_classes=3), "ssd_vgg_lite", runtime="torch")
+
+
+# --------------------------------------------------------------------------------------------
+# Selection by latency
+
+
+def test_select_by_latency_reaches_the_target_on_fast_widths(lite, table):
+    from compression.criteria import select_by_latency
+    from compression.errors import StageError
+
+    dg = build_dependency_graph(lite)
+    layers = resolve_layers(lite, "ssd_vgg_lite", prunable_layers("ssd_vgg_lite"), dg=dg)
+    scores = rank_filters("l1_norm", lite, dg, layers)
+    chosen, info = select_by_latency(lite, scores, 2.0, table, model_name="ssd_vgg_lite", min_channels=2,
+                                     max_layer_ratio=0.75)
+    assert info["latency_ratio"] >= 2.0 and info["latency_before_ms"] > info["latency_after_ms"]
+    for name, entry in chosen.items():
+        n = len(entry["scores"])
+        assert entry["keep"] == n or entry["keep"] in table.fast_widths(name)
+        assert entry["keep"] >= n / 4 and len(entry["remove"]) == n - entry["keep"]
+        assert info["round_to"][name] == table.round_to(name)
+    pruned = prune_filters(copy.deepcopy(lite), chosen)
+    widths = model_widths(pruned, "ssd_vgg_lite")
+    assert table.network_ms(widths) == pytest.approx(info["latency_after_ms"])
+    # What was removed is, per millisecond, the least important: the cheapest filters of each layer go first.
+    for entry in chosen.values():
+        kept = sorted(set(range(len(entry["scores"]))) - set(entry["remove"]))
+        if entry["remove"] and kept:
+            assert max(entry["scores"][f] for f in entry["remove"]) <= min(entry["scores"][f] for f in kept)
+
+    with pytest.raises(StageError, match="target_latency_ratio 50 is out of reach"):
+        select_by_latency(lite, scores, 50.0, table, model_name="ssd_vgg_lite", max_layer_ratio=0.5)
+
+
+def test_selection_stage_with_a_latency_target(tmp_path, digits_devkit):
+    from compression.checkpoint import Checkpoint, save_checkpoint
+    from compression.config import PhaseConfig
+    from compression.stages import LATENCY_TABLE, select_filters
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path, digits_devkit, "stages.selection.criterion=l1_norm", "export.batch_size=2",
+                      "stages.selection.target_latency_ratio=1.3", "stages.selection.max_layer_ratio=0.75")
+    torch.manual_seed(0)
+    args = {"num_classes": 11, "width_mult": 0.0625, "image_size": 64}
+    path = save_checkpoint(Checkpoint(model=build_model("ssd_vgg_lite", **args), model_name="ssd_vgg_lite",
+                                      model_args=args, class_names=[str(d) for d in range(10)]),
+                           tmp_path / "base.safetensors")
+    phase = PhaseConfig(name="p1", layers=["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1"])
+    out, metrics = select_filters(path, cfg, tmp_path / "selection.json", phase=phase)
+    record = json.loads(out.read_text())
+    assert record["target_latency_ratio"] == 1.3 and record["latency_ratio"] >= 1.3
+    assert metrics["filters_removed_total"] > 0
+    assert (tmp_path / LATENCY_TABLE).is_file()
+    stored = json.loads((tmp_path / LATENCY_TABLE).read_text())
+    (tables,) = stored["tables"].values()
+    assert tables[0]["fingerprint"]["batch_size"] == 2 and tables[0]["fingerprint"]["runtime"] == "onnxruntime"
+
+
+def test_latency_target_settings_per_phase_and_refusals():
+    from compression.checks import check_ranking_target
+    from compression.config import PhaseConfig, load_config
+
+    cfg = load_config("default", ["stages.selection.criterion=l1_norm"])
+    phase = PhaseConfig(name="p", layers=["conv1_1"], target_latency_ratio=2.5)
+    assert cfg.for_phase(phase).stages.selection.target_latency_ratio == 2.5
+    check_ranking_target(cfg.for_phase(phase))  # a latency target is a ranking criterion's target
+    with pytest.raises(ConfigError, match=r"'l1_norm' needs prune_ratio or target_flops_ratio \(or target_latency"):
+        check_ranking_target(cfg)
+    taylor = load_config("default", ["stages.selection.criterion=taylor", "stages.selection.target_latency_ratio=2"])
+    with pytest.raises(ConfigError, match="'taylor' takes prune_ratio or target_flops_ratio, not target_latency"):
+        check_ranking_target(taylor)
+    with pytest.raises(ConfigError, match="target_latency_ratio"):
+        load_config("default", ["stages.selection.target_latency_ratio=0.5"])
+
+
+@pytest.mark.parametrize("criterion", ["l1_norm", "seed"])
+def test_in_process_pipeline_prunes_to_a_latency_target(tmp_path, digits_devkit, criterion):
+    """The whole method with a latency target: selection by the run's table (seed: its global sparsity
+    ranking, after the sparsity stage), then prune and retrain; the final checkpoint carries the
+    post-processing settings."""
+    from compression.checkpoint import read_metadata
+    from compression.pipeline import run_pipeline_in_process
+    from compression.stages import LATENCY_TABLE
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path, digits_devkit, f"stages.selection.criterion={criterion}", "export.batch_size=2",
+                      "stages.selection.target_latency_ratio=1.2", "stages.selection.max_layer_ratio=0.75",
+                      "stages.distill.enabled=false", "export.score_threshold=0.05", "export.pre_nms_top_k=50",
+                      "stages.phases=[{name: p1, layers: [conv1_1, conv1_2, conv2_1, conv2_2]}]")
+    rows = run_pipeline_in_process(cfg, tmp_path / "run")
+    prune_row = next(row for row in rows if row["stage"] == "prune")
+    selection = json.loads(open(prune_row["selection"]).read())
+    assert selection["latency_ratio"] >= 1.2 and (tmp_path / "run" / LATENCY_TABLE).is_file()
+    assert selection["criterion"] == criterion and selection["scope"] == ("global" if criterion == "seed" else "layer")
+    assert prune_row["metrics"]["flops_ratio"] > 1.0
+    meta = read_metadata(Path(rows[-1]["path"]))
+    assert meta["extra"]["postprocess"] == {"score_threshold": 0.05, "pre_nms_top_k": 50}
+
+
+def test_latency_table_settings_key_only_the_selection():
+    from compression.config import load_config
+    from compression.plan import stage_settings
+
+    base, other = load_config("default"), load_config("default", ["export.threads=2", "export.grid_step=4"])
+    assert stage_settings(base, "pretrain") == stage_settings(other, "pretrain")
+    assert stage_settings(base, "selection") != stage_settings(other, "selection")
+    # The post-processing is part of every measured checkpoint.
+    thresholded = load_config("default", ["export.score_threshold=0.05"])
+    assert stage_settings(base, "pretrain") != stage_settings(thresholded, "pretrain")

@@ -1,0 +1,42 @@
+"""bench/speedup.py's parts on tiny models: the devices it times on and the rows it writes (real exports,
+real ONNX Runtime; one run each, so the times themselves are not checked)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.speedup import CPU_RUNTIMES, MODELS, bench_devices, built_models, markdown, measure_rows
+from compression.errors import StageError
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_bench_devices_follow_compute_use_gpu():
+    assert bench_devices(False) == [torch.device("cpu")]
+    if torch.cuda.is_available():
+        assert [d.type for d in bench_devices(True)] == ["cpu", "cuda"]
+    else:
+        with pytest.raises(StageError, match="compute.use_gpu is true but no CUDA GPU is visible"):
+            bench_devices(True)
+
+
+def test_rows_compare_dense_flops_and_latency_targets(tmp_path, digits_devkit):
+    cfg = tiny_config(tmp_path, digits_devkit, "export.batch_size=2", "stages.selection.min_channels=1")
+    models = built_models(cfg, flops_ratio=2.0, latency_ratio=1.3, quick=True, table_path=tmp_path / "table.json")
+    assert list(models) == list(MODELS) and (tmp_path / "table.json").is_file()
+    rows = measure_rows(models, [torch.device("cpu")], batches=[1, 2], threads=[1], warmup=0, runs=1)
+    assert len(rows) == len(MODELS) * len(CPU_RUNTIMES) * 2
+    assert {(r["model"], r["runtime"]) for r in rows} == {(m, rt) for m in MODELS for rt in CPU_RUNTIMES}
+    for row in rows:
+        assert set(row) == {"model", "runtime", "batch", "threads", "e2e_ms", "map_voc07", "flops_ratio", "device",
+                            "speedup"}
+        assert row["e2e_ms"] > 0 and row["map_voc07"] is None and row["device"] == "cpu"
+        if row["model"] == "dense":
+            assert row["flops_ratio"] == 1.0 and row["speedup"] == 1.0
+        else:
+            assert row["flops_ratio"] > 1.2
+    flops_rows = [r for r in rows if r["model"] == "flops_target"]
+    assert min(r["flops_ratio"] for r in flops_rows) >= 2.0
+    assert "| latency_target | onnxruntime | cpu | 2 | 1 |" in markdown(rows, "")

@@ -213,8 +213,27 @@ class StagesConfig(_Strict):
 class TrackingConfig(_Strict):
     mlflow_uri: str | None = Field(None, description="empty: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     experiment: str = "prunepipe"
-    registered_model: str | None = Field("prunepipe-{model}", description="Model Registry name; empty: skip")
-    alias: str = "champion"
+    registered_model: str | None = Field(
+        "prunepipe-{name}", description="Model Registry name ({name}: the run's name, {model}: the model); empty: skip"
+    )
+    alias: str = Field("champion", description="moves to a new version only when it passes the champion gate")
+    champion_max_drop: float = Field(
+        0.01, ge=0, le=1, description="the alias moves only to a model whose validation metric is at most this "
+                                      "far below its base's (a fraction) and above the current holder's"
+    )
+    log_checkpoints: Literal["all", "final", "none"] = Field(
+        "final", description="checkpoint files uploaded to MLflow: every stage's, the final one's, or none"
+    )
+
+    @field_validator("registered_model")
+    @classmethod
+    def _known_placeholders(cls, value: str | None) -> str | None:
+        if value:
+            try:
+                value.format(name="name", model="model")
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ValueError(f"{value!r}: unknown placeholder {exc} (use {{name}} or {{model}})") from None
+        return value
     log_onnx: bool = Field(True, description="export the final checkpoint to ONNX and log the files, "
                            "onnx_size_bytes and onnx_flops on its MLflow run")
 

@@ -276,13 +276,15 @@ def choose(s: Search, retrained: list[dict[str, Any]]) -> tuple[dict[str, Any] |
                   final_stage="distill" if final_path != chosen["retrained_path"] else "retrain")
     TB.log_trial(s.tracker, trial.name, chosen["mlflow_run_id"], _trial_metrics(chosen), "chosen")
     s.run.current = ("register", None)
+    T.log_final_checkpoint(s.tracker, final_path, final_run_id)
     T.log_export(s.tracker, final_cfg, final_path, final_run_id)
     registered = None
     if s.cfg.tracking.registered_model:
         alias_cfg = final_cfg.model_copy(update={"tracking": s.cfg.tracking.model_copy(
             update={"alias": s.search.alias})})
+        # The search's answer always takes its own alias; the champion gate is the compress flow's.
         registered = T.register_model(s.tracker, alias_cfg, final_path, final_run_id,
-                                      input_example=input_example(final_path))
+                                      input_example=input_example(final_path), metrics=final_metrics, gated=False)
     return chosen, final_path, registered
 
 

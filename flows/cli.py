@@ -496,7 +496,8 @@ def _report_run(cfg, summary: dict, say: Console) -> None:
     say.print(f"every column (size, latency, all mAPs): {full}", markup=False, highlight=False, soft_wrap=True)
     say.print(f"final checkpoint: {summary['final_checkpoint']}", markup=False, highlight=False, soft_wrap=True)
     if summary.get("registered_model"):
-        say.print(f"registered model: {summary['registered_model']['uri']}", markup=False, highlight=False)
+        registered = summary["registered_model"]
+        say.print(f"registered model: {registered['uri']} ({registered['note']})", markup=False, highlight=False)
     fits = sum(row.get("fit_seconds") or 0 for row in rows)
     say.print(f"Ray Train fits: {fits:.0f}s in all; " + ", ".join(
         f"{key} {value:.1f}s" for key, value in summary["timings"].items() if not key.startswith("mlflow_log_")),

@@ -270,6 +270,7 @@ def compress(config: PipelineConfig) -> dict[str, Any]:
             logger.info("the %s model scores higher on the validation split than the distilled one: it is the "
                         "answer", final_step.label)
         run.current = ("export", None)
+        T.log_final_checkpoint(tracker, current, final["row"]["mlflow_run_id"])
         T.log_export(tracker, cfg, current, final["row"]["mlflow_run_id"])
         run.current = ("register", None)
         # log_summary reads the answer from the last row.
@@ -277,7 +278,8 @@ def compress(config: PipelineConfig) -> dict[str, Any]:
         registered = None
         if cfg.tracking.registered_model:
             registered = T.register_model(tracker, cfg, current, final["row"]["mlflow_run_id"],
-                                          input_example=input_example(current))
+                                          input_example=input_example(current), metrics=final["metrics"])
+            logger.info("registered %s version %s: %s", registered["name"], registered["version"], registered["note"])
     except BaseException as exc:
         stage, phase = run.current
         try:

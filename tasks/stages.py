@@ -239,8 +239,16 @@ def log_checkpoint(tracker: Any, name: str, stage: str, phase: str | None, check
 
 
 @task(name="register_model", **LOG_OPTIONS)
-def register_model(tracker: Any, config: PipelineConfig, checkpoint: str, run_id: str, input_example: Any) -> Any:
-    return tracker.register_model(config, checkpoint, run_id, input_example=input_example)
+def register_model(tracker: Any, config: PipelineConfig, checkpoint: str, run_id: str, input_example: Any,
+                   metrics: dict[str, Any], gated: bool = True) -> Any:
+    """Register the final checkpoint; ``tracking.alias`` moves only past the champion gate when ``gated``."""
+    return tracker.register_model(config, checkpoint, run_id, input_example=input_example, metrics=metrics,
+                                  gated=gated)
+
+
+@task(name="log_final_checkpoint", **LOG_OPTIONS)
+def log_final_checkpoint(tracker: Any, checkpoint: str, run_id: str) -> bool:
+    return tracker.log_final_checkpoint(checkpoint, run_id)
 
 
 @task(name="log_export", **LOG_OPTIONS)

@@ -40,6 +40,7 @@ from tasks.env import apply_env_defaults
 from tasks.ray_trainer import (
     absolute_config,
     check_gpu,
+    check_inputs_on_node,
     check_ray_address,
     ensure_ray,
     ray_address,
@@ -97,7 +98,7 @@ def preflight(cfg: PipelineConfig) -> Checked:
     check_tracking(uri)
     if address:
         ensure_ray(cfg.compute)
-        on_worker_node(cfg.compute, check_inputs, absolute_config(cfg))
+        on_worker_node(cfg.compute, check_inputs_on_node, absolute_config(cfg))
     else:
         check_inputs(cfg)
     checked = Checked(run_dir=(Path(cfg.workdir) / cfg.name).resolve(), steps=steps, tracking_uri=uri)

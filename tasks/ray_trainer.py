@@ -39,6 +39,7 @@ from compression.errors import PrunepipeError
 from compression.jobs import TrainJob, TrainResult, run_train_job
 from compression.train import ProgressCallback, TrainState, format_progress
 from tasks.cluster import Capacity, ComputeError, check_offers, cluster_capacity, node_identity
+from tasks.storage import absolute, join, local_data_root, read_text
 
 log = logging.getLogger(__name__)
 
@@ -305,6 +306,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, int]:
 
     config = dict(config)
     progress_queue = config.pop(PROGRESS_QUEUE_KEY, None)
+    config["config"] = with_local_data(config["config"])
     job = TrainJob(**config)
     compute = job.pipeline.compute
     torch.set_num_threads(compute.threads_per_worker or max(1, int(compute.cpus_per_worker)))
@@ -483,15 +485,18 @@ class RayTrainer:
     """``compression.jobs.Trainer`` on Ray Train: one ``TorchTrainer`` fit per job."""
 
     def __init__(self, compute: ComputeConfig, storage_path: Path | str,
-                 on_progress: ProgressCallback | None = None, progress_queue: Any = None) -> None:
+                 on_progress: ProgressCallback | None = None, progress_queue: Any = None,
+                 data_root: str | None = None) -> None:
         self.compute = compute
-        self.storage_path = Path(storage_path).resolve()
+        self.storage_path = absolute(storage_path)  # a URI (s3://, gs://, file://) or a folder every node sees
         self.fits: list[FitTiming] = []
         # Every progress record of rank 0 (compression.train.train_model), called from a driver thread
         # after the line is logged: e.g. per-epoch MLflow metrics.
         self.on_progress = on_progress
         # A relay the caller runs (a stage task on a node relays to the flow's process): rank 0 sends there.
         self.progress_queue = progress_queue
+        # data.root as configured (a URI stays one): each worker makes its own node's local copy.
+        self.data_root = data_root
 
     def fit(self, job: TrainJob) -> TrainResult:
         import ray
@@ -509,7 +514,9 @@ class RayTrainer:
         # The job's pipeline config must carry this trainer's compute settings (threads per worker).
         config["config"] = {**config["config"], "compute": compute.model_dump(mode="json")}
         config["config"]["data"] = per_worker_batch(config["config"]["data"], compute.num_workers)
-        before = registered_epochs(self.storage_path / name)
+        if self.data_root is not None:
+            config["config"]["data"]["root"] = self.data_root
+        before = registered_epochs(join(self.storage_path, name))
         started = time.perf_counter()
         relay = ProgressRelay(relay_emitter(self.on_progress)) if self.progress_queue is None else None
         try:
@@ -520,7 +527,7 @@ class RayTrainer:
                     num_workers=compute.num_workers, use_gpu=compute.use_gpu, resources_per_worker=resources
                 ),
                 run_config=RunConfig(
-                    storage_path=str(self.storage_path),
+                    storage_path=self.storage_path,
                     name=name,
                     failure_config=FailureConfig(max_failures=compute.max_failures),
                     checkpoint_config=CheckpointConfig(num_to_keep=1),
@@ -581,18 +588,25 @@ def absolute_paths(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def absolute_config_dict(config: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a pipeline config (as JSON) with its paths resolved against this working directory."""
+    """A copy of a pipeline config (as JSON) with its paths resolved against this working directory (a URI in
+    ``data.root`` or ``compute.storage_path`` stays as it is)."""
     cfg = json.loads(json.dumps(config))  # a deep copy of plain JSON
-    for section, key in (("data", "root"), ("model", "weights"), ("compute", "storage_path"), ("workdir", None)):
-        if key is None:
-            if cfg.get(section):
-                cfg[section] = str(Path(cfg[section]).resolve())
-        elif cfg.get(section, {}).get(key):
-            cfg[section][key] = str(Path(cfg[section][key]).resolve())
+    for section, key in (("data", "root"), ("compute", "storage_path")):
+        if cfg.get(section, {}).get(key):
+            cfg[section][key] = absolute(cfg[section][key])
+    if cfg.get("model", {}).get("weights"):
+        cfg["model"]["weights"] = str(Path(cfg["model"]["weights"]).resolve())
+    if cfg.get("workdir"):
+        cfg["workdir"] = str(Path(cfg["workdir"]).resolve())
     pretrain = cfg.get("stages", {}).get("pretrain", {})
     if pretrain.get("checkpoint"):
         pretrain["checkpoint"] = str(Path(pretrain["checkpoint"]).resolve())
     return cfg
+
+
+def with_local_data(config: dict[str, Any]) -> dict[str, Any]:
+    """A pipeline config (as JSON) whose ``data.root`` is a folder on this node (``tasks.storage``)."""
+    return {**config, "data": {**config["data"], "root": local_data_root(str(config["data"]["root"]))}}
 
 
 def absolute_config(config: PipelineConfig) -> PipelineConfig:
@@ -600,14 +614,15 @@ def absolute_config(config: PipelineConfig) -> PipelineConfig:
     return PipelineConfig.model_validate(absolute_config_dict(config.model_dump(mode="json")))
 
 
-def registered_epochs(run_dir: Path) -> int:
-    """Epochs of the checkpoint Ray Train would resume a run from (0 when there is none).
+def registered_epochs(run_dir: str | Path) -> int:
+    """Epochs of the checkpoint Ray Train would resume a run from (0 when there is none); ``run_dir`` is
+    ``<storage path>/<run name>``, a folder or a URI.
 
     Ray restores the latest checkpoint its controller *registered* (``checkpoint_manager_snapshot.json``);
     a checkpoint folder written just before a crash, but never registered, is not resumed from.
     """
     try:
-        snapshot = json.loads((run_dir / RAY_CHECKPOINT_SNAPSHOT).read_text())
+        snapshot = json.loads(read_text(join(str(run_dir), RAY_CHECKPOINT_SNAPSHOT)))
         return int(((snapshot.get("latest_checkpoint_result") or {}).get("metrics") or {}).get("epoch", 0))
     except (OSError, ValueError, TypeError, AttributeError):
         return 0
@@ -651,6 +666,8 @@ def run_stage_on_node(config: PipelineConfig, stage: str, phase: PhaseConfig | N
 
     node = node_identity()
     compute = config.compute
+    data_root = config.data.root
+    config = PipelineConfig.model_validate(with_local_data(config.model_dump(mode="json")))
     if compute.use_gpu and not torch.cuda.is_available():
         raise ComputeError(
             f"compute.use_gpu: Ray node {node['node_id']} ({node['hostname']}) offers GPUs to Ray but torch sees no "
@@ -665,7 +682,8 @@ def run_stage_on_node(config: PipelineConfig, stage: str, phase: PhaseConfig | N
     try:
         step = P.Step(P.STAGES[stage], Path(out).stem, phase)
         logger.info("stage %s runs on Ray node %s (%s)", step.label, node["node_id"], node["hostname"])
-        trainer = RayTrainer(compute, storage, progress_queue=progress_queue) if step.stage.trains else None
+        trainer = (RayTrainer(compute, storage, progress_queue=progress_queue, data_root=data_root)
+                   if step.stage.trains else None)
         path, metrics = P.run_step(step, config, Path(out), inputs, trainer=trainer, base_metrics=base_metrics,
                                    logger=logger)
     finally:
@@ -674,3 +692,10 @@ def run_stage_on_node(config: PipelineConfig, stage: str, phase: PhaseConfig | N
              "resumed_from_epoch": f.resumed_from_epoch, "restarted_from_epoch": f.restarted_from_epoch}
             for f in (trainer.fits if trainer else [])]
     return {"path": str(path), "metrics": metrics, "fits": fits, "node": node}
+
+
+def check_inputs_on_node(config: PipelineConfig) -> None:
+    """``compression.checks.check_inputs`` where the stages will read the data (a Ray task on a node)."""
+    from compression.checks import check_inputs
+
+    check_inputs(PipelineConfig.model_validate(with_local_data(config.model_dump(mode="json"))))

@@ -50,6 +50,7 @@ from tasks.ray_trainer import (
     relay_emitter,
     run_stage_on_node,
 )
+from tasks.storage import absolute
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +148,9 @@ def file_matches(path: str | Path, sha256: str | None) -> bool:
     return sha256 is not None and _digest(path) == sha256
 
 
-def storage_path(config: PipelineConfig) -> Path:
-    """Ray Train storage: ``compute.storage_path``, else ``<workdir>/ray``."""
-    return Path(config.compute.storage_path or Path(config.workdir) / "ray").resolve()
+def storage_path(config: PipelineConfig) -> str:
+    """Ray Train storage: ``compute.storage_path`` (a URI, or a path resolved here), else ``<workdir>/ray``."""
+    return absolute(config.compute.storage_path or Path(config.workdir) / "ray")
 
 
 def plain(value: Any) -> Any:
@@ -210,7 +211,7 @@ def run_stage(config: PipelineConfig, stage: str, phase: PhaseConfig | None, inp
         done = on_worker_node(
             config.compute, run_stage_on_node, absolute_config(config), stage, phase,
             {arg: str(Path(path).resolve()) for arg, path in inputs.items()}, str(Path(out).resolve()),
-            base_metrics, str(storage_path(config)), relay.queue,
+            base_metrics, storage_path(config), relay.queue,
         )
     finally:
         relay.close()

@@ -94,7 +94,7 @@ def ray_session(cfg):
 
 def ray_runs(cfg) -> dict[str, float]:
     """Ray Train run folders under the storage path, with their latest modification time."""
-    base = storage_path(cfg)
+    base = Path(storage_path(cfg))
     if not base.is_dir():
         return {}
     return {d.name: max(p.stat().st_mtime for p in [d, *d.rglob("*")]) for d in base.iterdir() if d.is_dir()}

@@ -44,10 +44,12 @@ from compression.errors import PrunepipeError
 from compression.measure import val_key
 from compression.train import primary_metric
 from flows.compress import (
+    Checked,
     StageRunner,
     artifact_key,
     input_example,
     preflight,
+    run_folder_lock,
     tracking_lost,
 )
 from tasks import budget_tracking as TB
@@ -324,13 +326,19 @@ def summarise(s: Search, screened: list[dict[str, Any]], retrained: list[dict[st
 def budget_search(config: PipelineConfig, budget: str, search: CB.SearchConfig | None = None) -> dict[str, Any]:
     """The most compressed model of ``config``'s method within ``budget`` (``map_drop=1.0``, ``flops=4x``,
     ``params=6x``), from trials over ``search.knobs``; every trial tracked, the Pareto front logged."""
-    from prefect.runtime import flow_run
-
     cfg, search = config, search or CB.SearchConfig()
     wanted = CB.parse_budget(budget)
-    logger = get_run_logger()
     started = time.perf_counter()
     checked = preflight(cfg)
+    with run_folder_lock(checked.run_dir):
+        return _budget_search(cfg, search, wanted, checked, started)
+
+
+def _budget_search(cfg: PipelineConfig, search: CB.SearchConfig, wanted: CB.Budget, checked: Checked,
+                   started: float) -> dict[str, Any]:
+    from prefect.runtime import flow_run
+
+    logger = get_run_logger()
     trials = CB.plan_trials(cfg, search)
     for trial in trials:
         check_method_config(trial.config)  # every trial's method settings, before anything starts

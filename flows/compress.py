@@ -16,12 +16,13 @@ measures its checkpoint once, and those measurements are what is logged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,40 @@ def preflight(cfg: PipelineConfig) -> Checked:
     checked = Checked(run_dir=(Path(cfg.workdir) / cfg.name).resolve(), steps=steps, tracking_uri=uri)
     checked.checks_seconds = time.perf_counter() - started
     return checked
+
+
+# --------------------------------------------------------------------------------------------
+# One flow run per run folder at a time
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir`` for this flow run: a second run of the same preset (same folder) waits here until the
+    first ends, then finds the stages it finished in the cache, instead of both writing the same
+    checkpoints, cache entries and Ray Train runs. An OS file lock (``flock``): it is released when the
+    process ends, however it ends, so a killed run never leaves the folder locked."""
+    import fcntl
+
+    from tasks.tracking import process_id
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".run.lock", "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another run"
+            get_run_logger().warning("%s is in use by %s; waiting for that run to end (the stages it finished are "
+                                     "then reused from the cache)", run_dir, holder)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {process_id()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,14 +282,17 @@ def compress(config: PipelineConfig) -> dict[str, Any]:
     """Compress ``config.model``: pretrain, prune phase by phase, distill, keep the better of the distilled
     and the retrained model on the validation split; every checkpoint tracked in MLflow and summarised in a
     table artifact."""
+    cfg = config
+    checked = preflight(cfg)
+    with run_folder_lock(checked.run_dir):
+        return _compress(cfg, checked)
+
+
+def _compress(cfg: PipelineConfig, checked: Checked) -> dict[str, Any]:
     from prefect.runtime import flow_run
 
-    cfg = config
     logger = get_run_logger()
-    timings: dict[str, float] = {}
-
-    checked = preflight(cfg)
-    timings["preflight"] = checked.checks_seconds
+    timings: dict[str, float] = {"preflight": checked.checks_seconds}
     # Ray starts (or is joined) at the first training fit and serves every later one: a fully cached
     # re-run never starts it. Everything that could stop it was checked by preflight.
     tracker = RunTracker.start(cfg, flow_run_id=flow_run.get_id(), uri=checked.tracking_uri)

@@ -148,3 +148,55 @@ def test_a_worker_node_is_chosen_and_a_cluster_that_can_never_hold_the_workers_i
     with pytest.raises(ComputeError, match=r"^compute.use_gpu: 2 workers x gpus_per_worker need 2 GPUs") as err:
         ensure_ray(compute.model_copy(update={"use_gpu": True}))
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_two_runs_of_one_preset_started_together_do_not_touch_each_others_files(cpu_cluster, prefect_server,
+                                                                                 digits_devkit, tmp_path):
+    """Two ``prunepipe run`` processes, same preset and run folder, started at once on the same cluster and
+    stores: the second waits for the first, then reuses its finished stages; both end well, every file is
+    whole, each has its own MLflow runs."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import tiny_overrides
+
+    from compression.checkpoint import load_checkpoint
+
+    cluster, _, _ = cpu_cluster
+    settings = tiny_overrides(tmp_path, digits_devkit, "stages.distill.enabled=false")
+    command = [sys.executable, "-m", "flows.cli", "run", "--config", "default",
+               *[arg for setting in settings for arg in ("--set", setting)]]
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "PREFECT_API_URL": prefect_server, "RAY_ADDRESS": cluster.address}
+    runs = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=900) for run in runs]
+    for run, (_, err) in zip(runs, outputs, strict=True):
+        assert run.returncode == 0, err[-3000:]
+    waited = [i for i, (_, err) in enumerate(outputs) if "waiting for that run to end" in err]
+    assert len(waited) == 1, [err[-2000:] for _, err in outputs]
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("prunepipe")
+    parents = client.search_runs([experiment.experiment_id], filter_string="tags.prunepipe.preset = 'tiny'")
+    parents = [run for run in parents if "mlflow.parentRunId" not in run.data.tags]
+    assert len(parents) == 2 and {run.info.status for run in parents} == {"FINISHED"}
+    cached = {}
+    for parent in parents:
+        children = client.search_runs([experiment.experiment_id],
+                                      filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        assert sorted(run.data.tags["prunepipe.stage"] for run in children) == ["pretrain", "prune", "retrain",
+                                                                                 "sparsity"]
+        cached[parent.info.run_id] = {run.data.tags["prunepipe.cached"] for run in children}
+    # One run computed every stage, the other (the one that waited) found all of them in the cache.
+    assert sorted(map(sorted, cached.values())) == [["false"], ["true"]]
+    run_dir = tmp_path / "runs" / "tiny"
+    for checkpoint in run_dir.glob("*.safetensors"):
+        load_checkpoint(checkpoint)  # whole, not half-written by the other run
+    for result in (run_dir / ".prefect-results").iterdir():
+        json.loads(result.read_text())  # every cache entry is whole JSON
+    # The same final checkpoint: one model version, not two.
+    assert len(client.search_model_versions("name = 'prunepipe-tiny'")) == 1

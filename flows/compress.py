@@ -293,8 +293,8 @@ def _compress(cfg: PipelineConfig, checked: Checked) -> dict[str, Any]:
 
     logger = get_run_logger()
     timings: dict[str, float] = {"preflight": checked.checks_seconds}
-    # Ray starts (or is joined) at the first training fit and serves every later one: a fully cached
-    # re-run never starts it. Everything that could stop it was checked by preflight.
+    # A local Ray starts at the first stage that runs and serves every later one: a fully cached re-run
+    # never starts it (a cluster was joined by preflight). Everything that could stop it was checked there.
     tracker = RunTracker.start(cfg, flow_run_id=flow_run.get_id(), uri=checked.tracking_uri)
     run = StageRunner(cfg, checked.run_dir, tracker)
     task = P.model_task_of(cfg)

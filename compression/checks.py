@@ -83,3 +83,24 @@ def check_phase_layers(model_name: str, width_mult: float | None, image_size: in
             resolve_layers(model, model_name, layers, dg=dg)
         except ConfigError as exc:
             raise ConfigError(f"stages.phases.{index} ({name}): {exc}") from None
+
+
+def check_inputs(cfg: PipelineConfig) -> None:
+    """The files a run reads: the pretrained checkpoint if given, and the dataset (the built-in one is
+    generated) with images in every split. Run where the stages run (a cluster node reads ``data.root``)."""
+    from pathlib import Path
+
+    from compression.data.loaders import build_dataset, ensure_builtin_data
+    from compression.errors import DataError
+
+    if cfg.stages.pretrain.checkpoint is not None:
+        from compression.checkpoint import read_metadata
+
+        read_metadata(cfg.stages.pretrain.checkpoint)
+    root = ensure_builtin_data(cfg.data)
+    if not Path(root).exists():
+        raise DataError(f"data.root {root}: does not exist (and data.builtin is empty)")
+    size = cfg.model.image_size or 300
+    for split in ("train", "val", "test"):
+        if len(build_dataset(cfg.data, split, train=False, image_size=size)) == 0:  # type: ignore[arg-type]
+            raise DataError(f"data.root {root}: the {split} split has no images")

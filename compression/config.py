@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import typing
 from pathlib import Path
@@ -30,7 +31,8 @@ class _Strict(BaseModel):
 
 class DataConfig(_Strict):
     kind: Literal["voc", "cifar10", "imagefolder"] = "voc"
-    root: Path = Field(Path("data/digits-voc/VOCdevkit"), description="VOCdevkit folder, CIFAR folder or ImageFolder root")
+    root: str = Field("data/digits-voc/VOCdevkit", description="VOCdevkit folder, CIFAR folder or ImageFolder root: "
+                      "a path, or a URI (file://, s3://, gs://) that prunepipe run's nodes copy from")
     builtin: Literal["digits-voc", "digits-cls"] | None = Field(
         "digits-voc", description="generate this built-in dataset at `root` when it does not exist yet"
     )
@@ -56,6 +58,11 @@ class DataConfig(_Strict):
     num_workers: int = Field(0, ge=0, le=64)
     max_images: int | None = Field(None, ge=1, description="use only the first N images of each split (smoke tests)")
     seed: int = Field(0, description="seed of the built-in dataset generator and of the val_holdout draw")
+
+    @field_validator("root", mode="before")
+    @classmethod
+    def _path_as_text(cls, value: object) -> object:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
 
     @field_validator("train_sets", "val_sets", "test_sets")
     @classmethod
@@ -222,8 +229,27 @@ class StagesConfig(_Strict):
 class TrackingConfig(_Strict):
     mlflow_uri: str | None = Field(None, description="empty: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     experiment: str = "prunepipe"
-    registered_model: str | None = Field("prunepipe-{model}", description="Model Registry name; empty: skip")
-    alias: str = "champion"
+    registered_model: str | None = Field(
+        "prunepipe-{name}", description="Model Registry name ({name}: the run's name, {model}: the model); empty: skip"
+    )
+    alias: str = Field("champion", description="moves to a new version only when it passes the champion gate")
+    champion_max_drop: float = Field(
+        0.01, ge=0, le=1, description="the alias moves only to a model whose validation metric is at most this "
+                                      "far below its base's (a fraction) and above the current holder's"
+    )
+    log_checkpoints: Literal["all", "final", "none"] = Field(
+        "final", description="checkpoint files uploaded to MLflow: every stage's, the final one's, or none"
+    )
+
+    @field_validator("registered_model")
+    @classmethod
+    def _known_placeholders(cls, value: str | None) -> str | None:
+        if value:
+            try:
+                value.format(name="name", model="model")
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ValueError(f"{value!r}: unknown placeholder {exc} (use {{name}} or {{model}})") from None
+        return value
     log_onnx: bool = Field(True, description="export the final checkpoint to ONNX and log the files, "
                            "onnx_size_bytes and onnx_flops on its MLflow run")
 
@@ -255,7 +281,15 @@ class ComputeConfig(_Strict):
     threads_per_worker: int | None = Field(None, ge=1, description="torch threads per worker (default: cpus)")
     ray_address: str | None = Field(None, description="empty: $RAY_ADDRESS, else a local Ray for the run")
     max_failures: int = Field(1, ge=0, le=100)
-    storage_path: Path | None = Field(None, description="Ray Train storage (default: <workdir>/ray)")
+    storage_path: str | None = Field(
+        None, description="Ray Train storage: a path every node sees, or a URI (s3://, gs://, file://); "
+                          "default: <workdir>/ray"
+    )
+    @field_validator("storage_path", mode="before")
+    @classmethod
+    def _path_as_text(cls, value: object) -> object:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
     amp_bf16: Literal["auto"] | bool = Field(
         "auto", description="bf16 autocast; auto: on where the device runs bf16 natively (a CPU with AVX-512-BF16 "
                             "or AMX, a GPU with bf16), off where it would be emulated"

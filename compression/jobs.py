@@ -100,7 +100,9 @@ def _classification_names(cfg: PipelineConfig) -> list[str]:
 
     if isinstance(cfg.data.classes, list) and cfg.data.classes:
         return list(cfg.data.classes)
-    return classification_class_names(cfg.data.kind, Path(cfg.data.root))
+    from compression.data.loaders import data_root
+
+    return classification_class_names(cfg.data.kind, data_root(cfg.data))
 
 
 def build_job_objective(job: TrainJob, ckpt: Checkpoint, precision: ResolvedCompute) -> nn.Module:

@@ -44,10 +44,12 @@ from compression.errors import PrunepipeError
 from compression.measure import val_key
 from compression.train import primary_metric
 from flows.compress import (
+    Checked,
     StageRunner,
     artifact_key,
     input_example,
     preflight,
+    run_folder_lock,
     tracking_lost,
 )
 from tasks import budget_tracking as TB
@@ -277,13 +279,15 @@ def choose(s: Search, retrained: list[dict[str, Any]]) -> tuple[dict[str, Any] |
                   final_stage="distill" if final_path != chosen["retrained_path"] else "retrain")
     TB.log_trial(s.tracker, trial.name, chosen["mlflow_run_id"], _trial_metrics(chosen), "chosen")
     s.run.current = ("register", None)
+    T.log_final_checkpoint(s.tracker, final_path, final_run_id)
     T.log_export(s.tracker, final_cfg, final_path, final_run_id)
     registered = None
     if s.cfg.tracking.registered_model:
         alias_cfg = final_cfg.model_copy(update={"tracking": s.cfg.tracking.model_copy(
             update={"alias": s.search.alias})})
+        # The search's answer always takes its own alias; the champion gate is the compress flow's.
         registered = T.register_model(s.tracker, alias_cfg, final_path, final_run_id,
-                                      input_example=input_example(final_path))
+                                      input_example=input_example(final_path), metrics=final_metrics, gated=False)
     return chosen, final_path, registered
 
 
@@ -323,13 +327,19 @@ def summarise(s: Search, screened: list[dict[str, Any]], retrained: list[dict[st
 def budget_search(config: PipelineConfig, budget: str, search: CB.SearchConfig | None = None) -> dict[str, Any]:
     """The most compressed model of ``config``'s method within ``budget`` (``map_drop=1.0``, ``flops=4x``,
     ``params=6x``), from trials over ``search.knobs``; every trial tracked, the Pareto front logged."""
-    from prefect.runtime import flow_run
-
     cfg, search = config, search or CB.SearchConfig()
     wanted = CB.parse_budget(budget)
-    logger = get_run_logger()
     started = time.perf_counter()
     checked = preflight(cfg)
+    with run_folder_lock(checked.run_dir):
+        return _budget_search(cfg, search, wanted, checked, started)
+
+
+def _budget_search(cfg: PipelineConfig, search: CB.SearchConfig, wanted: CB.Budget, checked: Checked,
+                   started: float) -> dict[str, Any]:
+    from prefect.runtime import flow_run
+
+    logger = get_run_logger()
     trials = CB.plan_trials(cfg, search)
     for trial in trials:
         check_method_config(trial.config)  # every trial's method settings, before anything starts

@@ -68,6 +68,7 @@ for _key, _value in {
 class Dataset(StrEnum):
     digits_voc = "digits-voc"
     digits_cls = "digits-cls"
+    stage = "stage"
 
 
 class Split(StrEnum):
@@ -308,16 +309,40 @@ def checkpoint_table(title: str, rows: list[Mapping[str, Any]], metric: str) -> 
 
 @app.command(rich_help_panel=PANEL_DATA)
 def data(
-    dataset: Annotated[Dataset, typer.Argument(help="built-in dataset")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
+    dataset: Annotated[Dataset, typer.Argument(
+        help="built-in dataset to write, or `stage`: copy the config's prepared data.root to --to")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder (built-in datasets)")] = None,
     seed: Annotated[int, typer.Option(help="generator seed")] = 0,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    to: Annotated[str | None, typer.Option(
+        "--to", help="stage: shared storage the nodes read (s3://..., gs://..., file://... or a path)")] = None,
 ) -> None:
-    """Write a built-in real dataset (handwritten digit scans from scikit-learn) in VOC or ImageFolder format."""
+    """Write a built-in real dataset (handwritten digit scans from scikit-learn) in VOC or ImageFolder format,
+    or stage a config's dataset on shared storage for a cluster (`data stage --config X --to URI`)."""
+    if dataset is Dataset.stage:
+        _stage_data(config, overrides, to)
+        return
     from compression.data.digits import write_digits_cls, write_digits_voc
 
+    if out is None:
+        raise PrunepipeError(f"data {dataset.value}: --out is required (the folder to write)")
     write = write_digits_voc if dataset is Dataset.digits_voc else write_digits_cls
     root = write(out, seed=seed)
     _plain(f"wrote {dataset.value} to {root}")
+
+
+def _stage_data(config: Path | None, overrides: list[str] | None, to: str | None) -> None:
+    """Copy the config's data.root (the built-in set is generated first) to ``to`` with pyarrow.fs."""
+    from compression.data.loaders import ensure_builtin_data
+    from tasks.storage import stage_data
+
+    if not to:
+        raise PrunepipeError("data stage: --to is required (s3://bucket/path, gs://..., file://... or a folder)")
+    cfg = _load(config, overrides)
+    source = ensure_builtin_data(cfg.data)
+    count = stage_data(source, to)
+    _plain(f"staged {count} files of {source} to {to}; run with --set data.root={to}")
 
 
 def pretrain(
@@ -496,7 +521,8 @@ def _report_run(cfg, summary: dict, say: Console) -> None:
     say.print(f"every column (size, latency, all mAPs): {full}", markup=False, highlight=False, soft_wrap=True)
     say.print(f"final checkpoint: {summary['final_checkpoint']}", markup=False, highlight=False, soft_wrap=True)
     if summary.get("registered_model"):
-        say.print(f"registered model: {summary['registered_model']['uri']}", markup=False, highlight=False)
+        registered = summary["registered_model"]
+        say.print(f"registered model: {registered['uri']} ({registered['note']})", markup=False, highlight=False)
     fits = sum(row.get("fit_seconds") or 0 for row in rows)
     say.print(f"Ray Train fits: {fits:.0f}s in all; " + ", ".join(
         f"{key} {value:.1f}s" for key, value in summary["timings"].items() if not key.startswith("mlflow_log_")),

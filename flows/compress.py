@@ -1,26 +1,28 @@
 """The ``compress`` Prefect flow: the steps of ``compression.plan``, one cached task each, as one DAG.
 
-    preflight (config, the method's settings, data, GPU, Ray address, MLflow)    nothing started yet
-    MLflow parent run (Ray starts at the first training fit, once, and serves every stage)
+    preflight (config, the method's settings, Ray address, MLflow, what the cluster can offer, data)
+    MLflow parent run (a local Ray starts at the first stage, once, and serves every stage)
     pretrain (its measurements are the base every ratio refers to)
     for each phase: sparsity -> selection -> prune -> retrain   (criterion taylor: taylor -> retrain)
     distill (if enabled; teacher = the pretrained model)
     the answer: the distilled or the retrained model, whichever scores higher on the validation split
     -> registered in MLflow -> checkpoint table artifact
 
-Every stage is a cached Prefect task (``tasks/stages.py``): a re-run after a failure or a kill redoes only
-what did not finish. Each checkpoint becomes a nested MLflow run as soon as its stage is done; a stage
+Every stage is a cached Prefect task (``tasks/stages.py``) that runs its step as a Ray task on a node
+that can host a training worker: this process orchestrates and needs neither a GPU nor the dataset. A
+re-run after a failure or a kill redoes only what did not finish. Each checkpoint becomes a nested MLflow run as soon as its stage is done; a stage
 measures its checkpoint once, and those measurements are what is logged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,12 +31,22 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from compression import plan as P
+from compression.checks import check_inputs
 from compression.config import PipelineConfig
-from compression.errors import DataError, PrunepipeError
+from compression.errors import PrunepipeError
 from compression.train import primary_metric
 from tasks import stages as T
+from tasks.cluster import on_worker_node
 from tasks.env import apply_env_defaults
-from tasks.ray_trainer import check_gpu, check_ray_address, ray_address, ray_summary
+from tasks.ray_trainer import (
+    absolute_config,
+    check_gpu,
+    check_inputs_on_node,
+    check_ray_address,
+    ensure_ray,
+    ray_address,
+    ray_summary,
+)
 from tasks.tracking import RunTracker, TrackingError, check_tracking, open_results_hint, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -67,38 +79,66 @@ class Checked:
     checks_seconds: float = 0.0
 
 
-def check_data(cfg: PipelineConfig) -> None:
-    """The dataset exists (the built-in one is generated) and every split has images."""
-    from compression.data.loaders import build_dataset, ensure_builtin_data
-
-    root = ensure_builtin_data(cfg.data)
-    if not Path(root).exists():
-        raise DataError(f"data.root {root}: does not exist (and data.builtin is empty)")
-    size = cfg.model.image_size or 300
-    for split in ("train", "val", "test"):
-        if len(build_dataset(cfg.data, split, train=False, image_size=size)) == 0:  # type: ignore[arg-type]
-            raise DataError(f"data.root {root}: the {split} split has no images")
-
-
 def preflight(cfg: PipelineConfig) -> Checked:
-    """Validate the method's settings (every phase's layers and criterion target), data, GPU, Ray address
-    and MLflow before anything is started; one line on error."""
+    """Validate the method's settings (every phase's layers and criterion target), the Ray address, MLflow,
+    what the compute can offer and the inputs before any stage starts; one line on error.
+
+    Without a Ray address this machine is the cluster: its GPU and the inputs are checked here, before Ray
+    starts. With one, the flow's process may be a CPU-only head without the dataset: the cluster is asked
+    whether its nodes, or those its autoscaler may add, can hold the workers, and a node that can host one
+    checks the inputs.
+    """
     started = time.perf_counter()
     steps = P.build_plan(cfg)
-    check_gpu(cfg.compute)
     address = ray_address(cfg.compute)
     if address:
         check_ray_address(address)
+    else:
+        check_gpu(cfg.compute)
     uri = tracking_uri(cfg.tracking)
     check_tracking(uri)
-    if cfg.stages.pretrain.checkpoint is not None:
-        from compression.checkpoint import read_metadata
-
-        read_metadata(cfg.stages.pretrain.checkpoint)
-    check_data(cfg)
+    if address:
+        ensure_ray(cfg.compute)
+        on_worker_node(cfg.compute, check_inputs_on_node, absolute_config(cfg))
+    else:
+        check_inputs(cfg)
     checked = Checked(run_dir=(Path(cfg.workdir) / cfg.name).resolve(), steps=steps, tracking_uri=uri)
     checked.checks_seconds = time.perf_counter() - started
     return checked
+
+
+# --------------------------------------------------------------------------------------------
+# One flow run per run folder at a time
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir`` for this flow run: a second run of the same preset (same folder) waits here until the
+    first ends, then finds the stages it finished in the cache, instead of both writing the same
+    checkpoints, cache entries and Ray Train runs. An OS file lock (``flock``): it is released when the
+    process ends, however it ends, so a killed run never leaves the folder locked."""
+    import fcntl
+
+    from tasks.tracking import process_id
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".run.lock", "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another run"
+            get_run_logger().warning("%s is in use by %s; waiting for that run to end (the stages it finished are "
+                                     "then reused from the cache)", run_dir, holder)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {process_id()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,6 +221,9 @@ class StageRunner:
         sections = step.stage.sections
         params = settings[sections[0]] if len(sections) == 1 else {
             f"{section}.{key}": value for section in sections for key, value in settings[section].items()}
+        # Where the stage (and the selection it was made from) ran: the Ray node that computed it.
+        nodes = {f"{prefix}ray_{key}": value for prefix, done in (("", result), ("selection_", selection or {}))
+                 for key, value in (done.get("node") or {}).items()}
         logging_started = time.perf_counter()
         history = read_metadata(path).get("extra", {}).get("history", [])
         # > 0: this stage's training continued a Ray Train run that an earlier (killed) flow run began.
@@ -190,7 +233,7 @@ class StageRunner:
             run_id = T.log_checkpoint(
                 self.tracker, path.stem, stage=step.stage.name, phase=phase.name if phase else None,
                 checkpoint=str(path), metrics={**metrics, **({"resumed_from_epoch": resumed_from} if resumed_from else {})},
-                params={**params, **({"layers": phase.layers} if phase else {})},
+                params={**params, **({"layers": phase.layers} if phase else {}), **nodes},
                 history=history, selection=selection["path"] if selection else None, cached=result["cached"],
             )
         except Exception as exc:
@@ -200,7 +243,7 @@ class StageRunner:
             raise lost from exc
         row = {"checkpoint": path.stem, "stage": step.stage.name, "phase": phase.name if phase else None,
                "path": str(path), **{k: v for k, v in metrics.items() if not isinstance(v, dict | list)},
-               "cached": result["cached"], "mlflow_run_id": run_id, "final": False,
+               "cached": result["cached"], "mlflow_run_id": run_id, "final": False, **nodes,
                # Time spent in this flow run (a cached stage took none).
                "fit_seconds": 0.0 if result["cached"] else sum(f["seconds"] for f in result.get("fits", [])),
                "task_seconds": 0.0 if result["cached"] else result.get("task_seconds"),
@@ -239,16 +282,19 @@ def compress(config: PipelineConfig) -> dict[str, Any]:
     """Compress ``config.model``: pretrain, prune phase by phase, distill, keep the better of the distilled
     and the retrained model on the validation split; every checkpoint tracked in MLflow and summarised in a
     table artifact."""
+    cfg = config
+    checked = preflight(cfg)
+    with run_folder_lock(checked.run_dir):
+        return _compress(cfg, checked)
+
+
+def _compress(cfg: PipelineConfig, checked: Checked) -> dict[str, Any]:
     from prefect.runtime import flow_run
 
-    cfg = config
     logger = get_run_logger()
-    timings: dict[str, float] = {}
-
-    checked = preflight(cfg)
-    timings["preflight"] = checked.checks_seconds
-    # Ray starts (or is joined) at the first training fit and serves every later one: a fully cached
-    # re-run never starts it. Everything that could stop it was checked by preflight.
+    timings: dict[str, float] = {"preflight": checked.checks_seconds}
+    # A local Ray starts at the first stage that runs and serves every later one: a fully cached re-run
+    # never starts it (a cluster was joined by preflight). Everything that could stop it was checked there.
     tracker = RunTracker.start(cfg, flow_run_id=flow_run.get_id(), uri=checked.tracking_uri)
     run = StageRunner(cfg, checked.run_dir, tracker)
     task = P.model_task_of(cfg)
@@ -263,6 +309,7 @@ def compress(config: PipelineConfig) -> dict[str, Any]:
             logger.info("the %s model scores higher on the validation split than the distilled one: it is the "
                         "answer", final_step.label)
         run.current = ("export", None)
+        T.log_final_checkpoint(tracker, current, final["row"]["mlflow_run_id"])
         T.log_export(tracker, cfg, current, final["row"]["mlflow_run_id"])
         run.current = ("register", None)
         # log_summary reads the answer from the last row.
@@ -270,7 +317,8 @@ def compress(config: PipelineConfig) -> dict[str, Any]:
         registered = None
         if cfg.tracking.registered_model:
             registered = T.register_model(tracker, cfg, current, final["row"]["mlflow_run_id"],
-                                          input_example=input_example(current))
+                                          input_example=input_example(current), metrics=final["metrics"])
+            logger.info("registered %s version %s: %s", registered["name"], registered["version"], registered["note"])
     except BaseException as exc:
         stage, phase = run.current
         try:
@@ -299,6 +347,8 @@ def compress(config: PipelineConfig) -> dict[str, Any]:
         "run_dir": str(checked.run_dir),
         "final_checkpoint": current,
         "checkpoints": run.rows,
+        # Where each step ran (a cached one: where it ran when it was computed).
+        "stage_nodes": {name: r.get("node") for name, r in results.items()},
         "final_metrics": final["metrics"],
         "registered_model": registered,
         "mlflow": {"uri": tracker.uri, "experiment_id": tracker.experiment_id, "run_id": tracker.parent_run_id,

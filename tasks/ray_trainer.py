@@ -26,7 +26,6 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,10 +34,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from compression.checkpoint import file_digest, read_metadata, save_checkpoint
-from compression.config import ComputeConfig
+from compression.config import ComputeConfig, PhaseConfig, PipelineConfig
 from compression.errors import PrunepipeError
 from compression.jobs import TrainJob, TrainResult, run_train_job
 from compression.train import ProgressCallback, TrainState, format_progress
+from tasks.cluster import Capacity, ComputeError, check_offers, cluster_capacity, node_identity
+from tasks.storage import absolute, join, local_data_root, read_text
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +59,6 @@ _RAY_TRAIN_ENV = {
 }
 
 
-class ComputeError(PrunepipeError):
-    """Ray or the accelerator the config asks for is not there."""
-
-
 # --------------------------------------------------------------------------------------------
 # One Ray connection per process (flow run)
 
@@ -73,13 +70,15 @@ class RayInfo:
     cpus: float
     gpus: float
     init_seconds: float
+    # The alive nodes and the autoscaler's node groups (None: one node with ``cpus`` and ``gpus``).
+    capacity: Capacity | None = None
 
 
 _ray_info: RayInfo | None = None
 
 
 def check_gpu(compute: ComputeConfig) -> None:
-    """``compute.use_gpu`` needs a visible CUDA GPU (checked before Ray starts)."""
+    """``compute.use_gpu`` needs a visible CUDA GPU on this machine (checked before a local Ray starts)."""
     if compute.use_gpu and not torch.cuda.is_available():
         raise ComputeError("compute.use_gpu is true but no CUDA GPU is visible here; set compute.use_gpu=false")
 
@@ -109,19 +108,24 @@ def check_ray_address(address: str, timeout: float = 3.0) -> None:
 def ensure_ray(compute: ComputeConfig) -> RayInfo:
     """Connect to ``compute.ray_address`` / ``$RAY_ADDRESS``, else start a local Ray sized to this machine.
 
-    Called once per flow run and reused by every stage; a second call returns the same connection.
+    Called once per flow run and reused by every stage; a second call returns the same connection. A
+    local Ray makes this machine the cluster, so its GPU is checked here; a joined cluster is checked for
+    what its nodes and its autoscaler can offer (the driver itself needs no GPU).
     """
     global _ray_info
     import ray
 
-    check_gpu(compute)
+    address = ray_address(compute)
     if _ray_info is not None and ray.is_initialized():
+        if _ray_info.started_here:
+            check_gpu(compute)
         _check_resources(compute, _ray_info)
         return _ray_info
+    if not address and not ray.is_initialized():
+        check_gpu(compute)
     for key, value in _RAY_TRAIN_ENV.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = ray_address(compute)
     started = time.perf_counter()
     if ray.is_initialized():  # someone (a test, a notebook) connected already: use it
         started_here = False
@@ -150,6 +154,7 @@ def ensure_ray(compute: ComputeConfig) -> RayInfo:
         cpus=float(resources.get("CPU", 0)),
         gpus=float(resources.get("GPU", 0)),
         init_seconds=time.perf_counter() - started,
+        capacity=cluster_capacity(),
     )
     _ray_info = info
     log.info("Ray at %s (%g CPUs, %g GPUs) ready in %.1fs", info.address, info.cpus, info.gpus, info.init_seconds)
@@ -158,19 +163,9 @@ def ensure_ray(compute: ComputeConfig) -> RayInfo:
 
 
 def _check_resources(compute: ComputeConfig, info: RayInfo) -> None:
-    """A fit that asks for more than the cluster has would wait forever: refuse it with one line."""
-    needed_gpus = compute.num_workers * compute.gpus_per_worker if compute.use_gpu else 0
-    if info.gpus < needed_gpus:
-        raise ComputeError(
-            f"compute.use_gpu: {compute.num_workers} workers x gpus_per_worker need {needed_gpus:g} GPUs, the Ray "
-            f"cluster at {info.address} has {info.gpus:g}"
-        )
-    needed_cpus = compute.num_workers * compute.cpus_per_worker
-    if info.cpus < needed_cpus:
-        raise ComputeError(
-            f"compute.num_workers x cpus_per_worker = {needed_cpus:g} CPUs, but the Ray cluster at "
-            f"{info.address} has {info.cpus:g}; lower compute.num_workers or compute.cpus_per_worker"
-        )
+    """A fit that asks for more than the cluster can ever offer would wait forever: refuse it with one line."""
+    capacity = info.capacity or Capacity(nodes=[{"CPU": info.cpus, "GPU": info.gpus}])
+    check_offers(compute, capacity, info.address)
 
 
 def ray_summary() -> dict[str, Any] | None:
@@ -311,6 +306,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, int]:
 
     config = dict(config)
     progress_queue = config.pop(PROGRESS_QUEUE_KEY, None)
+    config["config"] = with_local_data(config["config"])
     job = TrainJob(**config)
     compute = job.pipeline.compute
     torch.set_num_threads(compute.threads_per_worker or max(1, int(compute.cpus_per_worker)))
@@ -434,6 +430,37 @@ def _driver_logger() -> logging.Logger | logging.LoggerAdapter:
         return log
 
 
+def relay_emitter(hook: ProgressCallback | None = None) -> ProgressCallback:
+    """What the driver does with each relayed record: a log line (to the Prefect run's log inside a flow or
+    task run), then ``hook`` for training progress. Taken in the driver's thread: the Prefect run context does
+    not follow into the relay thread."""
+    logger = _driver_logger()
+
+    def emit(record: dict[str, Any]) -> None:
+        if record.get("kind") == "log":  # a line a stage logged on its node
+            logger.log(int(record.get("level", logging.INFO)), record["message"])
+            return
+        logger.info(format_progress(record))
+        if hook is not None:
+            hook(record)
+
+    return emit
+
+
+class QueueLogHandler(logging.Handler):
+    """Sends a node's log records to the driver's relay queue (the node's own output is not shown)."""
+
+    def __init__(self, queue: Any) -> None:
+        super().__init__(logging.INFO)
+        self.queue = queue
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put({"kind": "log", "level": record.levelno, "message": record.getMessage()}, block=False)
+        except Exception:  # noqa: BLE001 - a lost line must never stop a stage
+            self.handleError(record)
+
+
 # --------------------------------------------------------------------------------------------
 # The trainer
 
@@ -458,19 +485,26 @@ class RayTrainer:
     """``compression.jobs.Trainer`` on Ray Train: one ``TorchTrainer`` fit per job."""
 
     def __init__(self, compute: ComputeConfig, storage_path: Path | str,
-                 on_progress: ProgressCallback | None = None) -> None:
+                 on_progress: ProgressCallback | None = None, progress_queue: Any = None,
+                 data_root: str | None = None) -> None:
         self.compute = compute
-        self.storage_path = Path(storage_path).resolve()
+        self.storage_path = absolute(storage_path)  # a URI (s3://, gs://, file://) or a folder every node sees
         self.fits: list[FitTiming] = []
         # Every progress record of rank 0 (compression.train.train_model), called from a driver thread
         # after the line is logged: e.g. per-epoch MLflow metrics.
         self.on_progress = on_progress
+        # A relay the caller runs (a stage task on a node relays to the flow's process): rank 0 sends there.
+        self.progress_queue = progress_queue
+        # data.root as configured (a URI stays one): each worker makes its own node's local copy.
+        self.data_root = data_root
 
     def fit(self, job: TrainJob) -> TrainResult:
+        import ray
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
         from ray.train.torch import TorchTrainer
 
-        ensure_ray(self.compute)
+        if not ray.is_initialized():
+            ensure_ray(self.compute)
         compute = self.compute
         name = run_name(job)
         resources: dict[str, float] = {"CPU": compute.cpus_per_worker}
@@ -480,18 +514,20 @@ class RayTrainer:
         # The job's pipeline config must carry this trainer's compute settings (threads per worker).
         config["config"] = {**config["config"], "compute": compute.model_dump(mode="json")}
         config["config"]["data"] = per_worker_batch(config["config"]["data"], compute.num_workers)
-        before = registered_epochs(self.storage_path / name)
+        if self.data_root is not None:
+            config["config"]["data"]["root"] = self.data_root
+        before = registered_epochs(join(self.storage_path, name))
         started = time.perf_counter()
-        relay = ProgressRelay(self._emitter())
+        relay = ProgressRelay(relay_emitter(self.on_progress)) if self.progress_queue is None else None
         try:
             trainer = TorchTrainer(
                 train_loop_per_worker,
-                train_loop_config={**config, PROGRESS_QUEUE_KEY: relay.queue},
+                train_loop_config={**config, PROGRESS_QUEUE_KEY: relay.queue if relay else self.progress_queue},
                 scaling_config=ScalingConfig(
                     num_workers=compute.num_workers, use_gpu=compute.use_gpu, resources_per_worker=resources
                 ),
                 run_config=RunConfig(
-                    storage_path=str(self.storage_path),
+                    storage_path=self.storage_path,
                     name=name,
                     failure_config=FailureConfig(max_failures=compute.max_failures),
                     checkpoint_config=CheckpointConfig(num_to_keep=1),
@@ -504,7 +540,8 @@ class RayTrainer:
                 raise user_error from None
             raise
         finally:
-            relay.close()
+            if relay is not None:
+                relay.close()
         seconds = time.perf_counter() - started
         output = Path(job.output_checkpoint)
         if not output.is_file():
@@ -524,17 +561,6 @@ class RayTrainer:
         self.fits.append(FitTiming(name, seconds, len(history) - before, before, history, precision, restarted_from))
         log.info("%s: Ray Train fit %s took %.1fs (%d epochs)", job.stage, name, seconds, len(history) - before)
         return TrainResult(output_checkpoint=str(output), history=history, precision=precision)
-
-    def _emitter(self) -> Callable[[dict[str, Any]], None]:
-        logger = _driver_logger()  # taken here: the Prefect run context does not follow into the relay thread
-        hook = self.on_progress
-
-        def emit(record: dict[str, Any]) -> None:
-            logger.info(format_progress(record))
-            if hook is not None:
-                hook(record)
-
-        return emit
 
 
 def per_worker_batch(data: dict[str, Any], num_workers: int) -> dict[str, Any]:
@@ -557,28 +583,46 @@ def absolute_paths(job: dict[str, Any]) -> dict[str, Any]:
     for key in ("input_checkpoint", "output_checkpoint", "teacher_checkpoint"):
         if job.get(key):
             job[key] = str(Path(job[key]).resolve())
-    cfg = json.loads(json.dumps(job["config"]))  # a deep copy of plain JSON
-    for section, key in (("data", "root"), ("model", "weights"), ("workdir", None)):
-        if key is None:
-            if cfg.get(section):
-                cfg[section] = str(Path(cfg[section]).resolve())
-        elif cfg.get(section, {}).get(key):
-            cfg[section][key] = str(Path(cfg[section][key]).resolve())
-    pretrain = cfg.get("stages", {}).get("pretrain", {})
-    if pretrain.get("checkpoint"):
-        pretrain["checkpoint"] = str(Path(pretrain["checkpoint"]).resolve())
-    job["config"] = cfg
+    job["config"] = absolute_config_dict(job["config"])
     return job
 
 
-def registered_epochs(run_dir: Path) -> int:
-    """Epochs of the checkpoint Ray Train would resume a run from (0 when there is none).
+def absolute_config_dict(config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a pipeline config (as JSON) with its paths resolved against this working directory (a URI in
+    ``data.root`` or ``compute.storage_path`` stays as it is)."""
+    cfg = json.loads(json.dumps(config))  # a deep copy of plain JSON
+    for section, key in (("data", "root"), ("compute", "storage_path")):
+        if cfg.get(section, {}).get(key):
+            cfg[section][key] = absolute(cfg[section][key])
+    if cfg.get("model", {}).get("weights"):
+        cfg["model"]["weights"] = str(Path(cfg["model"]["weights"]).resolve())
+    if cfg.get("workdir"):
+        cfg["workdir"] = str(Path(cfg["workdir"]).resolve())
+    pretrain = cfg.get("stages", {}).get("pretrain", {})
+    if pretrain.get("checkpoint"):
+        pretrain["checkpoint"] = str(Path(pretrain["checkpoint"]).resolve())
+    return cfg
+
+
+def with_local_data(config: dict[str, Any]) -> dict[str, Any]:
+    """A pipeline config (as JSON) whose ``data.root`` is a folder on this node (``tasks.storage``)."""
+    return {**config, "data": {**config["data"], "root": local_data_root(str(config["data"]["root"]))}}
+
+
+def absolute_config(config: PipelineConfig) -> PipelineConfig:
+    """``config`` with absolute paths, for a process on a node whose working directory is not the driver's."""
+    return PipelineConfig.model_validate(absolute_config_dict(config.model_dump(mode="json")))
+
+
+def registered_epochs(run_dir: str | Path) -> int:
+    """Epochs of the checkpoint Ray Train would resume a run from (0 when there is none); ``run_dir`` is
+    ``<storage path>/<run name>``, a folder or a URI.
 
     Ray restores the latest checkpoint its controller *registered* (``checkpoint_manager_snapshot.json``);
     a checkpoint folder written just before a crash, but never registered, is not resumed from.
     """
     try:
-        snapshot = json.loads((run_dir / RAY_CHECKPOINT_SNAPSHOT).read_text())
+        snapshot = json.loads(read_text(join(str(run_dir), RAY_CHECKPOINT_SNAPSHOT)))
         return int(((snapshot.get("latest_checkpoint_result") or {}).get("metrics") or {}).get("epoch", 0))
     except (OSError, ValueError, TypeError, AttributeError):
         return 0
@@ -606,3 +650,52 @@ def is_lost_worker(err: BaseException) -> bool:
     # ActorUnavailableError / ActorDiedError (the other ranks fail with collective errors meanwhile).
     causes = [getattr(f, "health_check_failure", getattr(f, "_base_exc", f)) for f in failures.values()]
     return any(isinstance(cause, lost) for cause in causes)
+
+
+# --------------------------------------------------------------------------------------------
+# One plan step on a node (``tasks.cluster.on_worker_node`` runs this as a Ray task)
+
+
+def run_stage_on_node(config: PipelineConfig, stage: str, phase: PhaseConfig | None, inputs: dict[str, str],
+                      out: str, base_metrics: dict[str, Any] | None, storage: str,
+                      progress_queue: Any) -> dict[str, Any]:
+    """Run one step of ``compression.plan`` here: its training as Ray Train fits, its evaluation and
+    measurement in this process. Log lines and rank 0's progress go to ``progress_queue`` (the driver's
+    relay). Returns the output path, the metrics, the fits and the node it ran on (``node_identity``)."""
+    from compression import plan as P
+
+    node = node_identity()
+    compute = config.compute
+    data_root = config.data.root
+    config = PipelineConfig.model_validate(with_local_data(config.model_dump(mode="json")))
+    if compute.use_gpu and not torch.cuda.is_available():
+        raise ComputeError(
+            f"compute.use_gpu: Ray node {node['node_id']} ({node['hostname']}) offers GPUs to Ray but torch sees no "
+            "CUDA device there; check the node's NVIDIA driver and torch's CUDA build, or set compute.use_gpu=false"
+        )
+    # A task that reserves no CPU gets one thread from Ray: evaluate with a worker's share instead.
+    torch.set_num_threads(compute.threads_per_worker or max(1, int(compute.cpus_per_worker)))
+    logger = logging.getLogger(f"{__name__}.stage")
+    logger.setLevel(logging.INFO)  # a Ray worker's root logger passes warnings only
+    handler = QueueLogHandler(progress_queue)
+    logger.addHandler(handler)
+    try:
+        step = P.Step(P.STAGES[stage], Path(out).stem, phase)
+        logger.info("stage %s runs on Ray node %s (%s)", step.label, node["node_id"], node["hostname"])
+        trainer = (RayTrainer(compute, storage, progress_queue=progress_queue, data_root=data_root)
+                   if step.stage.trains else None)
+        path, metrics = P.run_step(step, config, Path(out), inputs, trainer=trainer, base_metrics=base_metrics,
+                                   logger=logger)
+    finally:
+        logger.removeHandler(handler)  # Ray reuses this worker process for later tasks
+    fits = [{"run_name": f.run_name, "seconds": f.seconds, "epochs_trained": f.epochs_trained,
+             "resumed_from_epoch": f.resumed_from_epoch, "restarted_from_epoch": f.restarted_from_epoch}
+            for f in (trainer.fits if trainer else [])]
+    return {"path": str(path), "metrics": metrics, "fits": fits, "node": node}
+
+
+def check_inputs_on_node(config: PipelineConfig) -> None:
+    """``compression.checks.check_inputs`` where the stages will read the data (a Ray task on a node)."""
+    from compression.checks import check_inputs
+
+    check_inputs(PipelineConfig.model_validate(with_local_data(config.model_dump(mode="json"))))

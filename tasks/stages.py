@@ -1,7 +1,9 @@
 """Prefect tasks for the pipeline: one task runs any step of ``compression.plan``; MLflow logging tasks.
 
-``run_stage`` passes checkpoint *paths* and small JSON-able dicts (never tensors or models) and returns
-``{"path": ..., "metrics": {...}, "fits": [...]}``. Its task run is named after the step (``prune-p1``).
+``run_stage`` passes checkpoint *paths* and small JSON-able dicts (never tensors or models) to a Ray task on
+a node that can host a training worker (``tasks.cluster.on_worker_node``), which runs the step there, and
+returns ``{"path": ..., "metrics": {...}, "fits": [...], "node": {"node_id", "hostname"}}``. Its task run is
+named after the step (``prune-p1``).
 Results are persisted as JSON (nothing pickled) in a result storage under the run's folder, keyed by
 ``STAGE_CACHE``:
 
@@ -30,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE, TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
@@ -39,7 +41,16 @@ from compression import plan as P
 from compression.checkpoint import file_digest
 from compression.config import PhaseConfig, PipelineConfig
 from compression.errors import PrunepipeError
-from tasks.ray_trainer import RayTrainer, is_lost_worker
+from tasks.cluster import on_worker_node
+from tasks.ray_trainer import (
+    ProgressRelay,
+    absolute_config,
+    ensure_ray,
+    is_lost_worker,
+    relay_emitter,
+    run_stage_on_node,
+)
+from tasks.storage import absolute
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +103,10 @@ def is_transient(exc: BaseException | None) -> bool:
 
         if isinstance(exc, TrainingFailedError):
             return is_lost_worker(exc)
+        # TaskUnschedulableError: the node a stage task was pinned to left before it started.
         lost = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
-                ray.exceptions.ObjectLostError, ray.exceptions.RaySystemError, ray.exceptions.GetTimeoutError)
+                ray.exceptions.ObjectLostError, ray.exceptions.RaySystemError, ray.exceptions.GetTimeoutError,
+                ray.exceptions.TaskUnschedulableError)
         if isinstance(exc, lost):
             return True
     if "requests" in sys.modules:
@@ -135,13 +148,9 @@ def file_matches(path: str | Path, sha256: str | None) -> bool:
     return sha256 is not None and _digest(path) == sha256
 
 
-def storage_path(config: PipelineConfig) -> Path:
-    """Ray Train storage: ``compute.storage_path``, else ``<workdir>/ray``."""
-    return Path(config.compute.storage_path or Path(config.workdir) / "ray").resolve()
-
-
-def make_trainer(config: PipelineConfig) -> RayTrainer:
-    return RayTrainer(config.compute, storage_path(config))
+def storage_path(config: PipelineConfig) -> str:
+    """Ray Train storage: ``compute.storage_path`` (a URI, or a path resolved here), else ``<workdir>/ray``."""
+    return absolute(config.compute.storage_path or Path(config.workdir) / "ray")
 
 
 def plain(value: Any) -> Any:
@@ -163,12 +172,10 @@ def plain(value: Any) -> Any:
     return str(value)
 
 
-def _result(path: Any, metrics: dict[str, Any], trainer: RayTrainer | None, started: float) -> dict[str, Any]:
-    fits = [{"run_name": f.run_name, "seconds": f.seconds, "epochs_trained": f.epochs_trained,
-             "resumed_from_epoch": f.resumed_from_epoch, "restarted_from_epoch": f.restarted_from_epoch}
-            for f in (trainer.fits if trainer else [])]
-    return {"path": str(path), "sha256": _digest(path), "metrics": plain(metrics), "fits": fits,
-            "task_seconds": time.perf_counter() - started}
+def _result(done: dict[str, Any], started: float) -> dict[str, Any]:
+    """The task's result from what ``run_stage_on_node`` returned; ``node``: where the stage ran."""
+    return {"path": done["path"], "sha256": _digest(done["path"]), "metrics": plain(done["metrics"]),
+            "fits": plain(done["fits"]), "node": done["node"], "task_seconds": time.perf_counter() - started}
 
 
 _TASK_OPTIONS: dict[str, Any] = {
@@ -194,13 +201,21 @@ def _stage_run_name(parameters: dict[str, Any]) -> str:
 def run_stage(config: PipelineConfig, stage: str, phase: PhaseConfig | None, inputs: dict[str, str], out: str,
               base_metrics: dict[str, Any] | None) -> dict[str, Any]:
     """Run ``stage`` (a ``compression.plan.STAGES`` name) of ``phase``: ``inputs`` are the earlier outputs it
-    reads (by argument name), ``out`` its output; training goes to Ray Train."""
+    reads (by argument name), ``out`` its output. It runs as a Ray task on a node that can host a training
+    worker (``tasks.cluster``), its training as Ray Train fits from there; this process only waits and logs
+    the lines the node relays."""
     started = time.perf_counter()
-    step = P.Step(P.STAGES[stage], Path(out).stem, phase)
-    trainer = make_trainer(config) if step.stage.trains else None
-    path, metrics = P.run_step(step, config, Path(out), inputs, trainer=trainer, base_metrics=base_metrics,
-                               logger=get_run_logger())
-    return _result(path, metrics, trainer, started)
+    ensure_ray(config.compute)
+    relay = ProgressRelay(relay_emitter())
+    try:
+        done = on_worker_node(
+            config.compute, run_stage_on_node, absolute_config(config), stage, phase,
+            {arg: str(Path(path).resolve()) for arg, path in inputs.items()}, str(Path(out).resolve()),
+            base_metrics, storage_path(config), relay.queue,
+        )
+    finally:
+        relay.close()
+    return _result(done, started)
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,8 +240,16 @@ def log_checkpoint(tracker: Any, name: str, stage: str, phase: str | None, check
 
 
 @task(name="register_model", **LOG_OPTIONS)
-def register_model(tracker: Any, config: PipelineConfig, checkpoint: str, run_id: str, input_example: Any) -> Any:
-    return tracker.register_model(config, checkpoint, run_id, input_example=input_example)
+def register_model(tracker: Any, config: PipelineConfig, checkpoint: str, run_id: str, input_example: Any,
+                   metrics: dict[str, Any], gated: bool = True) -> Any:
+    """Register the final checkpoint; ``tracking.alias`` moves only past the champion gate when ``gated``."""
+    return tracker.register_model(config, checkpoint, run_id, input_example=input_example, metrics=metrics,
+                                  gated=gated)
+
+
+@task(name="log_final_checkpoint", **LOG_OPTIONS)
+def log_final_checkpoint(tracker: Any, checkpoint: str, run_id: str) -> bool:
+    return tracker.log_final_checkpoint(checkpoint, run_id)
 
 
 @task(name="log_export", **LOG_OPTIONS)

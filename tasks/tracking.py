@@ -325,6 +325,7 @@ class RunTracker:
     parent_run_id: str
     base_shapes: dict[str, dict[str, int]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    log_checkpoints: str = "final"  # tracking.log_checkpoints: which checkpoint files are uploaded
 
     @property
     def client(self):
@@ -365,7 +366,8 @@ class RunTracker:
         params = [Param(k, param_value(v)) for k, v in flatten(cfg.model_dump(mode="json")).items()]
         for chunk in range(0, len(params), 100):
             client.log_batch(run.info.run_id, params=params[chunk:chunk + 100])
-        tracker = cls(uri=uri, experiment_id=experiment_id, parent_run_id=run.info.run_id)
+        tracker = cls(uri=uri, experiment_id=experiment_id, parent_run_id=run.info.run_id,
+                      log_checkpoints=cfg.tracking.log_checkpoints)
         if closed:
             log.warning("closed %d MLflow run(s) as KILLED: their pipeline process on this host is gone (%s)",
                         len(closed), ", ".join(closed))
@@ -424,7 +426,8 @@ class RunTracker:
                              metrics=metric_rows[:1000], tags=[RunTag("prunepipe.checkpoint_name", checkpoint.name)])
             for chunk in range(1000, len(metric_rows), 1000):
                 client.log_batch(run_id, metrics=metric_rows[chunk:chunk + 1000])
-            client.log_artifact(run_id, str(checkpoint), artifact_path="checkpoint")
+            if self.log_checkpoints == "all":  # "final": the flow uploads the answer's once it is chosen
+                client.log_artifact(run_id, str(checkpoint), artifact_path="checkpoint")
             if selection is not None and Path(selection).is_file():
                 client.log_artifact(run_id, str(selection), artifact_path="selection")
             shapes = meta.get("module_shapes", {})
@@ -471,9 +474,22 @@ class RunTracker:
         summary = {f"final_{k}": v for k, v in final.items() if k in TABLE_KEYS or k.endswith(("_ratio", "_drop"))}
         client.log_batch(self.parent_run_id, metrics=_metric_rows(summary))
 
-    def register_model(self, cfg: PipelineConfig, checkpoint: Path | str, run_id: str,
-                       input_example: Any = None) -> dict[str, str] | None:
-        """Log the final checkpoint as a pyfunc in ``run_id``, register it and point the alias at it."""
+    def log_final_checkpoint(self, checkpoint: Path | str, run_id: str) -> bool:
+        """Upload the answer's checkpoint file to its child run (``tracking.log_checkpoints: final``; with
+        ``all`` it is there already, with ``none`` it stays in the run folder). True when uploaded."""
+        if self.log_checkpoints != "final":
+            return False
+        self.client.log_artifact(run_id, str(checkpoint), artifact_path="checkpoint")
+        return True
+
+    def register_model(self, cfg: PipelineConfig, checkpoint: Path | str, run_id: str, input_example: Any = None,
+                       metrics: Mapping[str, Any] | None = None, gated: bool = True) -> dict[str, str] | None:
+        """Log the final checkpoint as a pyfunc in ``run_id``, register it under ``tracking.registered_model``
+        with its metrics and lineage as version tags, and move ``tracking.alias`` to it when it passes the
+        gate (``champion_gate``; ``gated=False``: always, as for the budget search's own alias).
+
+        Returns the name, version, alias, ``alias_moved``, the model URI (the alias's when it moved, else the
+        version's) and a ``note`` saying what happened to the alias."""
         import mlflow
 
         if not cfg.tracking.registered_model:
@@ -481,31 +497,39 @@ class RunTracker:
         from compression.checkpoint import file_digest
 
         started = time.perf_counter()
-        name = cfg.tracking.registered_model.format(model=cfg.model.name)
+        name = registered_model_name(cfg)
+        alias = cfg.tracking.alias
         client = self.client
         digest = file_digest(checkpoint)
-        # The same checkpoint registered before (a cached re-run): move the alias, add no version.
-        for existing in client.search_model_versions(f"name = '{name}' and tag.prunepipe_sha256 = '{digest}'"):
-            client.set_registered_model_alias(name, cfg.tracking.alias, existing.version)
-            self.timings["register_model"] = time.perf_counter() - started
-            return {"name": name, "version": str(existing.version), "alias": cfg.tracking.alias,
-                    "uri": f"models:/{name}@{cfg.tracking.alias}", "new_version": "false"}
-        mlflow.set_tracking_uri(self.uri)
-        # log_model needs the run active in this thread; resuming it by id does not touch other runs.
-        with mlflow.start_run(run_id=run_id, experiment_id=self.experiment_id):
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(MODEL_CODE),
-                artifacts={"checkpoint": str(checkpoint)},
-                code_paths=[str(COMPRESSION_PACKAGE)],
-                pip_requirements=_pip_requirements(),
-                input_example=input_example,
-            )
-        version = mlflow.register_model(info.model_uri, name, tags={"prunepipe_sha256": digest})
-        client.set_registered_model_alias(name, cfg.tracking.alias, version.version)
+        metrics = dict(metrics or {})
+        # The same checkpoint registered before (a cached re-run) adds no version.
+        existing = client.search_model_versions(f"name = '{name}' and tag.prunepipe_sha256 = '{digest}'")
+        if existing:
+            version, new_version = str(existing[0].version), "false"
+        else:
+            mlflow.set_tracking_uri(self.uri)
+            # log_model needs the run active in this thread; resuming it by id does not touch other runs.
+            with mlflow.start_run(run_id=run_id, experiment_id=self.experiment_id):
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=str(MODEL_CODE),
+                    artifacts={"checkpoint": str(checkpoint)},
+                    code_paths=[str(COMPRESSION_PACKAGE)],
+                    pip_requirements=_pip_requirements(),
+                    input_example=input_example,
+                )
+            tags = {"prunepipe_sha256": digest, **version_tags(cfg, checkpoint, metrics, run_id, self.parent_run_id)}
+            version, new_version = str(mlflow.register_model(info.model_uri, name, tags=tags).version), "true"
+        if gated:
+            moved, note = champion_gate(client, cfg, name, version, metrics)
+        else:
+            moved, note = True, f"{alias} moved to version {version}"
+        if moved:
+            client.set_registered_model_alias(name, alias, version)
         self.timings["register_model"] = time.perf_counter() - started
-        return {"name": name, "version": str(version.version), "alias": cfg.tracking.alias,
-                "uri": f"models:/{name}@{cfg.tracking.alias}", "new_version": "true"}
+        return {"name": name, "version": version, "alias": alias, "alias_moved": str(moved).lower(),
+                "uri": f"models:/{name}@{alias}" if moved else f"models:/{name}/{version}",
+                "new_version": new_version, "note": note}
 
     def log_onnx_export(self, checkpoint: Path | str, run_id: str, cfg: PipelineConfig) -> dict[str, Any] | None:
         """Export ``checkpoint`` to ONNX (``compression.export.export_onnx``) and log it on ``run_id``.
@@ -525,15 +549,106 @@ class RunTracker:
             exported = export_onnx(checkpoint, Path(folder) / "model.onnx")
             for path in exported["files"].values():
                 client.log_artifact(run_id, path, artifact_path="onnx")
+            onnx_model = self._log_onnx_model(Path(folder) / "model.onnx", run_id)
         # The temporary folder is gone: point at the artifacts instead.
         exported["files"] = {kind: f"onnx/{Path(path).name}" for kind, path in exported["files"].items()}
+        if onnx_model is not None:
+            exported["model_uri"] = onnx_model
         client.log_batch(run_id, metrics=_metric_rows({key: exported[key]
                                                        for key in ("onnx_size_bytes", "onnx_flops")}))
         self.timings["log_onnx_export"] = time.perf_counter() - started
         return exported
 
+    def _log_onnx_model(self, path: Path, run_id: str) -> str | None:
+        """The exported graph as an MLflow ONNX model (``onnx_model``, loadable with ``mlflow.onnx.load_model``
+        or served by onnxruntime) where the ``onnx`` package is installed; the files above stay either way.
+        Returns its model URI."""
+        try:
+            import onnx
+        except ImportError:
+            return None
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+        with mlflow.start_run(run_id=run_id, experiment_id=self.experiment_id):
+            return mlflow.onnx.log_model(onnx.load(str(path)), name="onnx_model").model_uri
+
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.parent_run_id, status)
+
+
+# --------------------------------------------------------------------------------------------
+# The registry: names, version tags, the champion gate
+
+
+def registered_model_name(cfg: PipelineConfig) -> str:
+    """``tracking.registered_model`` with the run's name (the preset's) and model filled in."""
+    return str(cfg.tracking.registered_model).format(name=cfg.name, model=cfg.model.name)
+
+
+def _task_of(cfg: PipelineConfig) -> str:
+    from compression.models import model_task
+
+    return model_task(cfg.model.name)
+
+
+def version_tags(cfg: PipelineConfig, checkpoint: Path | str, metrics: Mapping[str, Any], run_id: str,
+                 pipeline_run_id: str) -> dict[str, str]:
+    """A model version's tags: its measurements (``metric.<key>``) and its lineage (the MLflow runs, the
+    preset, its stage and the checkpoint and stage it was made from, the git commit when known)."""
+    from compression.checkpoint import read_metadata
+    from compression.measure import val_key
+
+    meta = read_metadata(checkpoint)
+    tags = {"prunepipe.run_id": run_id, "prunepipe.pipeline_run_id": pipeline_run_id,
+            "prunepipe.preset": cfg.name, "prunepipe.model": cfg.model.name,
+            "prunepipe.stage": str(meta.get("stage") or "")}
+    parent = meta.get("parent")
+    if parent:
+        tags["prunepipe.parent_checkpoint"] = Path(parent).name
+        try:
+            tags["prunepipe.parent_stage"] = str(read_metadata(parent).get("stage") or "")
+        except (OSError, PrunepipeError):  # moved or deleted since: the name above still says which
+            pass
+    commit = git_commit()
+    if commit:
+        tags["prunepipe.git_commit"] = commit
+    val = val_key(_task_of(cfg))
+    shown = (*TABLE_KEYS, val, f"{val}_drop")
+    tags.update({f"metric.{key}": repr(value) for key, value in numeric_metrics(metrics).items()
+                 if key in shown or key.endswith("_ratio") or key.endswith("_drop")})
+    return tags
+
+
+def champion_gate(client: Any, cfg: PipelineConfig, name: str, version: str,
+                  metrics: Mapping[str, Any]) -> tuple[bool, str]:
+    """Whether ``tracking.alias`` moves to ``version``: its validation metric (``val_map_voc07`` / ``val_top1``)
+    is at most ``tracking.champion_max_drop`` below its base's and above the current holder's (the first
+    version within the drop takes a free alias). Also a line saying why."""
+    from mlflow.exceptions import MlflowException
+
+    from compression.measure import val_key
+
+    alias, limit = cfg.tracking.alias, cfg.tracking.champion_max_drop
+    key = val_key(_task_of(cfg))
+    value, drop = metrics.get(key), metrics.get(f"{key}_drop")
+    if drop is not None and drop > limit:
+        return False, (f"{alias} stays: version {version}'s {key} is {drop:.4f} below its base's "
+                       f"(tracking.champion_max_drop {limit:g})")
+    try:
+        holder = client.get_model_version_by_alias(name, alias)
+    except MlflowException:  # no holder yet
+        return True, f"{alias} moved to version {version} (the first)"
+    if str(holder.version) == str(version):
+        return True, f"{alias} stays on version {version}"
+    if value is None:
+        return False, f"{alias} stays on version {holder.version}: version {version} has no {key}"
+    held = holder.tags.get(f"metric.{key}")
+    held_value = float(held) if held is not None else client.get_run(holder.run_id).data.metrics.get(key)
+    if held_value is not None and value <= held_value:
+        return False, (f"{alias} stays on version {holder.version}: {key} {value:.4f} is not above its "
+                       f"{held_value:.4f}")
+    return True, f"{alias} moved to version {version} from {holder.version}"
 
 
 def _metric_rows(values: Mapping[str, Any]) -> list:

@@ -425,7 +425,8 @@ CASES = [
     Case("data-unknown-split", "CLI eval --split", nothing, [*EVAL, "--split", "testing"],
          ["Invalid value for '--split': 'testing' is not one of 'train', 'val', 'test'", "eval --help"]),
     Case("data-unknown-builtin", "CLI data", nothing, ["data", "digits-xyz", "--out", "out"],
-         ["Invalid value for 'dataset': 'digits-xyz' is not one of 'digits-voc', 'digits-cls'", "data --help"]),
+         ["Invalid value for 'dataset': 'digits-xyz' is not one of 'digits-voc', 'digits-cls', 'stage'",
+          "data --help"]),
     Case("data-output-not-empty", "built-in dataset writer", nothing, ["data", "digits-voc", "--out", "."],
          ["VOCdevkit/VOC2007", "folder exists and is not empty", "refusing to overwrite"]),
     # --- checkpoints: caught by compression.checkpoint before any model or data is built

@@ -229,7 +229,7 @@ def test_a_run_killed_in_every_stage_resumes_and_ends_like_an_uninterrupted_one(
     config_file = tmp_path / "faults.yaml"
     config_file.write_text(yaml.safe_dump(chained.model_dump(mode="json")))
     chained = load_config(config_file)
-    storage, run_dir = storage_path(chained), Path(chained.workdir)
+    storage, run_dir = Path(storage_path(chained)), Path(chained.workdir)
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "RAY_ADDRESS": ray_session.address}
 
     for stage in STAGES:
@@ -294,7 +294,7 @@ def test_a_killed_ray_worker_restarts_from_the_last_epoch_and_the_stage_finishes
     restarting.compute.max_failures = 1
     restarting.stages.distill.temperature = cfg.stages.distill.temperature + 1.0
     restarting.stages.distill.epochs = 3  # the kill lands after epoch 1, with epochs still to go
-    storage = storage_path(restarting)
+    storage = Path(storage_path(restarting))
     before = {p.name for p in storage.glob("distill*")}
     killed: list[int] = []  # the epochs checkpointed when a worker was killed
     errors: list[BaseException] = []

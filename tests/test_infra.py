@@ -491,122 +491,12 @@ def test_ray_cluster_launcher_config_is_valid():
     assert "/mnt/shared" in setup
 
 
-# The KubeRay v1 field names (ray.io/v1 CRDs, KubeRay 1.x API reference) the manifests may use at the
-# levels KubeRay defines; pod templates are core Kubernetes and are checked for what matters here.
-_POD_TEMPLATE = {
-    "type": "object",
-    "required": ["spec"],
-    "properties": {
-        "spec": {
-            "type": "object",
-            "required": ["containers"],
-            "properties": {
-                "containers": {
-                    "type": "array",
-                    "minItems": 1,
-                    "items": {"type": "object", "required": ["name", "image"]},
-                },
-                "volumes": {"type": "array", "items": {"type": "object", "required": ["name"]}},
-            },
-        }
-    },
-}
-_RAY_START_PARAMS = {"type": "object", "additionalProperties": {"type": "string"}}
-_RAY_CLUSTER_SPEC = {
-    "type": "object",
-    "required": ["headGroupSpec"],
-    "additionalProperties": False,
-    "properties": {
-        "rayVersion": {"type": "string"},
-        "enableInTreeAutoscaling": {"type": "boolean"},
-        "autoscalerOptions": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
-                "idleTimeoutSeconds": {"type": "integer", "minimum": 0},
-                "image": {"type": "string"},
-                "imagePullPolicy": {"type": "string"},
-                "resources": {"type": "object"},
-                "env": {"type": "array"},
-                "envFrom": {"type": "array"},
-                "securityContext": {"type": "object"},
-                "volumeMounts": {"type": "array"},
-                "version": {"type": "string"},
-            },
-        },
-        "headGroupSpec": {
-            "type": "object",
-            "required": ["template"],
-            "additionalProperties": False,
-            "properties": {
-                "serviceType": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
-                "rayStartParams": _RAY_START_PARAMS,
-                "template": _POD_TEMPLATE,
-                "headService": {"type": "object"},
-                "enableIngress": {"type": "boolean"},
-                "resources": {"type": "object"},
-                "labels": {"type": "object"},
-            },
-        },
-        "workerGroupSpecs": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["groupName", "template"],
-                "additionalProperties": False,
-                "properties": {
-                    "groupName": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
-                    "replicas": {"type": "integer", "minimum": 0},
-                    "minReplicas": {"type": "integer", "minimum": 0},
-                    "maxReplicas": {"type": "integer", "minimum": 0},
-                    "idleTimeoutSeconds": {"type": "integer"},
-                    "numOfHosts": {"type": "integer", "minimum": 1},
-                    "rayStartParams": _RAY_START_PARAMS,
-                    "template": _POD_TEMPLATE,
-                    "scaleStrategy": {"type": "object"},
-                    "suspend": {"type": "boolean"},
-                    "resources": {"type": "object"},
-                    "labels": {"type": "object"},
-                },
-            },
-        },
-        "headServiceAnnotations": {"type": "object"},
-        "gcsFaultToleranceOptions": {"type": "object"},
-        "authOptions": {"type": "object"},
-        "suspend": {"type": "boolean"},
-        "managedBy": {"type": "string"},
-        "upgradeStrategy": {"type": "object"},
-    },
-}
-_RAY_JOB_SPEC = {
-    "type": "object",
-    "additionalProperties": False,
-    "properties": {
-        "entrypoint": {"type": "string"},
-        "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
-        "backoffLimit": {"type": "integer", "minimum": 0},
-        "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
-        "shutdownAfterJobFinishes": {"type": "boolean"},
-        "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
-        "runtimeEnvYAML": {"type": "string"},
-        "entrypointNumCpus": {"type": "number"},
-        "entrypointNumGpus": {"type": "number"},
-        "entrypointResources": {"type": "string"},
-        "jobId": {"type": "string"},
-        "metadata": {"type": "object"},
-        "clusterSelector": {"type": "object"},
-        "submitterPodTemplate": {"type": "object"},
-        "submitterConfig": {"type": "object"},
-        "deletionStrategy": {"type": "object"},
-        "managedBy": {"type": "string"},
-        "suspend": {"type": "boolean"},
-        "rayClusterSpec": _RAY_CLUSTER_SPEC,
-    },
-}
+# The spec schemas of KubeRay v1's RayCluster and RayJob CRDs, trimmed from their openAPIV3Schema (the
+# file's $comment says from which KubeRay commit and how).
+KUBERAY_SCHEMA = json.loads((ROOT / "tests" / "data" / "kuberay-v1-spec.schema.json").read_text())
 
 
-def _manifest_schema(kind: str, spec: dict) -> dict:
+def _manifest_schema(kind: str) -> dict:
     return {
         "type": "object",
         "required": ["apiVersion", "kind", "metadata", "spec"],
@@ -618,9 +508,22 @@ def _manifest_schema(kind: str, spec: dict) -> dict:
                 "required": ["name"],
                 "properties": {"name": {"pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63}},
             },
-            "spec": spec,
+            "spec": KUBERAY_SCHEMA[kind],
         },
     }
+
+
+def _quantity(value: str | int | float) -> float:
+    """A Kubernetes CPU / GPU quantity ("7", "7500m", 1) as a number."""
+    text = str(value)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def _gpu_presets() -> list:
+    from compression.config import CONFIG_DIR, load_config
+
+    presets = [load_config(path.stem) for path in sorted(CONFIG_DIR.glob("*.yaml"))]
+    return [cfg for cfg in presets if cfg.compute.use_gpu]
 
 
 def _containers(cluster_spec: dict) -> list[tuple[dict, dict]]:
@@ -634,13 +537,22 @@ def test_kuberay_manifests_match_the_crd_fields_and_share_storage():
     cluster = _load(ROOT / "infra" / "ray" / "kuberay-raycluster.yaml")
     job = _load(ROOT / "infra" / "ray" / "kuberay-rayjob.yaml")
     pvc = _load(ROOT / "infra" / "ray" / "kuberay-storage.yaml")
-    jsonschema.validate(cluster, _manifest_schema("RayCluster", _RAY_CLUSTER_SPEC))
-    jsonschema.validate(job, _manifest_schema("RayJob", _RAY_JOB_SPEC))
-    # The schemas do catch a misspelt field (KubeRay would ignore it silently).
+    jsonschema.validate(cluster, _manifest_schema("RayCluster"))
+    jsonschema.validate(job, _manifest_schema("RayJob"))
+    # The schemas do catch a misspelt field (KubeRay would ignore it silently), also inside a pod template,
+    # and a wrong type.
     broken = json.loads(json.dumps(job))
     broken["spec"]["shutdownAfterJobFinish"] = broken["spec"].pop("shutdownAfterJobFinishes")
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(broken, _manifest_schema("RayJob", _RAY_JOB_SPEC))
+        jsonschema.validate(broken, _manifest_schema("RayJob"))
+    broken = json.loads(json.dumps(cluster))
+    broken["spec"]["workerGroupSpecs"][0]["template"]["spec"]["toleration"] = []
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, _manifest_schema("RayCluster"))
+    broken = json.loads(json.dumps(cluster))
+    broken["spec"]["workerGroupSpecs"][0]["maxReplicas"] = "4"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, _manifest_schema("RayCluster"))
 
     spec = cluster["spec"]
     assert job["spec"]["rayClusterSpec"] == spec  # the one-shot job runs the same cluster
@@ -671,10 +583,65 @@ def test_kuberay_manifests_match_the_crd_fields_and_share_storage():
 
     entrypoint = job["spec"]["entrypoint"]
     assert "prunepipe run --config ssd300_voc --set compute.ray_address=auto" in entrypoint
-    assert (
-        "--set compute.storage_path=/mnt/shared/" in entrypoint and "--set workdir=/mnt/shared/" in entrypoint
-    )
+    for setting in ("compute.storage_path", "workdir", "data.root"):  # everything a node reads or writes is shared
+        assert f"--set {setting}=/mnt/shared/" in entrypoint, setting
     assert job["spec"]["shutdownAfterJobFinishes"] is True
+    # The image is the one .github/workflows/image.yml builds and pushes, at the project's version.
+    [image] = images
+    assert re.fullmatch(r"ghcr\.io/[a-z0-9-]+/prunepipe-cluster:" + re.escape(PYPROJECT["project"]["version"]), image)
+
+
+def test_the_cluster_manifests_hold_every_gpu_preset():
+    """Each GPU preset's workers fit the GPU pods / nodes (per node: CPUs and GPUs of one worker; in all: the
+    autoscaler's maximum), checked by the run's own preflight rule; the head takes no worker."""
+    from tasks.cluster import Capacity, check_offers
+
+    spec = _load(ROOT / "infra" / "ray" / "kuberay-raycluster.yaml")["spec"]
+    groups = []
+    for group in spec["workerGroupSpecs"]:
+        [container] = group["template"]["spec"]["containers"]
+        requests, limits = container["resources"]["requests"], container["resources"]["limits"]
+        assert requests == limits, group["groupName"]  # guaranteed QoS: Ray sees what the pod gets
+        resources = {"CPU": _quantity(limits["cpu"]), "GPU": _quantity(limits.get("nvidia.com/gpu", 0))}
+        groups.append((resources, float(group["maxReplicas"])))
+        # The pod's memory covers its CPUs' data loaders (4 GiB a CPU) and /dev/shm is mounted for them.
+        assert float(limits["memory"].removesuffix("Gi")) >= 4 * resources["CPU"]
+        assert "/dev/shm" in {m["mountPath"] for m in container["volumeMounts"]}
+    launcher = _load(ROOT / "infra" / "ray" / "cluster.yaml")
+    node_types = launcher["available_node_types"]
+    launcher_groups = [({k: float(v) for k, v in t["resources"].items()}, float(t["max_workers"]))
+                       for name, t in node_types.items() if name != launcher["head_node_type"]]
+    head = {"CPU": 0.0}  # both heads: num-cpus 0 / resources CPU 0
+    presets = _gpu_presets()
+    assert {cfg.name for cfg in presets} >= {"ssd300_voc", "vgg16_cifar"}
+    for cfg in presets:
+        check_offers(cfg.compute, Capacity(nodes=[head], groups=groups), "kuberay-raycluster.yaml")
+        check_offers(cfg.compute, Capacity(nodes=[head], groups=launcher_groups), "cluster.yaml")
+    # The check does refuse a preset that asks for more CPUs per worker than a pod has.
+    greedy = presets[0].compute.model_copy(update={"cpus_per_worker": groups[0][0]["CPU"] + 1})
+    with pytest.raises(Exception, match="no node of the Ray cluster at kuberay-raycluster.yaml has that many CPUs"):
+        check_offers(greedy, Capacity(nodes=[head], groups=groups), "kuberay-raycluster.yaml")
+
+
+def test_the_image_workflow_builds_and_pushes_the_cluster_image():
+    workflow = _load(WORKFLOWS / "image.yml")
+    triggers = workflow.get("on", workflow.get(True))
+    assert {"push", "workflow_dispatch"} <= set(triggers)
+    assert workflow["permissions"] == {"contents": "read"}
+    job = workflow["jobs"]["cluster-image"]
+    assert job["permissions"] == {"contents": "read", "packages": "write"}
+    build = next(step for step in job["steps"] if step.get("uses", "").startswith("docker/build-push-action@"))
+    assert re.fullmatch(r"docker/build-push-action@[0-9a-f]{40}", build["uses"])
+    assert (build["with"]["file"], build["with"]["target"], build["with"]["context"]) == (
+        "infra/docker/Dockerfile", "cluster", ".")
+    login = next(step for step in job["steps"] if step.get("uses", "").startswith("docker/login-action@"))
+    assert login["with"]["registry"] == "ghcr.io"
+    # The tags it pushes: ghcr.io/<owner>/prunepipe-cluster:<pyproject version>, what the manifests name.
+    script = next(step["run"] for step in job["steps"] if step.get("id") == "names")
+    assert 'image="ghcr.io/${OWNER,,}/prunepipe-cluster"' in script and '"${image}:${version}"' in script
+    assert 'tomllib.load(open("pyproject.toml", "rb"))["project"]["version"]' in script
+    dockerfile = (ROOT / "infra" / "docker" / "Dockerfile").read_text()
+    assert re.search(r"^FROM \S+ AS cluster$", dockerfile, re.MULTILINE)
 
 
 def test_compose_publishes_only_on_loopback_and_keeps_mlflow_security():
@@ -740,7 +707,7 @@ def _run_scripts(workflow: dict) -> list[str]:
 
 def test_workflows_pass_schema_security_and_shell_lint(tmp_path):
     files = sorted(WORKFLOWS.glob("*.yml"))
-    assert [f.name for f in files] == ["ci.yml", "pipeline.yml"]
+    assert [f.name for f in files] == ["ci.yml", "image.yml", "pipeline.yml"]
     schema = subprocess.run(
         [_tool("check-jsonschema"), "--builtin-schema", "vendor.github-workflows", *map(str, files)],
         capture_output=True,
@@ -781,7 +748,7 @@ def test_workflows_do_what_the_project_needs():
     assert any('prefect deployment run "compress/$PRESET"' in s for s in scripts)
     upload = next(s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact@"))
     assert upload["if"] == "always()" and upload["with"]["path"] == "runs/"
-    for workflow in (ci, pipeline):
+    for workflow in (ci, pipeline, _load(WORKFLOWS / "image.yml")):
         assert workflow["permissions"] == {"contents": "read"}
 
 

@@ -122,13 +122,47 @@ def test_params_for_a_scripted_run_come_from_the_preset_and_overrides(tmp_path):
 
 def test_prefect_yaml_declares_the_served_deployments_for_work_pools():
     project = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    planned = {p.name: p for p in plan_deployments(["default", "ssd300_voc"])}
+    planned = {p.name: p for p in plan_deployments()}  # every preset in compression/configs/
     declared = {d["name"]: d for d in project["deployments"]}
-    assert sorted(declared) == sorted(planned)
+    assert sorted(declared) == sorted(preset_names()) == sorted(planned)
     for name, deployment in declared.items():
         assert deployment["entrypoint"] == "flows/compress.py:compress"
         [schedule] = deployment["schedules"]
         assert (schedule["cron"], schedule["timezone"]) == (NIGHTLY_CRON, "UTC")
         assert schedule["active"] is planned[name].schedule_active
-        assert deployment["work_pool"]["name"] == ("prunepipe-gpu" if name == "ssd300_voc" else "prunepipe-cpu")
+        heavy = not planned[name].schedule_active
+        assert deployment["work_pool"]["name"] == ("prunepipe-gpu" if heavy else "prunepipe-cpu")
+        assert ("image" in deployment["work_pool"]["job_variables"]) is heavy  # the GPU pool runs the image
         assert deployment["tags"] == ["prunepipe", planned[name].config.model.name]
+
+
+def test_prefect_yaml_pull_steps_deliver_the_deployed_commit(tmp_path, monkeypatch):
+    """The pull steps, run by Prefect's own step runner, clone the repository at the deployed commit and work
+    from that clone: a worker runs the code it was deployed with."""
+    import asyncio
+    import re
+
+    from prefect.deployments.steps.core import run_steps
+
+    source = tmp_path / "upstream" / "prunepipe"
+    subprocess.run(["git", "init", "-q", str(source)], check=True)
+    (source / "flows").mkdir()
+    (source / "flows" / "compress.py").write_text("deployed = 1\n")
+    git = ["git", "-C", str(source), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "deployed"], check=True)
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    (source / "flows" / "compress.py").write_text("deployed = 2\n")  # a later commit must not be what runs
+    subprocess.run([*git, "commit", "-q", "-am", "later"], check=True)
+
+    values = {"PRUNEPIPE_REPOSITORY": source.as_uri(), "PRUNEPIPE_COMMIT": commit}
+    pull = yaml.safe_load((ROOT / "prefect.yaml").read_text())["pull"]
+    # `prefect deploy` fills {{ $VAR }} from the deploying shell's environment.
+    filled = json.loads(re.sub(r"\{\{ \$(\w+) \}\}", lambda m: values[m[1]], json.dumps(pull)))
+    worker = tmp_path / "worker"
+    worker.mkdir()
+    monkeypatch.chdir(worker)
+    outputs = asyncio.run(run_steps(filled, print_function=lambda *args, **kwargs: None))
+    clone = Path(outputs["directory"]).resolve()
+    assert Path.cwd() == clone and clone.parent == worker
+    assert (clone / "flows" / "compress.py").read_text() == "deployed = 1\n"

@@ -34,7 +34,7 @@ def setup(tmp_path_factory):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     cfg = load_config("default", [f"data.root={devkit}", "data.builtin=null", "model.width_mult=0.0625",
                                   "model.image_size=64", *FLOAT32, f"tracking.mlflow_uri={uri}", f"workdir={root}",
-                                  "name=tracking-test"])
+                                  "name=tracking-test", "tracking.log_checkpoints=all"])
     checkpoints = {}
     base = None
     for stage, width in (("pretrain", 0.0625), ("sparsity", 0.0625), ("prune", 0.03125)):
@@ -124,10 +124,11 @@ def test_final_model_is_registered_with_its_alias_and_loads(setup, tracked):
     cfg, uri, checkpoints, _ = setup
     tracker, runs, registered = tracked
     client = MlflowClient(uri)
-    name = "prunepipe-ssd_vgg_lite"
+    name = "prunepipe-tracking-test"  # the run's (preset's) name, not the model's
     version = client.get_model_version_by_alias(name, "champion")
-    assert registered == {"name": name, "version": str(version.version), "alias": "champion",
-                          "uri": f"models:/{name}@champion", "new_version": "true"}
+    assert registered == {"name": name, "version": str(version.version), "alias": "champion", "alias_moved": "true",
+                          "uri": f"models:/{name}@champion", "new_version": "true",
+                          "note": f"champion moved to version {version.version} (the first)"}
     assert version.run_id == runs["prune"]
     mlflow.set_tracking_uri(uri)
     detections = mlflow.pyfunc.load_model(registered["uri"]).predict(np.zeros((2, 3, 64, 64), dtype=np.float32))
@@ -135,6 +136,54 @@ def test_final_model_is_registered_with_its_alias_and_loads(setup, tracked):
     # Registering the same checkpoint again (a cached re-run) only moves the alias.
     again = tracker.register_model(cfg, checkpoints["prune"][0], runs["prune"])
     assert (again["version"], again["new_version"]) == (str(version.version), "false")
+
+
+def test_the_champion_moves_only_to_a_better_model_within_the_drop(setup, tracked):
+    """Real registry (sqlite store): a worse model on validation, or one too far below its base, gets a version
+    with its metrics and lineage but leaves the alias; a better one takes it."""
+    cfg, uri, checkpoints, _ = setup
+    tracker, runs, _ = tracked
+    client = MlflowClient(uri)
+    gated = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"registered_model": "gate-{name}"})})
+    name = "gate-tracking-test"
+
+    def register(stage: str, value: float, drop: float) -> dict:
+        return tracker.register_model(gated, checkpoints[stage][0], runs[stage],
+                                      metrics={"val_map_voc07": value, "val_map_voc07_drop": drop, "map_voc07": 0.2})
+
+    first = register("prune", 0.50, 0.005)
+    assert first["alias_moved"] == "true"
+    worse = register("sparsity", 0.40, 0.001)
+    assert (worse["alias_moved"], worse["uri"]) == ("false", f"models:/{name}/{worse['version']}")
+    assert "not above its 0.5000" in worse["note"]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == first["version"]
+    too_far = register("pretrain", 0.70, 0.02)  # better than the champion, but 2 points below its base
+    assert too_far["alias_moved"] == "false" and "champion_max_drop" in too_far["note"]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == first["version"]
+    # The same checkpoint, now within the drop and better: no new version, the alias moves to it.
+    better = register("pretrain", 0.70, 0.0)
+    assert (better["version"], better["new_version"], better["alias_moved"]) == (too_far["version"], "false", "true")
+    assert str(client.get_model_version_by_alias(name, "champion").version) == better["version"]
+    # Every version carries its metrics and lineage.
+    tags = client.get_model_version(name, worse["version"]).tags
+    assert tags["metric.val_map_voc07"] == "0.4" and tags["prunepipe.preset"] == "tracking-test"
+    assert tags["prunepipe.run_id"] == runs["sparsity"] and tags["prunepipe.pipeline_run_id"] == tracker.parent_run_id
+    assert tags["prunepipe.stage"] == "sparsity"
+
+
+def test_checkpoint_uploads_follow_tracking_log_checkpoints(setup):
+    cfg, uri, checkpoints, _ = setup
+    client = MlflowClient(uri)
+    path, metrics = checkpoints["pretrain"]
+    for mode, logged, final in (("final", [], True), ("none", [], False)):
+        tracker = RunTracker.start(cfg.model_copy(update={"tracking": cfg.tracking.model_copy(
+            update={"log_checkpoints": mode})}))
+        run_id = tracker.log_checkpoint(stage="pretrain", phase=None, checkpoint=path, metrics=metrics)
+        assert [a.path for a in client.list_artifacts(run_id, "checkpoint")] == logged
+        assert tracker.log_final_checkpoint(path, run_id) is final
+        uploaded = [a.path for a in client.list_artifacts(run_id, "checkpoint")]
+        assert uploaded == ([f"checkpoint/{path.name}"] if final else []), mode
+        tracker.finish()
 
 
 def test_a_failed_stage_marks_the_runs_failed(setup):
@@ -180,6 +229,13 @@ def test_the_onnx_export_goes_to_the_checkpoints_run(setup, tmp_path):
     assert sorted(exported["files"].values()) == ["onnx/model.anchors.npy", "onnx/model.json", "onnx/model.onnx"]
     local = Path(client.download_artifacts(run_id, "onnx", dst_path=str(tmp_path)))
     onnx.checker.check_model(str(local / "model.onnx"))
+    # The same graph as an MLflow ONNX model.
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    graphs = [mlflow.onnx.load_model(exported["model_uri"]).graph, onnx.load(str(local / "model.onnx")).graph]
+    assert [node.op_type for node in graphs[0].node] == [node.op_type for node in graphs[1].node]
+    assert [[i.name for i in graph.input] for graph in graphs] == [["images"], ["images"]]
     logged = client.get_run(run_id).data.metrics
     assert logged["onnx_size_bytes"] == (local / "model.onnx").stat().st_size == exported["onnx_size_bytes"]
     assert logged["onnx_flops"] == onnx_flops(local / "model.onnx") == exported["onnx_flops"]
@@ -214,3 +270,13 @@ def test_the_experiment_is_marked_as_model_training(setup, tmp_path):
     assert RunTracker(uri="http://127.0.0.1:5000", experiment_id="1", parent_run_id="abc").run_link().endswith(
         "/#/experiments/1/runs/abc?workflowType=machine_learning")
     tracker.finish("FINISHED")
+
+
+def test_an_unknown_placeholder_in_the_registered_name_is_one_line():
+    from compression.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"tracking.registered_model.*unknown placeholder 'preset'") as err:
+        load_config("default", ["tracking.registered_model=prunepipe-{preset}"])
+    assert "\n" not in str(err.value)
+    assert load_config("default", ["name=nightly"]).tracking.registered_model.format(name="nightly", model="m") == \
+        "prunepipe-nightly"

@@ -13,9 +13,21 @@ from compression.errors import DataError
 SPLITS = ("train", "val", "test")
 
 
+def data_root(cfg: DataConfig) -> Path:
+    """``data.root`` as a local folder: a path, or a ``file://`` URI's path. Another URI is copied to a node's
+    disk by ``prunepipe run`` before the stages read it; anywhere else it is refused in one line."""
+    root = str(cfg.root)
+    if root.startswith("file://"):
+        return Path(root.removeprefix("file://"))
+    if "://" in root:
+        raise DataError(f"data.root {root}: a remote URI is read by `prunepipe run` on its Ray nodes; here give a "
+                        "local folder (or a file:// URI)")
+    return Path(root)
+
+
 def ensure_builtin_data(cfg: DataConfig) -> Path:
     """Generate the built-in dataset at ``cfg.root`` if it is configured and not there yet."""
-    root = Path(cfg.root)
+    root = data_root(cfg)
     if cfg.builtin is None or root.exists():
         return root
     if cfg.builtin == "digits-voc":
@@ -73,10 +85,10 @@ def _source_dataset(cfg: DataConfig, split: str, train: bool, image_size: int) -
             if train
             else eval_transforms()
         )
-        return VOCDetection(cfg.root, sets, class_names(cfg), transforms=transforms)
+        return VOCDetection(data_root(cfg), sets, class_names(cfg), transforms=transforms)
     from compression.data.classification import build_classification_dataset
 
-    return build_classification_dataset(cfg.kind, Path(cfg.root), split, train_aug=train, hflip=cfg.hflip)
+    return build_classification_dataset(cfg.kind, data_root(cfg), split, train_aug=train, hflip=cfg.hflip)
 
 
 def build_loader(cfg: DataConfig, split: str, train: bool, image_size: int, seed: int = 0,

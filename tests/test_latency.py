@@ -115,6 +115,9 @@ def test_select_by_latency_reaches_the_target_on_fast_widths(lite, table):
     from compression.criteria import select_by_latency
     from compression.errors import StageError
 
+    # The selection's logic on the measured sites, without the fixed part: that part is a difference of two
+    # timings, and on a busy machine it can dwarf the layers (the prediction test above is about timing).
+    table = LatencyTable({**table.data, "fixed_ms": 0.0})
     dg = build_dependency_graph(lite)
     layers = resolve_layers(lite, "ssd_vgg_lite", prunable_layers("ssd_vgg_lite"), dg=dg)
     scores = rank_filters("l1_norm", lite, dg, layers)

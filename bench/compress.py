@@ -54,20 +54,21 @@ def main() -> None:
         rows = run_pipeline_in_process(cfg, Path(tmp) / "run")
         total = time.perf_counter() - started
         args.keep.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(rows[-1]["path"], args.keep)
+        final_row = next(row for row in rows if row["final"])  # the pipeline's answer, chosen on validation
+        shutil.copyfile(final_row["path"], args.keep)
     table = []
     for row in rows:
         metrics = row.get("metrics", {})
-        table.append({"stage": row.get("stage"), "phase": row.get("phase"),
+        table.append({"stage": row.get("stage"), "phase": row.get("phase"), "final": row["final"],
                       **{k: metrics.get(k) for k in COLUMNS if k not in ("stage", "phase")}})
     header = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS)
     body = "\n".join("| " + " | ".join(_cell(r.get(c)) for c in COLUMNS) + " |" for r in table)
-    base, final = rows[0]["metrics"], rows[-1]["metrics"]
+    base, final = rows[0]["metrics"], final_row["metrics"]
     key = "map_voc07" if "map_voc07" in base else "top1"
     verdict = (
         f"final vs pretrained: {final.get('params_ratio', float('nan')):.2f}x fewer params, "
         f"{final.get('flops_ratio', float('nan')):.2f}x fewer FLOPs, {key} {base.get(key, float('nan')):.4f} -> "
-        f"{final.get(key, float('nan')):.4f} ({100 * (base.get(key, 0) - final.get(key, 0)):+.2f} points drop); "
+        f"{final.get(key, float('nan')):.4f} ({final_row['stage']} model, chosen on validation; {100 * (base.get(key, 0) - final.get(key, 0)):+.2f} points drop); "
         f"total {total:.0f} s" + (" (pretraining reused from --base)" if args.base else "")
     )
     out = write_result("compress", {"config": args.config, "overrides": overrides, "rows": table,

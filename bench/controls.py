@@ -151,9 +151,10 @@ def _pipeline(cfg, spec: dict[str, Any], work: Path, criterion: str) -> dict[str
 
     cfg.stages.pretrain.checkpoint = Path(spec["base"])
     if criterion != "seed":
+        phases = phases_of(cfg)  # the seed's phases, before the criterion changes (they are checked with it)
         cfg.stages.selection.criterion = criterion
         cfg.stages.phases = [phase.model_copy(update={"target_flops_ratio": max(ratio, 1.0001), "gamma": None})
-                             for phase, ratio in zip(phases_of(cfg), spec["phase_flops_ratios"], strict=True)]
+                             for phase, ratio in zip(phases, spec["phase_flops_ratios"], strict=True)]
     rows = run_pipeline_in_process(cfg, work / "run")
     final = next(row for row in rows if row["final"])
     phase_ratios, previous = [], rows[0]["metrics"]["flops"]
@@ -360,16 +361,18 @@ def _mean_sd(values: list[float]) -> str:
     if not values:
         return "-"
     mean = statistics.fmean(values)
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.3f} ± {sd:.3f}"
+    if len(values) == 1:  # one seed has no spread to show
+        return f"{mean:.3f}"
+    return f"{mean:.3f} ± {statistics.stdev(values):.3f}"
 
 
 def _points(values: list[float]) -> str:
     values = [100 * v for v in values if v is not None]
     if not values:
         return "-"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):+.2f} ± {sd:.2f}"
+    if len(values) == 1:
+        return f"{values[0]:+.2f}"
+    return f"{statistics.fmean(values):+.2f} ± {statistics.stdev(values):.2f}"
 
 
 def summarise(rows: list[dict[str, Any]], bases: dict[str, dict[str, Any]]) -> str:

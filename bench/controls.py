@@ -192,7 +192,7 @@ def _group_norm(cfg, spec: dict[str, Any], work: Path) -> dict[str, Any]:
 
     base, base_metrics = Path(spec["base"]), spec["base_metrics"]
     selection = cfg.stages.selection
-    current = base
+    current, short = base, []
     for index, (phase, ratio) in enumerate(zip(phases_of(cfg), spec["phase_flops_ratios"], strict=True)):
         phase_cfg = cfg.for_phase(phase)
         ckpt = load_checkpoint(current, expect_model=cfg.model.name)
@@ -205,8 +205,10 @@ def _group_norm(cfg, spec: dict[str, Any], work: Path) -> dict[str, Any]:
         optim = OptimConfig.model_validate(cfg.stages.sparsity.model_dump(include=set(OptimConfig.model_fields)))
         sparse_train(pruner, ckpt.model, objective, loader, optim, context=f"group_norm sparse training {phase.name}")
         ckpt.model.cpu().eval()
-        prune_to_flops(pruner, ckpt.model, max(ratio, 1.0001), min_channels=selection.min_channels,
-                       max_layer_ratio=phase_cfg.stages.selection.max_layer_ratio)
+        cut = prune_to_flops(pruner, ckpt.model, max(ratio, 1.0001), min_channels=selection.min_channels,
+                             max_layer_ratio=phase_cfg.stages.selection.max_layer_ratio, nearest=True)
+        if not cut["reached"]:
+            short.append(f"{phase.name}: {cut['flops_ratio']:.3f}x of {ratio:.3f}x")
         del pruner
         pruned = save_checkpoint(ckpt.derive(ckpt.model, stage="prune", phase=phase.name, criterion="tp_group_norm",
                                              reg=DEFAULT_REG["tp_group_norm"]), work / f"prune_{phase.name}.safetensors")
@@ -222,7 +224,8 @@ def _group_norm(cfg, spec: dict[str, Any], work: Path) -> dict[str, Any]:
                               "detection" if spec["task"] == "det" else "classification")
         if chosen.stage.name == "distill":
             final_metrics, final_stage = distilled, "distill"
-    return {**_row(final_metrics, spec["task"]), "final_stage": final_stage}
+    # Where GroupNorm's steps ran out before a phase's FLOPs, the row carries the FLOPs it reached.
+    return {**_row(final_metrics, spec["task"]), "final_stage": final_stage, "flops_short_of_target": short}
 
 
 def _dense(cfg, spec: dict[str, Any], work: Path) -> dict[str, Any]:
@@ -401,6 +404,9 @@ def summarise(rows: list[dict[str, Any]], bases: dict[str, dict[str, Any]]) -> s
                 f"{c['epoch']}: {c[f'val_{key}']:.3f}" for c in base["curve"] if c.get(f"val_{key}") is not None))
             parts.append("")
         parts.extend(verdicts(ok, task))
+        parts.extend(f"- {r['method']} seed {r['seed']} stopped short of the seed's FLOPs in "
+                     f"{'; '.join(r['flops_short_of_target'])} (its pruner had no steps left)"
+                     for r in ok if r.get("flops_short_of_target"))
         parts.append("")
     return "\n".join(parts)
 

@@ -154,6 +154,7 @@ def prune_to_flops(
     min_channels: int = 1,
     max_layer_ratio: float = 1.0,
     input_size: tuple[int, int] | None = None,
+    nearest: bool = False,
 ) -> dict[str, Any]:
     """``pruner.step()`` until ``count_flops(model)`` ≤ base / ``target_flops_ratio``. Prunes ``model`` in place.
 
@@ -162,7 +163,9 @@ def prune_to_flops(
     crosses the target stops at it, filter by filter (``_step``), so all methods land on the same FLOPs. The
     FLOPs between steps come from ``criteria.FlopsModel`` (exact for convs and linears, no re-tracing); the
     final value is ``count_flops``'s. Returns ``{"flops_before", "flops_after", "flops_ratio", "steps",
-    "channels": {layer: [before, after]}}``; ``StageError`` when the pruner's steps run out first.
+    "channels": {layer: [before, after]}, "reached"}``. When the pruner's steps run out first: ``StageError``,
+    or with ``nearest`` the model as far as the pruner went, with ``"reached": False`` (a control at equal
+    FLOPs then reports the FLOPs it really has rather than no row).
     """
     from compression.criteria import FlopsModel
     from compression.selection import layer_floor
@@ -193,6 +196,9 @@ def prune_to_flops(
     try:
         while flops > goal:
             if pruner.current_step >= pruner.iterative_steps:
+                if nearest:
+                    flops = count_flops(model, size)
+                    break
                 raise StageError(
                     f"target_flops_ratio {target_flops_ratio:g} is out of reach for {type(pruner).__name__}: "
                     f"after {steps} steps the FLOPs shrank {before / flops:.2f}x"
@@ -210,6 +216,7 @@ def prune_to_flops(
         "flops_ratio": before / max(flops, 1),
         "steps": steps,
         "channels": {name: [original[name], layer_channels(m)] for name, m in modules.items()},
+        "reached": flops <= goal,
     }
 
 

@@ -29,6 +29,7 @@ from mlflow import MlflowClient  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import (  # noqa: E402
     ArtifactFilter,
+    ArtifactFilterFlowRunId,
     ArtifactFilterKey,
     FlowFilter,
     FlowFilterName,
@@ -36,7 +37,6 @@ from prefect.client.schemas.filters import (  # noqa: E402
     FlowRunFilterId,
     FlowRunFilterParentFlowRunId,
 )
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from compression import stages as S  # noqa: E402
 from compression.budget import load_search, parse_budget  # noqa: E402
@@ -81,24 +81,22 @@ def cfg(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def searched(cfg):
-    started = time.perf_counter()
-    with prefect_test_harness(server_startup_timeout=None):
-        print(f"\nPrefect test server: {time.perf_counter() - started:.1f}s")
-        ensure_ray(cfg.compute)
-        began = time.perf_counter()
-        summary = run_budget(cfg, BUDGET, load_search(SEARCH))
-        print(f"\nbudget flow: {time.perf_counter() - began:.1f}s; timings {summary['timings']}")
-        for row in summary["table"]:
-            print({k: v for k, v in row.items() if k != "mlflow_run_id"})
-        with get_client(sync_client=True) as client:
-            parent = client.read_flow_run(summary["flow_run_id"])
-            children = client.read_flow_runs(
-                flow_filter=FlowFilter(name=FlowFilterName(any_=["budget-trial"])),
-                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id])))
-            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["budget-tiny"])))
-            task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[parent.id])))
-        yield {"summary": summary, "subflows": children, "artifacts": artifacts, "task_runs": task_runs}
+def searched(cfg, prefect_server):
+    ensure_ray(cfg.compute)
+    began = time.perf_counter()
+    summary = run_budget(cfg, BUDGET, load_search(SEARCH))
+    print(f"\nbudget flow: {time.perf_counter() - began:.1f}s; timings {summary['timings']}")
+    for row in summary["table"]:
+        print({k: v for k, v in row.items() if k != "mlflow_run_id"})
+    with get_client(sync_client=True) as client:
+        parent = client.read_flow_run(summary["flow_run_id"])
+        children = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["budget-trial"])),
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id])))
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["budget-tiny"]), flow_run_id=ArtifactFilterFlowRunId(any_=[parent.id])))
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[parent.id])))
+    return {"summary": summary, "subflows": children, "artifacts": artifacts, "task_runs": task_runs}
 
 
 def test_the_chosen_model_is_within_the_budget_on_the_validation_split(cfg, searched):
@@ -181,6 +179,7 @@ def test_every_trial_is_an_mlflow_child_run_and_the_parent_holds_the_pareto_fron
     png = Path(client.download_artifacts(parent.info.run_id, "plots/pareto_front.png")).read_bytes()
     assert png.startswith(b"\x89PNG")
 
+    assert len(searched["artifacts"]) == 1
     artifact = searched["artifacts"][0]
     assert artifact.type == "table" and str(artifact.flow_run_id) == summary["flow_run_id"]
     assert summary["chosen"]["trial"] in artifact.description

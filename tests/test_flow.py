@@ -30,6 +30,7 @@ from mlflow import MlflowClient  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import (  # noqa: E402
     ArtifactFilter,
+    ArtifactFilterFlowRunId,
     ArtifactFilterKey,
     FlowRunFilter,
     FlowRunFilterId,
@@ -38,8 +39,6 @@ from prefect.client.schemas.filters import (  # noqa: E402
     TaskRunFilter,
     TaskRunFilterName,
 )
-from prefect.settings import PREFECT_API_URL  # noqa: E402
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from compression.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from compression.config import PipelineConfig, load_config  # noqa: E402
@@ -59,14 +58,6 @@ CHECKPOINT_METRICS = ("params", "size_bytes", "flops", "map_voc07")
 
 def expected_stages(distill: bool = True) -> list[str]:
     return ["pretrain", "sparsity", "prune", "retrain"] + (["distill"] if distill else [])
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    started = time.perf_counter()
-    with prefect_test_harness(server_startup_timeout=None):
-        print(f"\nPrefect test server: {time.perf_counter() - started:.1f}s")
-        yield PREFECT_API_URL.value()
 
 
 @pytest.fixture(scope="module")
@@ -159,8 +150,10 @@ def test_every_stage_checkpoint_is_tracked_with_size_flops_and_map(cfg, first_ru
 
 def test_the_flow_run_has_a_checkpoint_table_artifact(cfg, first_run):
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["compress-tiny"])))
-    assert artifacts and artifacts[0].type == "table"
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["compress-tiny"]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[first_run["flow_run_id"]])))
+    assert len(artifacts) == 1 and artifacts[0].type == "table"
     assert first_run["mlflow"]["run_id"] in artifacts[0].description
     assert str(artifacts[0].flow_run_id) == first_run["flow_run_id"]
     assert '"flops"' in str(artifacts[0].data) and '"checkpoint"' in str(artifacts[0].data)
@@ -328,11 +321,13 @@ def _with(config: PipelineConfig, dotted: str, value) -> PipelineConfig:
 
 
 @pytest.mark.parametrize(("args", "says"), [
-    (["--set", "stages.selection.criterion=taylor"], "criterion 'taylor' needs prune_ratio or target_flops_ratio"),
+    (["--set", "stages.phases=[{name: p1, layers: [conv3_1]}]", "--set", "stages.selection.criterion=taylor"],
+     "criterion 'taylor' needs prune_ratio or target_flops_ratio"),
     (["--set", "stages.phases=[{name: p1, layers: [conv3_1]}, {name: p2, layers: [conv4_1], prune_ratio: 0.2}]",
       "--set", "stages.selection.criterion=l1_norm"], "criterion 'l1_norm' needs prune_ratio"),
-    (["--budget", "flops=2x", "--search", "knobs={stages.selection.criterion: [seed, random]}"],
-     "criterion 'random' needs prune_ratio"),
+    (["--budget", "flops=2x", "--search",
+      "knobs={stages.selection.criterion: [seed, taylor], stages.selection.target_latency_ratio: [2]}"],
+     "criterion 'taylor' takes prune_ratio or target_flops_ratio, not target_latency_ratio"),
 ])
 def test_cli_refuses_a_method_setting_in_one_line_before_anything_starts(tmp_path, args, says):
     result = subprocess.run(

@@ -108,6 +108,15 @@ def test_an_unreachable_target_is_refused():
         prune_to_flops(pruner, model, 50.0, min_channels=4)
 
 
+def test_an_unreachable_target_prunes_as_far_as_the_pruner_goes_when_asked():
+    model = _vgg()
+    before = layer_channels(model.get_submodule("features.conv5_3"))
+    pruner = build_pruner("tp_group_l1", model, ["features.conv5_3"], model_name="vgg16_cifar", iterative_steps=20)
+    info = prune_to_flops(pruner, model, 50.0, min_channels=4, nearest=True)
+    assert info["reached"] is False and 1 < info["flops_ratio"] < 50
+    assert layer_channels(model.get_submodule("features.conv5_3")) == 4 < before  # down to its floor
+
+
 @pytest.mark.parametrize("method", ["tp_bn_scale", "tp_group_norm"])
 def test_sparse_training_adds_the_regulariser_between_backward_and_step(method, digits_loader):
     optim = OptimConfig(epochs=1, lr=0.01, optimizer="sgd", momentum=0.0, weight_decay=0.0, schedule="constant")

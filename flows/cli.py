@@ -335,11 +335,12 @@ def data(
 def _stage_data(config: Path | None, overrides: list[str] | None, to: str | None) -> None:
     """Copy the config's data.root (the built-in set is generated first) to ``to`` with pyarrow.fs."""
     from compression.data.loaders import ensure_builtin_data
-    from tasks.storage import stage_data
+    from tasks.storage import check_stage_target, stage_data
 
     if not to:
         raise PrunepipeError("data stage: --to is required (s3://bucket/path, gs://..., file://... or a folder)")
     cfg = _load(config, overrides)
+    check_stage_target(to)  # before the built-in set is generated
     source = ensure_builtin_data(cfg.data)
     count = stage_data(source, to)
     _plain(f"staged {count} files of {source} to {to}; run with --set data.root={to}")

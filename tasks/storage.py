@@ -58,6 +58,19 @@ def read_text(location: str) -> str:
         return stream.read().decode()
 
 
+def check_stage_target(target: str) -> tuple[Any, str]:
+    """``(filesystem, path)`` of a staging target that can be opened and holds nothing yet (one-line
+    DataError otherwise), checked before anything is generated or copied."""
+    from pyarrow import fs
+
+    system, path = filesystem(target)
+    info = system.get_file_info(path)
+    if info.type == fs.FileType.File or (
+            info.type == fs.FileType.Directory and system.get_file_info(fs.FileSelector(path, recursive=False))):
+        raise DataError(f"{target}: already exists and is not empty; refusing to overwrite")
+    return system, path
+
+
 def stage_data(source: str | os.PathLike[str], target: str) -> int:
     """Copy the dataset folder ``source`` (a local folder) to ``target`` (a URI or path); returns the number
     of files. A target that already holds files is refused (nothing is overwritten)."""
@@ -66,11 +79,7 @@ def stage_data(source: str | os.PathLike[str], target: str) -> int:
     source = Path(source).resolve()
     if not source.is_dir():
         raise DataError(f"data.root {source}: not a folder to stage")
-    system, path = filesystem(target)
-    info = system.get_file_info(path)
-    if info.type == fs.FileType.File or (
-            info.type == fs.FileType.Directory and system.get_file_info(fs.FileSelector(path, recursive=False))):
-        raise DataError(f"{target}: already exists and is not empty; refusing to overwrite")
+    system, path = check_stage_target(target)
     files = [p for p in source.rglob("*") if p.is_file()]
     fs.copy_files(str(source), path, source_filesystem=fs.LocalFileSystem(), destination_filesystem=system)
     return len(files)

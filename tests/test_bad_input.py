@@ -140,6 +140,12 @@ def write(relative: str, text: str) -> Callable[[Sandbox], dict]:
     return make
 
 
+def occupied_folder(box: Sandbox) -> dict:
+    (box.root / "staged").mkdir()
+    (box.root / "staged" / "notes.txt").write_text("someone else's file\n")
+    return {}
+
+
 def edit_xml(old: str, new: str, index: int = 0) -> Callable[[Sandbox], dict]:
     def make(box: Sandbox) -> dict:
         xml = box.xml(index)
@@ -483,6 +489,13 @@ CASES = [
          [*RUN, "--set", "compute.ray_address=headnode"], ["compute.ray_address 'headnode'", "HOST:PORT"]),
     Case("service-gpu-missing", "run preflight (GPU)", nothing, [*RUN, "--set", "compute.use_gpu=true"],
          ["compute.use_gpu is true but no CUDA GPU is visible"], marks=[NO_GPU]),
+    # --- staging a dataset for a cluster: the target is checked before anything is generated or copied
+    Case("staging-target-not-empty", "data stage (target)", occupied_folder,
+         ["data", "stage", "--config", "config.yaml", "--to", "staged"],
+         ["staged: already exists and is not empty; refusing to overwrite"]),
+    Case("staging-unknown-uri", "data stage (target)", nothing,
+         ["data", "stage", "--config", "config.yaml", "--to", "nosuch://bucket/voc"],
+         ["nosuch://bucket/voc: cannot open this URI", "Unrecognized filesystem type"]),
 ]
 
 

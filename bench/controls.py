@@ -105,6 +105,17 @@ def layer_paths(model_name: str, names: list[str]) -> list[str]:
 # Units: one (task, method, seed) each, in a worker process
 
 
+def _die_with_parent() -> None:
+    """Pool initializer: a worker gets SIGTERM when the script that started it dies (Linux), so killing the
+    script does not leave units training on in the background."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def run_unit(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
@@ -153,6 +164,8 @@ def _pipeline(cfg, spec: dict[str, Any], work: Path, criterion: str) -> dict[str
     if criterion != "seed":
         phases = phases_of(cfg)  # the seed's phases, before the criterion changes (they are checked with it)
         cfg.stages.selection.criterion = criterion
+        # A phase the seed cut further than this criterion's floors allow is cut as far as they go (and said).
+        cfg.stages.selection.out_of_reach = "closest"
         cfg.stages.phases = [phase.model_copy(update={"target_flops_ratio": max(ratio, 1.0001), "gamma": None})
                              for phase, ratio in zip(phases, spec["phase_flops_ratios"], strict=True)]
     rows = run_pipeline_in_process(cfg, work / "run")
@@ -165,6 +178,12 @@ def _pipeline(cfg, spec: dict[str, Any], work: Path, criterion: str) -> dict[str
             previous = row["metrics"]["flops"]
     result = {**_row(final["metrics"], spec["task"]), "final_stage": final["stage"],
               "phase_flops_ratios": phase_ratios}
+    if criterion != "seed":
+        short = [f"{phase.name}: {reached:.3f}x of {wanted:.3f}x" for phase, reached, wanted
+                 in zip(cfg.stages.phases, phase_ratios, spec["phase_flops_ratios"], strict=True)
+                 if reached < wanted * 0.999]
+        if short:
+            result["flops_short_of_target"] = short
     if criterion == "seed":  # the scratch control trains this architecture
         keep = Path(spec["keep"])
         keep.parent.mkdir(parents=True, exist_ok=True)
@@ -405,7 +424,7 @@ def summarise(rows: list[dict[str, Any]], bases: dict[str, dict[str, Any]]) -> s
             parts.append("")
         parts.extend(verdicts(ok, task))
         parts.extend(f"- {r['method']} seed {r['seed']} stopped short of the seed's FLOPs in "
-                     f"{'; '.join(r['flops_short_of_target'])} (its pruner had no steps left)"
+                     f"{'; '.join(r['flops_short_of_target'])} (its floors, min_channels and max_layer_ratio, allow no more)"
                      for r in ok if r.get("flops_short_of_target"))
         parts.append("")
     return "\n".join(parts)
@@ -487,7 +506,8 @@ def main() -> None:
 
         print(f"{len(todo)} units to do ({len(done)} done); {args.jobs} job(s) x {threads} thread(s)", flush=True)
         running: dict[Future, tuple[str, str, int]] = {}
-        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn"),
+                                 initializer=_die_with_parent) as pool:
             while todo or running:
                 startable = sorted((u for u in todo if ready(u)), key=lambda u: (ORDER[(u[0], u[1])], u[2]))
                 while startable and len(running) < args.jobs:

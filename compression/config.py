@@ -171,6 +171,10 @@ class SelectionConfig(_Strict):
     target_flops_ratio: float | None = Field(
         None, gt=1, description="ranking criteria: remove filters until FLOPs shrink by this factor"
     )
+    out_of_reach: Literal["fail", "closest"] = Field(
+        "fail", description="a target_flops_ratio the floors (min_channels, max_layer_ratio) cannot reach: fail, or "
+                            "prune as far as they allow and record how far short it stopped"
+    )
     target_latency_ratio: float | None = Field(
         None, gt=1,
         description="remove the filters with the least importance per millisecond saved until the deployment "
@@ -305,7 +309,13 @@ class ComputeConfig(_Strict):
 class PipelineConfig(_Strict):
     name: str = "default"
     seed: int = 0
-    workdir: Path = Field(Path("runs"), description="where checkpoints and run outputs go")
+    workdir: str = Field("runs", description="where checkpoints and run outputs go: a folder, or a URI (s3://, gs://, "
+                                             "file://) that every node reads and writes")
+
+    @field_validator("workdir", mode="before")
+    @classmethod
+    def _workdir_as_text(cls, value: object) -> object:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     stages: StagesConfig = StagesConfig()

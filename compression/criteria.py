@@ -337,12 +337,14 @@ def select_by_flops(
     max_layer_ratio: float = 1.0,
     dg: tp.DependencyGraph | None = None,
     input_size: tuple[int, int] | None = None,
+    closest: bool = False,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
     """The smallest ratio (``select_by_ratio``) whose pruned model has FLOPs ≤ base / ``target_flops_ratio``.
 
     Returns (selection, {"flops_before", "flops_after", "flops_ratio", "prune_ratio"}) with the FLOPs
-    estimated by ``FlopsModel``. ``StageError`` when even the floors (``min_channels``, ``max_layer_ratio``)
-    cannot reach it.
+    estimated by ``FlopsModel``. When even the floors (``min_channels``, ``max_layer_ratio``) cannot reach
+    it: ``StageError``, or with ``closest`` the selection down to the floors, with ``flops_short_of_target``
+    (the target over the reached ratio).
     """
     if not target_flops_ratio > 1:
         raise ConfigError(f"selection.target_flops_ratio must be > 1, got {target_flops_ratio}")
@@ -355,6 +357,9 @@ def select_by_flops(
         return chosen, estimate.flops({name: len(entry["remove"]) for name, entry in chosen.items()})
 
     best, lowest = after(1.0)
+    if lowest > goal and closest:
+        return best, {"flops_before": estimate.base, "flops_after": lowest, "flops_ratio": estimate.base / lowest,
+                      "prune_ratio": 1.0, "flops_short_of_target": lowest / goal}
     if lowest > goal:
         raise StageError(
             f"target_flops_ratio {target_flops_ratio:g} is out of reach: pruning these layers down to "

@@ -336,7 +336,8 @@ def _select_ranked(ckpt: Checkpoint, dg, scores: dict[str, list[float]], cfg: Pi
     if settings.target_flops_ratio is not None:
         chosen, info = select_by_flops(model, scores, settings.target_flops_ratio, min_channels=settings.min_channels,
                                        max_layer_ratio=settings.max_layer_ratio,
-                                       round_to=settings.round_to, scope=scope, dg=dg)
+                                       round_to=settings.round_to, scope=scope, dg=dg,
+                                       closest=settings.out_of_reach == "closest")
         options.append((chosen, {"target_flops_ratio": settings.target_flops_ratio, "scope": scope, **info}))
     if settings.target_latency_ratio is not None:
         table = latency_table_for(ckpt, cfg, Path(out).parent)

@@ -25,8 +25,9 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from compression.errors import PrunepipeError
+from compression.errors import ConfigError, PrunepipeError
 from tasks.compare import format_points, format_ratio, format_si
+from tasks.storage import is_uri, run_folder
 
 PANEL_PIPELINE = "Run the pipeline"
 PANEL_INSPECT = "Inspect checkpoints"
@@ -356,7 +357,9 @@ def pretrain(
     from compression.stages import pretrain as pretrain_model
 
     cfg = _load(config, overrides)
-    out = out or Path(cfg.workdir) / cfg.name / "pretrain.safetensors"
+    if out is None and is_uri(cfg.workdir):
+        raise ConfigError(f"workdir {cfg.workdir}: this command writes to a local folder; pass --out")
+    out = out or run_folder(cfg.workdir, cfg.name) / "pretrain.safetensors"
     if out.exists():
         raise PrunepipeError(f"{out}: already exists; pass another --out (nothing was overwritten)")
     with _stdout_for(as_json):
@@ -488,7 +491,7 @@ def run(
     with _stdout_for(as_json):
         for line in service_lines(cfg, home, from_stack):
             _plain(line, stderr=as_json)
-        log_file = (Path(cfg.workdir) / cfg.name).resolve() / "prunepipe-run.log"
+        log_file = run_folder(cfg.workdir, cfg.name) / "prunepipe-run.log"
         _plain(f"Log: {log_file} (library warnings and Prefect's per-task state lines)", stderr=as_json)
         from flows.compress import results_hint
 
@@ -613,7 +616,9 @@ def compress(
     from compression.models import model_task
     from compression.pipeline import run_pipeline_in_process
 
-    run_dir = run_dir or Path(cfg.workdir) / f"{cfg.name}-local"
+    if run_dir is None and is_uri(cfg.workdir):
+        raise ConfigError(f"workdir {cfg.workdir}: this command writes to a local folder; pass --run-dir")
+    run_dir = run_dir or run_folder(cfg.workdir, f"{cfg.name}-local")
     say = _say(as_json)
 
     def report(row: dict) -> None:

@@ -47,6 +47,7 @@ from tasks.ray_trainer import (
     ray_address,
     ray_summary,
 )
+from tasks.storage import run_folder
 from tasks.tracking import RunTracker, TrackingError, check_tracking, open_results_hint, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def preflight(cfg: PipelineConfig) -> Checked:
         on_worker_node(cfg.compute, check_inputs_on_node, absolute_config(cfg))
     else:
         check_inputs(cfg)
-    checked = Checked(run_dir=(Path(cfg.workdir) / cfg.name).resolve(), steps=steps, tracking_uri=uri)
+    checked = Checked(run_dir=run_folder(cfg.workdir, cfg.name), steps=steps, tracking_uri=uri)
     checked.checks_seconds = time.perf_counter() - started
     return checked
 

@@ -5,7 +5,12 @@ worker, with the objective wrapped in DDP (gloo on CPU, NCCL on GPU) and the loa
 every rank calls ``ray.train.report``; rank 0 attaches a checkpoint directory holding the objective's
 weights and the ``TrainState`` (safetensors + JSON, nothing pickled). A restarted worker group (a lost
 worker, or a new fit with the same run name after the driver died) resumes from the last reported epoch,
-and rank 0 writes the final prunepipe checkpoint to ``job.output_checkpoint`` after the loop.
+and rank 0 writes the final prunepipe checkpoint after the loop.
+
+The workers may sit on other nodes than the process that calls ``fit``, so the job's checkpoints travel
+through the fit's folder in Ray Train's storage (``storage_path``, which every node reaches by Ray Train's
+own contract): ``fit`` stores the input (and teacher) there, each worker reads its node's copy, rank 0
+stores the trained checkpoint there and ``fit`` copies it to ``job.output_checkpoint``.
 
 Workers print nothing to the driver (``log_to_driver=False``); rank 0 sends its progress records through a
 Ray queue instead, and a driver thread logs each as one line (to the Prefect task's log when the fit runs
@@ -39,7 +44,19 @@ from compression.errors import PrunepipeError
 from compression.jobs import TrainJob, TrainResult, run_train_job
 from compression.train import ProgressCallback, TrainState, format_progress
 from tasks.cluster import Capacity, ComputeError, check_offers, cluster_capacity, node_identity
-from tasks.storage import absolute, join, local_data_root, read_text
+from tasks.storage import (
+    absolute,
+    fetch,
+    forget,
+    is_uri,
+    join,
+    local_data_root,
+    local_mirror,
+    parent,
+    publish,
+    read_text,
+    remove,
+)
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +323,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, int]:
 
     config = dict(config)
     progress_queue = config.pop(PROGRESS_QUEUE_KEY, None)
+    given_input = config.pop(GIVEN_INPUT_KEY, None)
     config["config"] = with_local_data(config["config"])
+    stored = {key: config[key] for key in ("input_checkpoint", "teacher_checkpoint") if config.get(key)}
+    for key, location in stored.items():
+        config[key] = str(fetch(location))
+    stored_output = config["output_checkpoint"]
+    config["output_checkpoint"] = str(local_mirror(stored_output))
     job = TrainJob(**config)
     compute = job.pipeline.compute
     torch.set_num_threads(compute.threads_per_worker or max(1, int(compute.cpus_per_worker)))
@@ -354,7 +377,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, int]:
     )
     if rank == 0:
         trained.model.to("cpu")
+        trained.parent = given_input  # the lineage names the checkpoint the stage gave, not this node's copy
         save_checkpoint(trained, Path(job.output_checkpoint))
+        publish(job.output_checkpoint, stored_output)
+        forget(stored_output)
+    for location in stored.values():  # loaded at the start; a restarted attempt fetches again
+        forget(location)
     return {"resumed_from_epoch": resumed_from_epoch}
 
 
@@ -378,6 +406,7 @@ def _send_to(progress_queue: Any) -> ProgressCallback:
 # Progress: rank 0 -> a Ray queue -> a driver thread -> the log (Prefect's when in a task) and a hook
 
 PROGRESS_QUEUE_KEY = "progress_queue"  # the train loop config entry that carries the queue to the workers
+GIVEN_INPUT_KEY = "given_input_checkpoint"  # the input checkpoint as the stage named it (for the lineage)
 
 
 class ProgressRelay:
@@ -516,6 +545,15 @@ class RayTrainer:
         config["config"]["data"] = per_worker_batch(config["config"]["data"], compute.num_workers)
         if self.data_root is not None:
             config["config"]["data"]["root"] = self.data_root
+        # The checkpoints travel through the fit's folder in Ray Train's storage (see the module's note).
+        exchange = join(self.storage_path, name, ".prunepipe-exchange")
+        config[GIVEN_INPUT_KEY] = config["input_checkpoint"]
+        for key in ("input_checkpoint", "teacher_checkpoint"):
+            if config.get(key):
+                publish(config[key], join(exchange, f"{key}.safetensors"))
+                config[key] = join(exchange, f"{key}.safetensors")
+        config["output_checkpoint"] = join(exchange, "output_checkpoint.safetensors")
+        remove(config["output_checkpoint"])  # an earlier fit's, which must not pass for this one's
         before = registered_epochs(join(self.storage_path, name))
         started = time.perf_counter()
         relay = ProgressRelay(relay_emitter(self.on_progress)) if self.progress_queue is None else None
@@ -544,8 +582,15 @@ class RayTrainer:
                 relay.close()
         seconds = time.perf_counter() - started
         output = Path(job.output_checkpoint)
-        if not output.is_file():
-            raise RuntimeError(f"Ray Train run {name} finished without writing {output}")
+        try:
+            publish(fetch(config["output_checkpoint"]), str(output.resolve()))
+        except FileNotFoundError:
+            raise RuntimeError(f"Ray Train run {name} finished without writing {config['output_checkpoint']}") from None
+        # The copies served their purpose (a later fit of this run stores its own): keep storage to Ray's.
+        for key in ("input_checkpoint", "teacher_checkpoint", "output_checkpoint"):
+            if config.get(key):
+                remove(config[key])
+                forget(config[key])
         extra = read_metadata(output).get("extra", {})
         history = list(extra.get("history", []))
         precision = extra.get("precision")
@@ -597,7 +642,7 @@ def absolute_config_dict(config: dict[str, Any]) -> dict[str, Any]:
     if cfg.get("model", {}).get("weights"):
         cfg["model"]["weights"] = str(Path(cfg["model"]["weights"]).resolve())
     if cfg.get("workdir"):
-        cfg["workdir"] = str(Path(cfg["workdir"]).resolve())
+        cfg["workdir"] = absolute(cfg["workdir"])
     pretrain = cfg.get("stages", {}).get("pretrain", {})
     if pretrain.get("checkpoint"):
         pretrain["checkpoint"] = str(Path(pretrain["checkpoint"]).resolve())
@@ -663,10 +708,18 @@ def run_stage_on_node(config: PipelineConfig, stage: str, phase: PhaseConfig | N
     measurement in this process. Log lines and rank 0's progress go to ``progress_queue`` (the driver's
     relay). Returns the output path, the metrics, the fits and the node it ran on (``node_identity``)."""
     from compression import plan as P
+    from compression.stages import LATENCY_TABLE
 
     node = node_identity()
     compute = config.compute
     data_root = config.data.root
+    # Locations (URIs under a remote run folder) become files on this node, and what the step writes there
+    # goes back to the run folder (``tasks.storage``).
+    local_inputs = {arg: str(fetch(location)) for arg, location in inputs.items()}
+    local_out = local_mirror(out)
+    if is_uri(out):
+        _fetch_if_stored(join(parent(out), LATENCY_TABLE))  # this run's latency table, when a node measured it
+    started = time.time()
     config = PipelineConfig.model_validate(with_local_data(config.model_dump(mode="json")))
     if compute.use_gpu and not torch.cuda.is_available():
         raise ComputeError(
@@ -680,18 +733,32 @@ def run_stage_on_node(config: PipelineConfig, stage: str, phase: PhaseConfig | N
     handler = QueueLogHandler(progress_queue)
     logger.addHandler(handler)
     try:
-        step = P.Step(P.STAGES[stage], Path(out).stem, phase)
+        step = P.Step(P.STAGES[stage], local_out.stem, phase)
         logger.info("stage %s runs on Ray node %s (%s)", step.label, node["node_id"], node["hostname"])
         trainer = (RayTrainer(compute, storage, progress_queue=progress_queue, data_root=data_root)
                    if step.stage.trains else None)
-        path, metrics = P.run_step(step, config, Path(out), inputs, trainer=trainer, base_metrics=base_metrics,
-                                   logger=logger)
+        path, metrics = P.run_step(step, config, local_out, local_inputs, trainer=trainer,
+                                   base_metrics=base_metrics, logger=logger)
+        written = [out]
+        if is_uri(out):
+            written = [join(parent(out), file.name) for file in sorted(local_out.parent.iterdir())
+                       if file.is_file() and not file.name.startswith(".") and file.stat().st_mtime >= started]
+            for location in written:
+                publish(local_mirror(location), location)
     finally:
         logger.removeHandler(handler)  # Ray reuses this worker process for later tasks
     fits = [{"run_name": f.run_name, "seconds": f.seconds, "epochs_trained": f.epochs_trained,
              "resumed_from_epoch": f.resumed_from_epoch, "restarted_from_epoch": f.restarted_from_epoch}
             for f in (trainer.fits if trainer else [])]
-    return {"path": str(path), "metrics": metrics, "fits": fits, "node": node}
+    return {"path": out if is_uri(out) else str(path), "metrics": metrics,
+            "fits": fits, "node": node, "written": written}
+
+
+def _fetch_if_stored(location: str) -> None:
+    try:
+        fetch(location)
+    except FileNotFoundError:
+        pass
 
 
 def check_inputs_on_node(config: PipelineConfig) -> None:

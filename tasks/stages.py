@@ -50,7 +50,7 @@ from tasks.ray_trainer import (
     relay_emitter,
     run_stage_on_node,
 )
-from tasks.storage import absolute
+from tasks.storage import absolute, fetch, is_uri, join, local_mirror, location_of
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def file_matches(path: str | Path, sha256: str | None) -> bool:
 
 def storage_path(config: PipelineConfig) -> str:
     """Ray Train storage: ``compute.storage_path`` (a URI, or a path resolved here), else ``<workdir>/ray``."""
-    return absolute(config.compute.storage_path or Path(config.workdir) / "ray")
+    return absolute(config.compute.storage_path or join(str(config.workdir), "ray"))
 
 
 def plain(value: Any) -> Any:
@@ -207,14 +207,19 @@ def run_stage(config: PipelineConfig, stage: str, phase: PhaseConfig | None, inp
     started = time.perf_counter()
     ensure_ray(config.compute)
     relay = ProgressRelay(relay_emitter())
+    # Files of a run folder that is a URI travel as their locations there (``tasks.storage``).
+    where = {arg: location_of(path, config.workdir) for arg, path in inputs.items()}
     try:
         done = on_worker_node(
-            config.compute, run_stage_on_node, absolute_config(config), stage, phase,
-            {arg: str(Path(path).resolve()) for arg, path in inputs.items()}, str(Path(out).resolve()),
-            base_metrics, storage_path(config), relay.queue,
+            config.compute, run_stage_on_node, absolute_config(config), stage, phase, where,
+            location_of(out, config.workdir), base_metrics, storage_path(config), relay.queue,
         )
     finally:
         relay.close()
+    if is_uri(config.workdir):  # this process's copy of what the step wrote, for the digests and MLflow
+        for location in done["written"]:
+            fetch(location)
+        done = {**done, "path": str(local_mirror(done["path"]))}
     return _result(done, started)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from pathlib import Path
 
 from tasks.env import apply_env_defaults
 
@@ -30,15 +31,19 @@ from tasks.ray_trainer import ensure_ray, shutdown_ray  # noqa: E402
 OBJECT_STORE = 80 * 1024 * 1024
 
 
-def start_cluster(worker_gpus: int):
-    """A head with 0 CPUs and two 1-CPU workers (``worker_gpus`` GPUs each, declared only)."""
+def start_cluster(worker_gpus: int, node_env: list[dict[str, str]] | None = None):
+    """A head with 0 CPUs and two 1-CPU workers (``worker_gpus`` GPUs each, declared only); ``node_env``:
+    environment variables of the head's and each worker's processes."""
     from ray.cluster_utils import Cluster
 
     shutdown_ray()  # a Ray another test module started in this process
+    env = node_env or [{}, {}, {}]
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "num_gpus": 0, "object_store_memory": OBJECT_STORE, "include_dashboard": False})
-    workers = [cluster.add_node(num_cpus=1, num_gpus=worker_gpus, object_store_memory=OBJECT_STORE)
-               for _ in range(2)]
+        "num_cpus": 0, "num_gpus": 0, "object_store_memory": OBJECT_STORE, "include_dashboard": False,
+        "env_vars": env[0]})
+    workers = [cluster.add_node(num_cpus=1, num_gpus=worker_gpus, object_store_memory=OBJECT_STORE,
+                                env_vars=env[i + 1])
+               for i in range(2)]
     cluster.wait_for_nodes()
     return cluster, cluster.head_node.node_id, {node.node_id for node in workers}
 
@@ -87,6 +92,44 @@ def test_every_stage_runs_on_a_worker_node_never_on_the_cpu_less_head(cpu_cluste
         assert row["ray_node_id"] == params["ray_node_id"]
     prune = next(row for row in summary["checkpoints"] if row["stage"] == "prune")
     assert client.get_run(prune["mlflow_run_id"]).data.params["selection_ray_node_id"] in workers
+
+
+@pytest.mark.slow
+def test_a_run_folder_on_storage_is_all_the_nodes_and_the_flow_share(prefect_server, digits_devkit, tmp_path,
+                                                                      monkeypatch):
+    """``workdir`` as a URI: the flow's process and each node keep their own copies (three caches, no
+    folder in common but the store); the stages read their inputs from the store and write their outputs
+    back, Ray Train keeps its runs there too, and the flow ends with every checkpoint stored whole."""
+    from compression.checkpoint import file_digest
+    from flows.compress import run_pipeline
+
+    caches = {name: tmp_path / f"cache-{name}" for name in ("head", "worker-1", "worker-2", "flow")}
+    cluster, _, workers = start_cluster(0, [{"PRUNEPIPE_RUN_CACHE": str(caches[name])}
+                                            for name in ("head", "worker-1", "worker-2")])
+    try:
+        monkeypatch.setenv("PRUNEPIPE_RUN_CACHE", str(caches["flow"]))
+        store = tmp_path / "store"
+        cfg = tiny_config(tmp_path, digits_devkit, f"compute.ray_address={cluster.address}",
+                          "stages.distill.enabled=false", f"workdir={store.as_uri()}")
+        summary = run_pipeline(cfg)
+    finally:
+        shutdown_ray()
+        cluster.shutdown()
+
+    assert {node["node_id"] for node in summary["stage_nodes"].values()} <= workers
+    rows = summary["checkpoints"]
+    assert [row["stage"] for row in rows] == ["pretrain", "sparsity", "prune", "retrain"]
+    for row in rows:  # the flow's copy of each checkpoint is the stored file
+        local = Path(row["path"])
+        assert local.is_relative_to(caches["flow"]), local
+        assert file_digest(local) == file_digest(store / "tiny" / local.name)
+    assert len(list((store / "tiny").glob("*_selection_p1.json"))) == 1  # the selection, stored as well
+    assert list((store / "ray").iterdir())  # Ray Train's runs, under <workdir>/ray
+    # The nodes worked in their own copies, the head in none; the exchanged checkpoints were cleaned up.
+    assert any(caches[name].is_dir() for name in ("worker-1", "worker-2"))
+    assert not caches["head"].exists()
+    assert not list(store.rglob(".prunepipe-exchange/*.safetensors"))
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow
@@ -159,7 +202,6 @@ def test_two_runs_of_one_preset_started_together_do_not_touch_each_others_files(
     import json
     import subprocess
     import sys
-    from pathlib import Path
 
     from conftest import tiny_overrides
 

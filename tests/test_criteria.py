@@ -173,6 +173,11 @@ def test_select_by_flops_reaches_the_target_and_estimates_exactly():
     assert model(torch.rand(1, 3, 32, 32)).shape == (1, 10)
     with pytest.raises(StageError, match="out of reach"):
         select_by_flops(build_model("vgg16_cifar", 10, width_mult=0.25), scores, 1e4, min_channels=4)
+    # closest: down to the floors instead, saying how far short of the target that stops.
+    floors, short = select_by_flops(build_model("vgg16_cifar", 10, width_mult=0.25), scores, 1e4, min_channels=4,
+                                    closest=True)
+    assert all(entry["keep"] == 4 for entry in floors.values())
+    assert short["flops_short_of_target"] == pytest.approx(1e4 / short["flops_ratio"]) and short["flops_ratio"] > 3.3
 
 
 def test_taylor_prune_steps_finetunes_between_and_tracks_original_indices(digits_loader):

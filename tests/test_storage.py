@@ -89,3 +89,49 @@ def test_ray_train_resume_reads_its_snapshot_through_a_uri(tmp_path):
         '{"latest_checkpoint_result": {"metrics": {"epoch": 3}}}')
     assert registered_epochs(run.as_uri()) == registered_epochs(run) == 3
     assert registered_epochs((tmp_path / "ray" / "other").as_uri()) == 0
+
+
+def test_a_run_folder_uri_is_copied_per_machine_and_written_back_whole(tmp_path, monkeypatch):
+    """Two machines (two caches) share only the store: what one publishes the other fetches, a changed
+    stored file is fetched again, and a plain path is used in place."""
+    from tasks.storage import fetch, join, local_mirror, location_of, parent, publish, run_folder
+
+    store = (tmp_path / "store").as_uri()
+    monkeypatch.setenv("PRUNEPIPE_RUN_CACHE", str(tmp_path / "node-a"))
+    run_a = run_folder(store, "tiny")
+    assert run_a == tmp_path / "node-a" / run_a.relative_to(tmp_path / "node-a")  # a copy under node a's cache
+    (run_a).mkdir(parents=True)
+    (run_a / "pretrain.safetensors").write_bytes(b"weights v1")
+    location = location_of(run_a / "pretrain.safetensors", store)
+    assert location == join(store, "tiny", "pretrain.safetensors")
+    publish(run_a / "pretrain.safetensors", location)
+    assert (tmp_path / "store" / "tiny" / "pretrain.safetensors").read_bytes() == b"weights v1"
+    assert not list((tmp_path / "store" / "tiny").glob("*.part"))
+
+    monkeypatch.setenv("PRUNEPIPE_RUN_CACHE", str(tmp_path / "node-b"))
+    copy = fetch(location)
+    assert copy.is_relative_to(tmp_path / "node-b") and copy.read_bytes() == b"weights v1"
+    # Another machine replaces the stored file: this machine's copy is stale and is fetched again.
+    stored = tmp_path / "store" / "tiny" / "pretrain.safetensors"
+    stored.write_bytes(b"weights v2, longer")
+    assert fetch(location).read_bytes() == b"weights v2, longer"
+    with pytest.raises(FileNotFoundError):
+        fetch(join(store, "tiny", "missing.safetensors"))
+    # Paths are used in place; files outside a URI run folder keep their absolute path.
+    assert fetch(str(stored)) == stored and location_of(stored, str(tmp_path)) == str(stored)
+    assert run_folder(str(tmp_path / "runs"), "tiny") == tmp_path / "runs" / "tiny"
+    # A URI's query stays at its end, and '..' cannot leave the cache.
+    s3 = "s3://bucket/runs?endpoint_override=127.0.0.1:9000"
+    assert join(s3, "tiny", "a.json") == "s3://bucket/runs/tiny/a.json?endpoint_override=127.0.0.1:9000"
+    assert parent(join(s3, "tiny")) == s3
+    assert local_mirror(join(s3, "tiny")) == local_mirror(s3) / "tiny"
+    with pytest.raises(DataError, match=r"'\.\.' in a storage location"):
+        local_mirror("s3://bucket/runs/../../etc")
+
+
+def test_commands_that_write_one_local_folder_refuse_a_uri_workdir_in_one_line(tmp_path):
+    done = prunepipe("pretrain", "--config", "default", "--set", "workdir=s3://bucket/runs", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == ("error: workdir s3://bucket/runs: this command writes to a local folder; "
+                                   "pass --out")
+    assert not list(tmp_path.iterdir())

@@ -1,9 +1,9 @@
-"""The seed method end to end, in-process (issue: method): params, size, FLOPs, mAP and wall time per stage.
+"""The seed method end to end, in-process: params, size, FLOPs, mAP and wall time per stage.
 
-    .venv/bin/python bench/compress.py [--config default] [--set k=v ...] [--base CKPT]
+    .venv/bin/python bench/compress.py [--config default] [--set k=v ...] [--base CKPT] [--keep CKPT] [--result NAME]
 
 `--base` reuses a pretrained checkpoint (e.g. the one bench/pretrain.py measured) instead of pretraining
-again. Writes bench/results/compress.json; run bench/report.py afterwards.
+again. Writes bench/results/<NAME>.json (default ``compress``); run bench/report.py afterwards.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--base", type=Path, default=None, help="pretrained checkpoint to start from")
     parser.add_argument("--keep", type=Path, default=CHECKPOINTS / "compressed.safetensors",
                         help="where the final checkpoint is kept (bench/speedup.py measures it)")
+    parser.add_argument("--result", default="compress", help="name of the result file in bench/results/")
     args = parser.parse_args()
 
     from compression.config import load_config
@@ -71,7 +72,7 @@ def main() -> None:
         f"{final.get(key, float('nan')):.4f} ({final_row['stage']} model, chosen on validation; {100 * (base.get(key, 0) - final.get(key, 0)):+.2f} points drop); "
         f"total {total:.0f} s" + (" (pretraining reused from --base)" if args.base else "")
     )
-    out = write_result("compress", {"config": args.config, "overrides": overrides, "rows": table,
+    out = write_result(args.result, {"config": args.config, "overrides": overrides, "rows": table,
                                     "total_seconds": total, "markdown": f"{header}\n{body}\n\n{verdict}"})
     print(f"{header}\n{body}\n\n{verdict}\n-> {out}")
 

@@ -172,8 +172,8 @@ class SelectionConfig(_Strict):
         None, gt=1, description="ranking criteria: remove filters until FLOPs shrink by this factor"
     )
     out_of_reach: Literal["fail", "closest"] = Field(
-        "fail", description="a target_flops_ratio the floors (min_channels, max_layer_ratio) cannot reach: fail, or "
-                            "prune as far as they allow and record how far short it stopped"
+        "fail", description="a FLOPs or latency target the floors (min_channels, max_layer_ratio) cannot reach: fail, "
+                            "or prune as far as they allow and record how far short it stopped"
     )
     target_latency_ratio: float | None = Field(
         None, gt=1,

@@ -394,6 +394,7 @@ def select_by_latency(
     min_channels: int = 1,
     scope: str = "layer",
     max_layer_ratio: float = 1.0,
+    closest: bool = False,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Remove the filters with the least importance per millisecond saved until the network's predicted
     latency (``table``, a ``latency.LatencyTable`` of this device) is at most the input model's /
@@ -408,8 +409,8 @@ def select_by_latency(
     by their layer's mean first, so a move's cost is the share of its layer's importance it removes.
 
     Returns (selection, {"latency_before_ms", "latency_after_ms", "latency_ratio", "round_to",
-    "latency_device"}) with predicted network times (ms per batch). ``StageError`` when even the floors
-    cannot reach the target.
+    "latency_device"}) with predicted network times (ms per batch). When even the floors cannot reach the
+    target: ``StageError``, or with ``closest`` the cut down to the floors, with ``latency_short_of_target``.
     """
     from compression.latency import model_widths
 
@@ -449,6 +450,8 @@ def select_by_latency(
                 key = (lost / saved, -saved, name, candidate)
                 if best is None or key < best:
                     best = key
+        if best is None and closest:
+            break
         if best is None:
             raise StageError(
                 f"target_latency_ratio {target_latency_ratio:g} is out of reach: cutting these layers to the "
@@ -462,6 +465,8 @@ def select_by_latency(
     info = {"latency_before_ms": before, "latency_after_ms": predicted, "latency_ratio": before / predicted,
             "round_to": {name: table.round_to(name) for name in scores},
             "latency_device": table.fingerprint, "scope": scope}
+    if predicted > goal:
+        info["latency_short_of_target"] = predicted / goal
     return selection, info
 
 

@@ -343,7 +343,8 @@ def _select_ranked(ckpt: Checkpoint, dg, scores: dict[str, list[float]], cfg: Pi
         table = latency_table_for(ckpt, cfg, Path(out).parent)
         chosen, info = select_by_latency(model, scores, settings.target_latency_ratio, table,
                                          model_name=ckpt.model_name, min_channels=settings.min_channels,
-                                         max_layer_ratio=settings.max_layer_ratio, scope=scope)
+                                         max_layer_ratio=settings.max_layer_ratio, scope=scope,
+                                         closest=settings.out_of_reach == "closest")
         options.append((chosen, {"target_latency_ratio": settings.target_latency_ratio, **info}))
     # Both targets set: stop at the first one reached (as taylor_prune does), i.e. remove fewer filters.
     return min(options, key=lambda option: sum(len(entry["remove"]) for entry in option[0].values()))

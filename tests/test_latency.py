@@ -140,6 +140,10 @@ def test_select_by_latency_reaches_the_target_on_fast_widths(lite, table):
 
     with pytest.raises(StageError, match="target_latency_ratio 50 is out of reach"):
         select_by_latency(lite, scores, 50.0, table, model_name="ssd_vgg_lite", max_layer_ratio=0.5)
+    floors, short = select_by_latency(lite, scores, 50.0, table, model_name="ssd_vgg_lite", max_layer_ratio=0.5,
+                                      closest=True)
+    assert short["latency_short_of_target"] == pytest.approx(50.0 / short["latency_ratio"])
+    assert 1 < short["latency_ratio"] < 50
 
 
 def test_selection_stage_with_a_latency_target(tmp_path, digits_devkit):

@@ -32,7 +32,7 @@ TINY_DEVKIT_IMAGES = {"train": 32, "val": 16, "test": 8}
 
 def tiny_overrides(root: Path, devkit: Path, *extra: str) -> list[str]:
     """Overrides of the ``default`` preset for the cheapest real pipeline: ssd_vgg_lite at width 1/16 on
-    64-px digits, one epoch per stage, one phase of two layers, float32, no retries; run outputs and a
+    64-px digits, one epoch per stage, one phase of two layers pruned by the seed method, float32, no retries; run outputs and a
     sqlite MLflow store under ``root``. ``extra`` come last and win."""
     return [
         "name=tiny", f"workdir={root / 'runs'}", f"tracking.mlflow_uri=sqlite:///{root / 'mlflow.db'}",
@@ -40,7 +40,8 @@ def tiny_overrides(root: Path, devkit: Path, *extra: str) -> list[str]:
         "model.width_mult=0.0625", "model.image_size=64", *FLOAT32,
         "stages.pretrain.epochs=1", "stages.pretrain.warmup_epochs=0", "stages.sparsity.epochs=1",
         "stages.sparsity.alpha_grid=[3.0]", "stages.selection.min_channels=2", "stages.retrain.epochs=1",
-        "stages.distill.epochs=1", "stages.phases=[{name: p1, layers: [conv3_1, conv3_2]}]",
+        "stages.distill.epochs=1", "stages.selection.criterion=seed",
+        "stages.phases=[{name: p1, layers: [conv3_1, conv3_2]}]",
         "compute.max_failures=0", *extra,
     ]
 

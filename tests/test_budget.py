@@ -66,7 +66,8 @@ def cfg(tmp_path_factory):
         "stages.pretrain.epochs=5", "stages.pretrain.lr=0.01", "stages.sparsity.epochs=1",
         "stages.sparsity.alpha_grid=[1.0]", "stages.sparsity.max_drop=1.0",
         "stages.selection.min_channels=2", "stages.retrain.epochs=1", "stages.distill.epochs=1",
-        "stages.phases=[{name: p1, layers: [conv3_1, conv3_2, conv3_3]}]", "compute.max_failures=0",
+        "stages.selection.criterion=seed", "stages.phases=[{name: p1, layers: [conv3_1, conv3_2, conv3_3]}]",
+        "compute.max_failures=0",
     ]
     # The base is trained here, in-process (no Ray fit to pay for); the flow adopts it as its pretrained model.
     started = time.perf_counter()

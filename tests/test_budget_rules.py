@@ -273,7 +273,7 @@ def test_the_final_model_is_the_better_on_the_validation_split_whatever_the_test
     from compression.config import load_config
     from compression.plan import build_plan, choose_final
 
-    cfg = load_config("default", ["stages.phases=[{name: p1, layers: [conv3_1]}]"])
+    cfg = load_config("default", ["stages.selection.criterion=seed", "stages.phases=[{name: p1, layers: [conv3_1]}]"])
     steps = build_plan(cfg)
     retrain, distill = steps[-2], steps[-1]
     assert (retrain.stage.name, distill.stage.name) == ("retrain", "distill")

@@ -118,7 +118,8 @@ TINY = ["name=tiny", "data.builtin=null", "data.batch_size=8", "data.eval_batch_
         "model.width_mult=0.0625", "model.image_size=64", "compute.amp_bf16=false", "compute.channels_last=false",
         "stages.pretrain.epochs=1", "stages.pretrain.warmup_epochs=0", "stages.sparsity.epochs=1",
         "stages.sparsity.alpha_grid=[3.0]", "stages.selection.min_channels=2", "stages.retrain.epochs=1",
-        "stages.distill.enabled=false", "stages.phases=[{name: p1, layers: [conv3_1, conv3_2]}]",
+        "stages.distill.enabled=false", "stages.selection.criterion=seed",
+        "stages.phases=[{name: p1, layers: [conv3_1, conv3_2]}]",
         "compute.max_failures=0", "tracking.log_onnx=false"]
 
 

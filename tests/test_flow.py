@@ -71,7 +71,8 @@ def cfg(tmp_path_factory):
         "stages.pretrain.epochs=1", "stages.pretrain.warmup_epochs=0", "stages.sparsity.epochs=1",
         "stages.sparsity.alpha_grid=[3.0]",
         "stages.selection.min_channels=2", "stages.retrain.epochs=1", "stages.distill.epochs=1",
-        "stages.phases=[{name: p1, layers: [conv3_1, conv3_2]}]", "compute.max_failures=0",
+        "stages.selection.criterion=seed", "stages.phases=[{name: p1, layers: [conv3_1, conv3_2]}]",
+        "compute.max_failures=0",
     ])
 
 

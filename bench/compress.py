@@ -44,6 +44,7 @@ def main() -> None:
     from compression.config import load_config
     from compression.data.loaders import ensure_builtin_data
     from compression.pipeline import run_pipeline_in_process
+    from compression.stages import LATENCY_TABLE
 
     overrides = list(args.overrides)
     if args.base is not None:
@@ -57,6 +58,10 @@ def main() -> None:
         args.keep.parent.mkdir(parents=True, exist_ok=True)
         final_row = next(row for row in rows if row["final"])  # the pipeline's answer, chosen on validation
         shutil.copyfile(final_row["path"], args.keep)
+        # A latency target's table of this machine: kept beside the model, to inspect and to reuse.
+        table = Path(tmp) / "run" / LATENCY_TABLE
+        if table.exists():
+            shutil.copyfile(table, args.keep.with_suffix(".latency_table.json"))
     table = []
     for row in rows:
         metrics = row.get("metrics", {})

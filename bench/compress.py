@@ -1,4 +1,4 @@
-"""The seed method end to end, in-process: params, size, FLOPs, mAP and wall time per stage.
+"""A preset's pipeline end to end, in-process: params, size, FLOPs, mAP and wall time per stage.
 
     .venv/bin/python bench/compress.py [--config default] [--set k=v ...] [--base CKPT] [--keep CKPT] [--result NAME]
 

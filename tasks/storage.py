@@ -11,7 +11,7 @@ working directory before it travels to a node.
 
 A run folder (``workdir``) may be a URI too. A plain path is used in place (one machine, or a mount every
 node shares). A URI is remote storage, ``file://`` included: every machine works on its own copy of the
-files it needs (``local_copy``: ``$PRUNEPIPE_RUN_CACHE/<store>/<path>``) and publishes what it writes
+files it needs (``local_mirror``: ``$PRUNEPIPE_RUN_CACHE/<store>/<path>``) and publishes what it writes
 (``publish``), so nodes and the flow's process share nothing but that storage.
 
 * ``run_folder(workdir, name)``: this machine's folder of a run; ``location_of(path, workdir)``: where a
@@ -171,11 +171,7 @@ def remove(location: str) -> None:
 
 def publish(local: str | os.PathLike[str], location: str) -> None:
     """Store the local file ``local`` at ``location`` (nothing to do when that is the same path)."""
-    if not is_uri(location):
-        if Path(local).resolve() != Path(location).resolve():
-            Path(location).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(local, str(location) + ".part")
-            os.replace(str(location) + ".part", location)
+    if not is_uri(location) and Path(local).resolve() == Path(location).resolve():
         return
     from pyarrow import fs
 

@@ -18,6 +18,14 @@ whole network's time minus the sum of its sites at full width; ``postprocess_ms`
 post-processing of a batch, timed once. Runtimes: ``onnxruntime`` on the CPU (graph optimisations on,
 ``intra_op_num_threads`` = threads), ``torch`` on a GPU (channels-last, CUDA-synchronised timing).
 
+Every time is the fastest of a few warmed runs. With one thread on the CPU it is the calling thread's CPU
+time, not wall time: both runtimes compute in the calling thread then, and CPU time does not count the
+time another process holds the core. Wall time on a busy 2-core machine doubled the whole network's time
+(18 -> 35 ms) while single layers, shorter than a scheduler slice, kept theirs, and the table then
+predicted a pruned network 3.6x too slow; CPU time kept the prediction within 10% under the same load.
+With several threads (and on a GPU) the work runs on other threads, so wall time is the measure there,
+and the whole network is timed three times among the sites, with a warning when the timings disagree.
+
 Tables are saved as JSON keyed by a device fingerprint (CPU model, runtime, threads, batch, torch and
 ONNX Runtime versions; the GPU's name on a GPU): ``load_or_measure`` reuses a table of the same fingerprint
 and model whose widths cover the model's. No Prefect, Ray or MLflow here.
@@ -45,13 +53,15 @@ from torch import nn
 from compression.errors import ConfigError, ModelError
 
 __all__ = ["LatencyTable", "device_fingerprint", "load_or_measure", "measure_latency_table", "measure_network_ms",
-           "model_widths"]
+           "model_widths", "timing_clock"]
 
 TABLE_FORMAT = "prunepipe-latency/1"
 RUNTIMES = ("onnxruntime", "torch")
 # Ops a site takes along after its conv: they read the conv's output alone and cost in proportion to it.
 _FOLLOWERS = ("Relu", "MaxPool")
 _COARSE_FRACTIONS = (0.25, 0.5, 0.75)
+_NETWORK_RUNS = 20  # at least, for the whole network (see measure_latency_table)
+_NETWORK_DRIFT = 0.10  # the whole network's two timings disagreeing by more says the machine was busy
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,7 +84,8 @@ def device_fingerprint(runtime: str, batch_size: int, threads: int, device: str 
     if runtime not in RUNTIMES:
         raise ConfigError(f"latency runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
     fingerprint: dict[str, Any] = {"runtime": runtime, "batch_size": int(batch_size), "threads": int(threads),
-                                   "cpu": _cpu_name(), "torch": torch.__version__}
+                                   "clock": timing_clock(threads, device), "cpu": _cpu_name(),
+                                   "torch": torch.__version__}
     if runtime == "onnxruntime":
         import onnxruntime
 
@@ -181,21 +192,31 @@ def model_widths(model: nn.Module, model_name: str) -> dict[str, int]:
 # Timing
 
 
-def _fastest_ms(run: Callable[[], Any], warmup: int, runs: int, sync: Callable[[], None] | None = None) -> float:
-    """The fastest of ``runs`` warmed runs (ms). On a shared machine interference only ever adds time, and it
-    comes in bursts that last several runs (5.0 ms runs next to 7.4 ms ones for one model and session), which
-    can move a median by 40%; the fastest run is the layer's own cost, reproducible across sessions."""
+def timing_clock(threads: int, device: str = "cpu") -> str:
+    """``thread_cpu`` where the runtime computes in the calling thread (one thread on the CPU), else ``wall``."""
+    return "thread_cpu" if threads == 1 and not device.startswith("cuda") else "wall"
+
+
+_CLOCKS: dict[str, Callable[[], float]] = {"thread_cpu": time.thread_time, "wall": time.perf_counter}
+
+
+def _fastest_ms(run: Callable[[], Any], warmup: int, runs: int, sync: Callable[[], None] | None = None,
+                clock: str = "wall") -> float:
+    """The fastest of ``runs`` warmed runs (ms) on ``clock``. On a shared machine interference only ever adds
+    time, and it comes in bursts that last several runs (5.0 ms runs next to 7.4 ms ones for one model and
+    session), which can move a median by 40%; the fastest run is the layer's own cost."""
+    now = _CLOCKS[clock]
     for _ in range(warmup):
         run()
     times = []
     for _ in range(runs):
         if sync:
             sync()
-        started = time.perf_counter()
+        started = now()
         run()
         if sync:
             sync()
-        times.append((time.perf_counter() - started) * 1000.0)
+        times.append((now() - started) * 1000.0)
     return float(min(times))
 
 
@@ -235,20 +256,21 @@ class _Timer:
     def __init__(self, runtime: str, batch_size: int, threads: int, warmup: int, runs: int, device: str = "cpu"):
         self.runtime, self.batch_size, self.threads = runtime, batch_size, threads
         self.warmup, self.runs, self.device = warmup, runs, torch.device(device)
+        self.clock = timing_clock(threads, device)
 
     def _onnx_ms(self, model_bytes: bytes, input_shape: list[int]) -> float:
         from compression.export import onnx_session
 
         session = onnx_session(model_bytes, self.threads)
         feed = {session.get_inputs()[0].name: np.random.default_rng(1).random(input_shape, dtype=np.float32)}
-        return _fastest_ms(lambda: session.run(None, feed), self.warmup, self.runs)
+        return _fastest_ms(lambda: session.run(None, feed), self.warmup, self.runs, clock=self.clock)
 
     def _torch_ms(self, module: nn.Module, input_shape: list[int]) -> float:
         module = module.to(self.device).eval().to(memory_format=torch.channels_last)
         batch = torch.rand(input_shape, device=self.device).contiguous(memory_format=torch.channels_last)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else None
         with torch.inference_mode():
-            return _fastest_ms(lambda: module(batch), self.warmup, self.runs, sync)
+            return _fastest_ms(lambda: module(batch), self.warmup, self.runs, sync, self.clock)
 
     def site_ms(self, site: Site, cin: int, cout: int) -> float:
         shape = [self.batch_size, cin, *site.input_hw]
@@ -399,9 +421,17 @@ def measure_latency_table(model: nn.Module, model_name: str, *, runtime: str = "
     torch.set_num_threads(threads)
     try:
         sites = _sites(model, model_name, _export_network(model, batch_size))
+        # The whole network anchors ``fixed_ms``, so its error reaches every prediction of a pruned network, and
+        # one session's time of it varies by 2-3% from the next (17.8-18.3 ms on a quiet machine): it is timed
+        # in three sessions, before, between and after the sites, and the median is kept. Timings further
+        # apart than that say the machine was busy.
+        network_timer = _Timer(runtime, batch_size, threads, warmup, max(runs, _NETWORK_RUNS), device)
+        network_times = [network_timer.network_ms(model)]
         widths = {site.name: site.out_channels for site in sites if site.prunable}
         table_sites = {}
-        for site in sites:
+        for index, site in enumerate(sites):
+            if index == len(sites) // 2:
+                network_times.append(network_timer.network_ms(model))
             cin_grid = _grid(site.in_channels, grid_step) if site.producer else [site.in_channels]
             cout_grid = _grid(site.out_channels, grid_step) if site.prunable else [site.out_channels]
             ms = [[timer.site_ms(site, cin, cout) for cout in cout_grid] for cin in cin_grid]
@@ -415,20 +445,27 @@ def measure_latency_table(model: nn.Module, model_name: str, *, runtime: str = "
                 entry["fine_widths"] = fine
                 entry["fine_ms"] = [known[w] if w in known else timer.site_ms(site, site.in_channels, w) for w in fine]
             table_sites[site.name] = entry
-        network = timer.network_ms(model)
+        network_times.append(network_timer.network_ms(model))
+        network = float(np.median(network_times))
+        drift = max(network_times) / min(network_times) - 1
+        if drift > _NETWORK_DRIFT:
+            warnings.warn(f"latency: the whole {model_name} took {' / '.join(f'{t:.2f}' for t in network_times)} "
+                          f"ms in three timings ({fingerprint['clock']} clock); the machine was busy, and this "
+                          f"table's predictions may be off by {drift:.0%}", stacklevel=2)
         data = {"format": TABLE_FORMAT, "fingerprint": fingerprint,
                 "model": {"name": model_name, "input_size": list(model_input_size(model)), "widths": widths},
-                "sites": table_sites, "network_ms": network, "timing": {"warmup": warmup, "runs": runs}}
+                "sites": table_sites, "network_ms": network, "network_drift": drift,
+                "timing": {"warmup": warmup, "runs": runs, "clock": fingerprint["clock"]}}
         table = LatencyTable({**data, "fixed_ms": 0.0})
         data["fixed_ms"] = network - table.network_ms(widths)
-        data["postprocess_ms"] = _postprocess_ms(model, batch_size, warmup, runs)
+        data["postprocess_ms"] = _postprocess_ms(model, batch_size, warmup, runs, fingerprint["clock"])
     finally:
         torch.set_num_threads(previous)
     data["measured_seconds"] = time.perf_counter() - started
     return LatencyTable(data)
 
 
-def _postprocess_ms(model: nn.Module, batch_size: int, warmup: int, runs: int) -> float:
+def _postprocess_ms(model: nn.Module, batch_size: int, warmup: int, runs: int, clock: str) -> float:
     """A detector's post-processing of one batch of its own outputs on random images (0 for a classifier)."""
     from torchvision.models.detection.ssd import SSD
 
@@ -441,7 +478,7 @@ def _postprocess_ms(model: nn.Module, batch_size: int, warmup: int, runs: int) -
         prepared, sizes = preprocess_batch(model, images)
         outputs, anchors = run_network(model, prepared)
         return _fastest_ms(lambda: postprocess_batched(model, outputs, anchors, tuple(prepared.shape[-2:]), sizes),
-                          warmup, runs)
+                          warmup, runs, clock=clock)
 
 
 def measure_network_ms(model: nn.Module, *, runtime: str = "onnxruntime", batch_size: int = 32, threads: int = 1,

@@ -1,13 +1,17 @@
 """compression.latency: per-layer latency tables measured with ONNX Runtime, and what they predict.
 
-The machine these tests run on is shared (other work and a long benchmark run beside them): every timing
-is a median after warm-up, and predictions are compared with measurements taken in the same process.
+The machine these tests run on is shared (Ray, Prefect and MLflow processes of other tests, or a benchmark,
+run beside them): every timing is the fastest of warmed runs on the calling thread's CPU clock, as the
+product measures, and predictions are compared with measurements taken in the same process. One test
+keeps both cores busy on purpose, as a user's machine would be while it trains.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,6 +75,35 @@ def test_table_predicts_the_pruned_network_time(lite, table, ratio, layers):
     dense = measure_network_ms(lite, batch_size=8, threads=1, warmup=3, runs=15)
     assert measured < dense  # pruning these layers does save time
     assert abs(predicted / measured - 1) <= PREDICTION_TOLERANCE, (predicted, measured)
+
+
+_BUSY = "import itertools\nfor _ in itertools.count(): pass\n"
+
+
+@pytest.fixture()
+def busy_machine():
+    """Two processes spinning beside the test, one per core of the 2-core machine the project runs on."""
+    spinners = [subprocess.Popen([sys.executable, "-c", _BUSY]) for _ in range(2)]
+    yield
+    for spinner in spinners:
+        spinner.kill()
+        spinner.wait()
+
+
+def test_a_table_measured_on_a_busy_machine_still_predicts_the_pruned_time(lite, busy_machine):
+    # Timed by the wall clock, the whole network (longer than a scheduler slice) doubled under this load while
+    # single layers did not, and the table predicted the 0.75-pruned network 3.6x too slow.
+    busy = measure_latency_table(lite, "ssd_vgg_lite", batch_size=8, threads=1, grid_step=8, warmup=2, runs=5)
+    assert busy.fingerprint["clock"] == "thread_cpu"
+    pruned = _pruned(lite, 0.75)
+    predicted = busy.network_ms(model_widths(pruned, "ssd_vgg_lite"))
+    measured = measure_network_ms(pruned, batch_size=8, threads=1, warmup=3, runs=15)
+    assert abs(predicted / measured - 1) <= PREDICTION_TOLERANCE, (predicted, measured)
+
+
+def test_several_threads_are_timed_by_the_wall_clock():
+    assert device_fingerprint("onnxruntime", 8, 1)["clock"] == "thread_cpu"
+    assert device_fingerprint("onnxruntime", 8, 2)["clock"] == "wall"
 
 
 def test_fast_widths_and_round_to_come_from_the_table():

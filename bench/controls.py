@@ -1,7 +1,7 @@
 """Controls for the compression results: is the seed method's model as good as a dense model trained as long,
 and as good as other criteria in the same schedule?
 
-    .venv/bin/python bench/controls.py [--task det|cls|both] [--seeds 0 1 2] [--jobs 2] [--resume] [--quick]
+    .venv/bin/python bench/controls.py [--task det|cls|both] [--seeds 0 1 2] [--jobs 2] [--resume [--redo METHOD...]] [--quick]
         [--only METHOD ...]
 
 Every method starts from one converged base per task (trained once with the task's preset: early stopping on
@@ -19,9 +19,12 @@ epochs (E = phases x (sparsity + retrain epochs) + distill epochs):
   "no accuracy loss");
 - ``scratch``: the seed run's final architecture, randomly initialised, trained with the pretraining
   settings for as many epochs as the base plus E (Liu et al., ICLR 2019);
-- ablations (detector, first seed, one phase over every prunable layer, γ-flagged, sparsity and retraining
-  as the preset): the seed rule with s_out only, s_in only, and both (the paper's OR), at γ 0.8, and the OR
-  at γ in {0.6, 0.7, 0.8, 0.9}.
+- ablations (detector, first seed, one phase over every prunable layer, sparsity and retraining as the
+  preset), from one sparsity run: γ-flagged, the seed rule with s_out only, s_in only, and both (the
+  paper's OR) at γ 0.8, and the OR at γ in {0.6, 0.7, 0.8, 0.9}; cut at ``ABLATION_FLOPS`` fewer FLOPs, as
+  the preset's first phases cut, the global ranking by the OR, by s_out only, by s_in only, and by neither
+  (only its tie-break, the L1 norm of the L1-trained filters). Each row records the share of the removed
+  filters that the statistics ranked (a nonzero s_out or s_in) rather than the tie-break.
 
 The detector runs on the first 1000 training images of digits-voc (validation and test splits whole) with
 2 retraining epochs per phase and 1 distillation epoch, so that 3 seeds of every control fit in about an
@@ -61,6 +64,8 @@ QUICK_OVERRIDES = ["data.max_images=64", "stages.pretrain.epochs=1", "stages.pre
                    "stages.sparsity.epochs=1", "stages.retrain.epochs=1", "stages.distill.epochs=1"]
 METHODS = ("seed", "dense", "l1_norm", "group_norm", "scratch")
 ABLATIONS = (("or", 0.6), ("or", 0.7), ("or", 0.8), ("or", 0.9), ("s_out", 0.8), ("s_in", 0.8))
+ABLATION_FLOPS = 2.6  # the preset's phase-1 cut
+FLOPS_ABLATIONS = ("or", "s_out", "s_in", "neither")
 # Priority when units wait for a process: what the verdict needs first.
 ORDER = {("det", "seed"): 0, ("det", "dense"): 0, ("det", "l1_norm"): 1, ("det", "group_norm"): 1,
          ("cls", "seed"): 2, ("cls", "dense"): 2, ("cls", "l1_norm"): 3, ("cls", "group_norm"): 3,
@@ -304,9 +309,10 @@ def _ablations(cfg, spec: dict[str, Any], work: Path) -> list[dict[str, Any]]:
     from compression import stages as S
     from compression.checkpoint import load_checkpoint, save_checkpoint
     from compression.config import PhaseConfig
+    from compression.criteria import select_by_flops
     from compression.models import layer_names
     from compression.pruning import build_dependency_graph
-    from compression.selection import filter_sparsity_scores
+    from compression.selection import filter_sparsity_scores, relative_l1_norms, sparsity_importance
     from compression.selection import select_filters as flag_sparse_filters
     from compression.sparsity import threshold_weights
 
@@ -317,29 +323,41 @@ def _ablations(cfg, spec: dict[str, Any], work: Path) -> list[dict[str, Any]]:
                                                base_metrics=base_metrics)
     selection = cfg.stages.selection
     rows = []
-    for rule, gamma in ABLATIONS:
+    for rule, cut in [*ABLATIONS, *((rule, "flops") for rule in FLOPS_ABLATIONS)]:
         ckpt = load_checkpoint(sparse, expect_model=cfg.model.name)
         layers = layer_paths(ckpt.model_name, phase.layers)
         alpha = ckpt.extra.get("alpha")
         thresholded, _ = threshold_weights(ckpt.model, layers, alpha if alpha is not None else 0.0)
         scores = filter_sparsity_scores(thresholded, build_dependency_graph(thresholded), layers)
-        if rule != "or":  # one statistic only: the other never flags a filter
-            dropped = "s_in" if rule == "s_out" else "s_out"
+        # One statistic only (or neither): the other never flags or ranks a filter.
+        for dropped in {"or": (), "s_out": ("s_in",), "s_in": ("s_out",), "neither": ("s_out", "s_in")}[rule]:
             scores = {name: {**entry, dropped: [0.0] * len(entry[dropped])} for name, entry in scores.items()}
-        chosen = flag_sparse_filters(scores, gamma, selection.min_channels, selection.round_to,
-                                     selection.max_layer_ratio)
+        if cut == "flops":
+            ranked = sparsity_importance(scores, relative_l1_norms(ckpt.model, layers))
+            chosen, _ = select_by_flops(ckpt.model, ranked, ABLATION_FLOPS, min_channels=selection.min_channels,
+                                        round_to=selection.round_to, scope="global",
+                                        max_layer_ratio=selection.max_layer_ratio, closest=True)
+            method = f"ablation: {rule}, {ABLATION_FLOPS}x FLOPs"
+        else:
+            chosen = flag_sparse_filters(scores, cut, selection.min_channels, selection.round_to,
+                                         selection.max_layer_ratio)
+            method = f"ablation: {rule}, γ {cut}"
         removed = sum(len(entry["remove"]) for entry in chosen.values())
+        ranked_by_statistic = sum(max(scores[name]["s_out"][f], scores[name]["s_in"][f]) > 0
+                                  for name, entry in chosen.items() for f in entry["remove"])
         S.prune_selected(ckpt, chosen, cfg)
-        pruned = save_checkpoint(ckpt.derive(ckpt.model, stage="prune", phase="all", rule=rule, gamma=gamma),
-                                 work / f"prune_{rule}_{gamma}.safetensors")
-        _, metrics = S.retrain(pruned, cfg, work / f"retrain_{rule}_{gamma}.safetensors", phase=phase,
+        pruned = save_checkpoint(ckpt.derive(ckpt.model, stage="prune", phase="all", rule=rule, cut=cut),
+                                 work / f"prune_{rule}_{cut}.safetensors")
+        _, metrics = S.retrain(pruned, cfg, work / f"retrain_{rule}_{cut}.safetensors", phase=phase,
                                base_metrics=base_metrics)
-        rows.append({"task": spec["task"], "method": f"ablation: {rule}, γ {gamma}", "seed": spec["seed"],
-                     "rule": rule, "gamma": gamma, "filters_removed": removed, "alpha": alpha,
+        rows.append({"task": spec["task"], "method": method, "seed": spec["seed"], "rule": rule,
+                     "gamma": None if cut == "flops" else cut, "filters_removed": removed, "alpha": alpha,
+                     "share_ranked_by_statistic": ranked_by_statistic / removed if removed else None,
                      **_row(metrics, spec["task"])})
-        print(f"  ablation {rule} γ {gamma}: {removed} filters removed, params {metrics.get('params_ratio', 0):.2f}x, "
-              f"FLOPs {metrics.get('flops_ratio', 0):.2f}x, {TASKS[spec['task']]['metric']} "
-              f"{metrics.get(TASKS[spec['task']]['metric'], float('nan')):.4f}", flush=True)
+        print(f"  {method}: {removed} filters removed ({ranked_by_statistic} by a nonzero statistic), params "
+              f"{metrics.get('params_ratio', 0):.2f}x, FLOPs {metrics.get('flops_ratio', 0):.2f}x, "
+              f"{TASKS[spec['task']]['metric']} {metrics.get(TASKS[spec['task']]['metric'], float('nan')):.4f}",
+              flush=True)
     return rows
 
 
@@ -370,8 +388,9 @@ def prepare_base(task: str, quick: bool, tmp: Path) -> dict[str, Any]:
     curve = [{"epoch": h.get("epoch", i + 1), f"val_{key}": h.get(f"val_{key}"), "loss": h.get("train_loss")}
              for i, h in enumerate(history)]
     metrics = stored_metrics(base)
-    return {"base": str(base), "digest": file_digest(base), "metrics": metrics, "epochs": len(history),
-            "curve": curve, "extra_epochs": extra_epochs(cfg), "phases": [p.name for p in phases_of(cfg)]}
+    return {"base": str(base), "digest": file_digest(base), "config": cfg.config_hash(), "metrics": metrics,
+            "epochs": len(history), "curve": curve, "extra_epochs": extra_epochs(cfg),
+            "phases": [p.name for p in phases_of(cfg)]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,7 +427,8 @@ def summarise(rows: list[dict[str, Any]], bases: dict[str, dict[str, Any]]) -> s
         parts.append("| method | seeds | params ratio | FLOPs ratio | metric | vs dense (points) | val metric |")
         parts.append("|---|---|---|---|---|---|---|")
         ok = [r for r in rows if r["task"] == task and r.get("status", "ok") == "ok"]
-        for method in (*METHODS, *(f"ablation: {rule}, γ {gamma}" for rule, gamma in ABLATIONS)):
+        for method in (*METHODS, *(f"ablation: {rule}, γ {gamma}" for rule, gamma in ABLATIONS),
+                       *(f"ablation: {rule}, {ABLATION_FLOPS}x FLOPs" for rule in FLOPS_ABLATIONS)):
             mine = [r for r in ok if r["method"] == method]
             if not mine:
                 continue
@@ -459,6 +479,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=(*METHODS, "ablation"), default=None)
     parser.add_argument("--jobs", type=int, default=2, help="units in parallel, one process each")
     parser.add_argument("--resume", action="store_true", help="keep the finished units of the partial file")
+    parser.add_argument("--redo", nargs="+", choices=(*METHODS, "ablation"), default=[],
+                        help="with --resume: run these methods again (after a change to how they run)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny data, 1 epoch per stage, 1 seed")
     parser.add_argument("--report", action="store_true",
                         help="run nothing: write the results from the partial file's finished units (implies --resume)")
@@ -478,6 +500,20 @@ def main() -> None:
             if any(previous.get("bases", {}).get(t, {}).get("digest") not in (None, bases[t]["digest"]) for t in tasks):
                 sys.exit(f"error: {partial}: made from another base; drop --resume to start over")
             done = {key: unit for key, unit in previous.get("units", {}).items() if unit.get("status") == "ok"}
+            # A task whose preset changed since its units ran is redone (a file that predates recording the
+            # preset is trusted); --redo redoes the methods named; a task not run now keeps its results.
+            for task in tasks:
+                if previous.get("bases", {}).get(task, {}).get("config", bases[task]["config"]) != bases[task]["config"]:
+                    stale = [key for key in done if key.startswith(f"{task}/")]
+                    if stale:
+                        print(f"{task}: {TASKS[task]['preset']} changed since its {len(stale)} finished units ran; "
+                              "they are redone", flush=True)
+                    for key in stale:
+                        del done[key]
+            for key in [key for key in done if key.split("/")[0] in tasks and key.split("/")[1] in args.redo]:
+                del done[key]
+            for task, base in previous.get("bases", {}).items():
+                bases.setdefault(task, base)
         RESULTS.mkdir(parents=True, exist_ok=True)
 
         def save() -> None:
@@ -543,11 +579,12 @@ def main() -> None:
     rows.sort(key=lambda r: (r["task"], r["method"], r["seed"]))
     missing = [f"{t}/{m}/{s}" for t in tasks for m in methods for s in seeds
                if f"{t}/{m}/{s}" not in done and not (m == "ablation" and (t != "det" or s != seeds[0]))]
+    bases = {task: bases[task] for task in TASKS if task in bases}  # det first, whichever ran now
     markdown = summarise(rows, bases)
     if missing:
         markdown += f"\nNot run (or failed) yet: {', '.join(missing)}.\n"
     name = "controls.quick" if args.quick else "controls"
-    out = write_result(name, {"tasks": tasks, "seeds": seeds, "bases": bases, "rows": rows, "missing": missing,
+    out = write_result(name, {"tasks": list(bases), "seeds": seeds, "bases": bases, "rows": rows, "missing": missing,
                               "total_seconds": time.perf_counter() - started, "markdown": markdown})
     print(markdown)
     print(f"-> {out}")

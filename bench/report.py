@@ -169,6 +169,9 @@ def _speedup_targets(r: dict) -> list[tuple[str, bool]]:
             ratio = ms[("dense", "torch_eager", batch)] / deployed
             checks.append((f"latency_target in ONNX Runtime >= 5x faster than dense in PyTorch eager, batch {batch}, "
                            f"1 thread: {ratio:.2f}x", ratio >= 5))
+    for row in r.get("prediction", []):
+        checks.append((f"the latency table predicts {row['model']}'s network within 15%: {100 * row['error']:+.1f}%",
+                       abs(row["error"]) <= 0.15))
     return checks
 
 

@@ -115,6 +115,31 @@ def checkpoint_models(paths: dict[str, Path]) -> dict[str, Checkpoint]:
 
 
 # --------------------------------------------------------------------------------------------
+# The latency table's prediction
+
+
+def prediction_rows(models: dict[str, Checkpoint], cfg: PipelineConfig, table_path: Path, warmup: int,
+                    runs: int) -> list[dict[str, Any]]:
+    """Each model's network time as the latency table of the dense model predicts it, and as measured in the
+    same runtime, batch, threads and clock (``latency.measure_network_ms``)."""
+    from compression.latency import load_or_measure, measure_network_ms, model_widths
+
+    dense = models["dense"]
+    settings = {"batch_size": cfg.export.batch_size, "threads": cfg.export.threads}
+    table_path.parent.mkdir(parents=True, exist_ok=True)
+    table = load_or_measure(table_path, dense.model, dense.model_name, grid_step=cfg.export.grid_step,
+                            warmup=warmup, runs=runs, **settings)
+    rows = []
+    for label, ckpt in models.items():
+        predicted = table.network_ms(model_widths(ckpt.model, ckpt.model_name))
+        measured = measure_network_ms(ckpt.model, warmup=warmup, runs=runs, **settings)
+        rows.append({"model": label, "runtime": table.fingerprint["runtime"], **settings,
+                     "clock": table.fingerprint["clock"], "predicted_ms": predicted, "measured_ms": measured,
+                     "error": predicted / measured - 1})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
 # Timing
 
 
@@ -221,6 +246,17 @@ def markdown(rows: list[dict[str, Any]], notes: str) -> str:
     return "\n".join([*lines, "", notes])
 
 
+def prediction_markdown(rows: list[dict[str, Any]]) -> str:
+    first = rows[0]
+    lines = [f"The latency table's prediction of each network (without pre- and post-processing), against its "
+             f"measured time: {first['runtime']}, batch {first['batch_size']}, {first['threads']} thread(s), "
+             f"{first['clock']} clock, fastest of the runs.", "",
+             "| model | predicted ms | measured ms | error |", "|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['predicted_ms']:.2f} | {r['measured_ms']:.2f} | {100 * r['error']:+.1f}% |"
+              for r in rows]
+    return "\n".join(lines)
+
+
 def figure(rows: list[dict[str, Any]], path: Path) -> None:
     """Latency at batch 32 (one thread; the GPU's own) against mAP, or the FLOPs ratio when mAP is unknown."""
     import matplotlib
@@ -279,6 +315,8 @@ def main() -> None:
                 apply_postprocess_settings(ckpt.model, {"score_threshold": cfg.export.score_threshold,
                                                         "pre_nms_top_k": cfg.export.pre_nms_top_k})
         rows = measure_rows(models, devices, batches, args.threads, warmup, runs)
+        prediction = prediction_rows(models, cfg, CHECKPOINTS / ("latency_table_quick.json" if args.quick
+                                                               else "latency_table.json"), warmup, runs)
     except PrunepipeError as exc:
         sys.exit(f"error: {exc}")
     name = "speedup_quick" if args.quick else "speedup"
@@ -289,13 +327,14 @@ def main() -> None:
     png = RESULTS / f"{name}.png"
     RESULTS.mkdir(parents=True, exist_ok=True)
     figure(rows, png)
-    table = markdown(rows, notes)
+    table = markdown(rows, notes) + "\n\n" + prediction_markdown(prediction)
     out = write_result(name, {
         "quick": args.quick,
         "settings": {"batches": batches, "threads": args.threads, "warmup": warmup, "runs": runs, "weights": weights,
                      "devices": [str(d) for d in devices], "flops_ratio_target": args.flops_ratio,
                      "latency_ratio_target": args.latency_ratio, "config": args.config, "overrides": args.overrides},
         "rows": rows,
+        "prediction": prediction,
         "figure": str(png.relative_to(RESULTS.parent.parent)),
         "markdown": table + f"\n\n![latency vs accuracy](bench/results/{png.name})",
     })

@@ -3,10 +3,21 @@ real ONNX Runtime; one run each, so the times themselves are not checked)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from bench.speedup import CPU_RUNTIMES, MODELS, bench_devices, built_models, markdown, measure_rows
+from bench.speedup import (
+    CPU_RUNTIMES,
+    MODELS,
+    bench_devices,
+    built_models,
+    markdown,
+    measure_rows,
+    prediction_markdown,
+    prediction_rows,
+)
 from compression.errors import StageError
 from tests.conftest import tiny_config
 
@@ -40,3 +51,13 @@ def test_rows_compare_dense_flops_and_latency_targets(tmp_path, digits_devkit):
     flops_rows = [r for r in rows if r["model"] == "flops_target"]
     assert min(r["flops_ratio"] for r in flops_rows) >= 2.0
     assert "| latency_target | onnxruntime | cpu | 2 | 1 |" in markdown(rows, "")
+
+    # The table's prediction of each network, from the table built_models measured (the same fingerprint).
+    prediction = prediction_rows(models, cfg, tmp_path / "table.json", warmup=0, runs=1)
+    assert [r["model"] for r in prediction] == list(MODELS)
+    for row in prediction:
+        assert row["clock"] == "thread_cpu" and row["batch_size"] == 2 and row["threads"] == 1
+        assert row["predicted_ms"] > 0 and row["measured_ms"] > 0
+        assert row["error"] == pytest.approx(row["predicted_ms"] / row["measured_ms"] - 1)
+    assert [len(tables) for tables in json.loads((tmp_path / "table.json").read_text())["tables"].values()] == [1]
+    assert "| latency_target |" in prediction_markdown(prediction)

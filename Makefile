@@ -40,7 +40,7 @@ lint: $(STAMP)
 
 # The long fault-injection tests (SIGKILLed flows, a dying tracking server) run in CI after `make test`.
 test: $(STAMP) $(CHROMIUM) lint
-	$(BIN)/pytest -q -m "not fault"
+	$(BIN)/pytest -q -m "not fault" --durations=15
 
 test-faults: $(STAMP)
 	$(BIN)/pytest -q -m fault

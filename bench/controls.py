@@ -57,8 +57,10 @@ from bench._common import CHECKPOINTS, RESULTS, write_result  # noqa: E402
 
 TASKS: dict[str, dict[str, Any]] = {
     "det": {"preset": "digits_voc_thorough", "label": "ssd_vgg_lite on digits-voc", "metric": "map_voc07",
-            "overrides": ["data.max_images=1000", "stages.retrain.epochs=2", "stages.distill.epochs=1"]},
-    "cls": {"preset": "digits_cls", "label": "vgg16_cifar on digits-cls", "metric": "top1", "overrides": []},
+            "overrides": ["data.max_images=1000", "stages.retrain.epochs=2", "stages.distill.epochs=1",
+                          "stages.selection.criterion=seed"]},
+    "cls": {"preset": "digits_cls", "label": "vgg16_cifar on digits-cls", "metric": "top1",
+            "overrides": ["stages.selection.criterion=seed"]},  # the seed method's run; the others change it
 }
 QUICK_OVERRIDES = ["data.max_images=64", "stages.pretrain.epochs=1", "stages.pretrain.early_stopping=false",
                    "stages.sparsity.epochs=1", "stages.retrain.epochs=1", "stages.distill.epochs=1"]

@@ -38,9 +38,13 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# The long fault-injection tests (SIGKILLed flows, a dying tracking server) run in CI after `make test`.
+# The long tiers run in CI after `make test`: whole flows on a multi-node Ray cluster (test-long) and the
+# fault-injection tests (SIGKILLed flows, a dying tracking server; test-faults).
 test: $(STAMP) $(CHROMIUM) lint
-	$(BIN)/pytest -q -m "not fault" --durations=15
+	$(BIN)/pytest -q -m "not fault and not long" --durations=15
+
+test-long: $(STAMP)
+	$(BIN)/pytest -q -m long --durations=5
 
 test-faults: $(STAMP)
 	$(BIN)/pytest -q -m fault

@@ -10,7 +10,8 @@ on the target, in the deployment runtime and layout, at the configured batch siz
   multiples of ``grid_step``, interpolated bilinearly in between;
 - ``fine_ms``: every multiple of ``grid_step`` up to the output width (and the width itself) at the full
   input width. It corrects the coarse grid between its points (the staircase of vector widths and blocked
-  layouts) and names the site's *fast widths*: those that run faster than every wider one.
+  layouts) and names the site's *fast widths*: those that run faster than every wider one. A width between
+  two of these is predicted at the wider one's time, input and output alike.
 
 The network's time is the sum of its sites' times plus ``fixed_ms``, what the sites do not hold (the input
 normalisation, SSD's L2Norm, pooling that feeds two branches, the head's reshapes), measured once as the
@@ -33,6 +34,7 @@ and model whose widths cover the model's. No Prefect, Ray or MLflow here.
 
 from __future__ import annotations
 
+import bisect
 import copy
 import hashlib
 import io
@@ -338,6 +340,12 @@ def _interp(points: list[int], values: list[float], x: float) -> float:
     return float(np.interp(x, points, values))
 
 
+def _round_up(timed: list[int], width: int) -> int:
+    """The smallest timed width at least ``width`` (the widest when none is)."""
+    index = bisect.bisect_left(timed, width)
+    return timed[min(index, len(timed) - 1)]
+
+
 class LatencyTable:
     """A measured table (``measure_latency_table``'s JSON) and the predictions made from it."""
 
@@ -362,9 +370,16 @@ class LatencyTable:
         return coarse * (fine / full_cin if full_cin > 0 else 1.0)
 
     def widths_of(self, widths: Mapping[str, int], name: str) -> tuple[int, int]:
+        """Site ``name``'s (input, output) widths with the prunable layers at ``widths``, each rounded up to the
+        next width the table timed for its layer (``fine_widths``). A blocked layout pads channels to its
+        block, so a width between two timed ones runs at the wider one's time: interpolating between them
+        put a model of odd widths (7, 17, 25, ...) 18% under its measured time, rounding up 7% over."""
         site = self.sites[name]
-        cin = widths.get(site["producer"], site["in_channels"]) if site["producer"] else site["in_channels"]
-        cout = widths.get(name, site["out_channels"]) if site["prunable"] else site["out_channels"]
+        cin, cout = site["in_channels"], site["out_channels"]
+        if site["producer"]:
+            cin = _round_up(self.sites[site["producer"]]["fine_widths"], widths.get(site["producer"], cin))
+        if site["prunable"]:
+            cout = _round_up(site["fine_widths"], widths.get(name, cout))
         return cin, cout
 
     def network_ms(self, widths: Mapping[str, int]) -> float:

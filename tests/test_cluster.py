@@ -69,6 +69,7 @@ def gpu_cluster():
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_every_stage_runs_on_a_worker_node_never_on_the_cpu_less_head(cpu_cluster, prefect_server, digits_devkit,
                                                                        tmp_path):
     from flows.compress import run_pipeline
@@ -95,6 +96,7 @@ def test_every_stage_runs_on_a_worker_node_never_on_the_cpu_less_head(cpu_cluste
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_run_folder_on_storage_is_all_the_nodes_and_the_flow_share(prefect_server, digits_devkit, tmp_path,
                                                                       monkeypatch):
     """``workdir`` as a URI: the flow's process and each node keep their own copies (three caches, no
@@ -194,6 +196,7 @@ def test_a_worker_node_is_chosen_and_a_cluster_that_can_never_hold_the_workers_i
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_two_runs_of_one_preset_started_together_do_not_touch_each_others_files(cpu_cluster, prefect_server,
                                                                                  digits_devkit, tmp_path):
     """Two ``prunepipe run`` processes, same preset and run folder, started at once on the same cluster and

@@ -735,7 +735,9 @@ def test_workflows_do_what_the_project_needs():
     ci_steps = ci["jobs"]["test"]["steps"]
     assert ci["jobs"]["test"]["container"]["image"].startswith("python:3.11")
     assert any("apt-get install" in s.get("run", "") and "chromium" in s["run"] for s in ci_steps)
-    assert ci_steps[-1]["run"] == "make test"
+    # The README's test command, then the long tiers, as .ci/run runs them.
+    assert [s["run"] for s in ci_steps[-3:]] == ["make test", "make test-long", "make test-faults"]
+    assert (ROOT / ".ci" / "run").read_text().split("\n")[-4:] == ["make test", "make test-long", "make test-faults", ""]
 
     triggers = pipeline.get("on", pipeline.get(True))
     assert set(triggers["workflow_dispatch"]["inputs"]) == {"preset", "overrides"}

@@ -55,18 +55,18 @@ def main() -> None:
     from tasks.env import apply_env_defaults
 
     apply_env_defaults()
-    from compression.budget import load_search, parse_budget
+    from compression.budget import default_knobs, load_search, parse_budget
     from compression.config import load_config
     from compression.data.loaders import ensure_builtin_data
     from flows.budget import run_budget
 
     budget = parse_budget(args.budget)
-    search = load_search(args.search)
     with tempfile.TemporaryDirectory(prefix="bench-budget-") as tmp:
         work = (args.workdir or Path(tmp)).resolve()
         work.mkdir(parents=True, exist_ok=True)
         overrides = [*args.overrides, f"workdir={work / 'runs'}", f"tracking.mlflow_uri=sqlite:///{work / 'mlflow.db'}"]
         cfg = load_config(args.config, overrides)
+        search = load_search(args.search, knobs=default_knobs(cfg, budget))
         ensure_builtin_data(cfg.data)  # the data set is an input, not part of the search's time
         started = time.perf_counter()
         first = run_budget(cfg, args.budget, search)

@@ -48,6 +48,13 @@ _BUDGET = re.compile(r"^\s*(map_drop|flops|params|latency)\s*=\s*([0-9]*\.?[0-9]
 # Knobs that change what happens before filter selection: trials that differ only in other knobs share
 # their sparsity stage (the flow's cache does the sharing; the order below lets it).
 _LATE_SECTIONS = ("stages.selection", "stages.retrain", "stages.distill")
+_LATE_PHASE_SETTINGS = ("gamma", "prune_ratio", "target_flops_ratio", "target_latency_ratio", "max_layer_ratio")
+
+
+def _late(key: str) -> bool:
+    """A knob that acts at filter selection or after (``stages.phases.<name>.gamma`` is one, its λ is not)."""
+    return key.startswith(_LATE_SECTIONS) or (key.startswith("stages.phases.")
+                                               and key.rsplit(".", 1)[-1] in _LATE_PHASE_SETTINGS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,14 +119,52 @@ def parse_budget(text: str) -> Budget:
 # The search's settings and its trials
 
 
+# The seed rule's knobs: how hard L1 pushes and how sparse a filter must be to go.
+SEED_KNOBS: dict[str, list[Any]] = {"stages.sparsity.l1_lambda": [0.01, 0.03], "stages.selection.gamma": [0.6, 0.7, 0.8]}
+_CUTS = ("target_flops_ratio", "target_latency_ratio", "prune_ratio")
+
+
+def default_knobs(cfg: PipelineConfig, budget: Budget) -> dict[str, list[Any]]:
+    """What a search varies when ``--search`` names no knobs: λ and what decides how much comes off.
+
+    Where one cut decides it (a FLOPs or latency target or a ratio, set once for every phase or by one
+    phase alone, as the default preset's ``l1_norm`` phase is), γ would change nothing: the trials vary
+    that cut instead, toward the budget: ``flops=Rx`` tries R, 1.25R and 1.5R fewer FLOPs, ``latency=Rx``
+    the same latency targets (in place of the FLOPs one), and ``map_drop`` / ``params`` 2x, 3x and 4x
+    fewer FLOPs. Otherwise (the seed rule's γ, or several phases with cuts of their own) λ × γ.
+    """
+    from compression.checks import phases_for
+
+    phases = phases_for(cfg)
+    own = [phase for phase in phases if any(getattr(phase, cut) is not None for cut in _CUTS)]
+    selection = cfg.stages.selection
+    if len(own) == 1:
+        where, settings = f"stages.phases.{own[0].name}", own[0]
+    elif not own and any(getattr(selection, cut) is not None for cut in _CUTS):
+        where, settings = "stages.selection", selection
+    else:
+        return {key: list(values) for key, values in SEED_KNOBS.items()}
+    knobs: dict[str, list[Any]] = {"stages.sparsity.l1_lambda": list(SEED_KNOBS["stages.sparsity.l1_lambda"])}
+    if budget.kind in ("flops", "latency"):
+        targets = [round(budget.value * factor, 2) for factor in (1.0, 1.25, 1.5)]
+    else:
+        targets = [2.0, 3.0, 4.0]
+    cut = "target_latency_ratio" if budget.kind == "latency" else "target_flops_ratio"
+    knobs[f"{where}.{cut}"] = targets
+    for other in _CUTS:  # the cut the config had, if another, gives way (the first target reached would win)
+        if other != cut and getattr(settings, other) is not None:
+            knobs[f"{where}.{other}"] = [None]
+    return knobs
+
+
 class SearchConfig(BaseModel):
     """What a budgeted run explores and how much it spends (``prunepipe run --budget ... --search k=v``)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     knobs: dict[str, list[Any]] = Field(
-        default_factory=lambda: {"stages.sparsity.l1_lambda": [0.01, 0.03], "stages.selection.gamma": [0.6, 0.7, 0.8]},
-        description="config key path -> candidate values; trials are their combinations",
+        default_factory=lambda: {key: list(values) for key, values in SEED_KNOBS.items()},
+        description="config key path -> candidate values; trials are their combinations (``default_knobs``)",
     )
     max_trials: int = Field(6, ge=1, le=256, description="at most this many trials (a seeded sample of the grid)")
     trials_in_parallel: int = Field(2, ge=1, le=64, description="trials (and retrains) running at once")
@@ -149,10 +194,14 @@ class SearchConfig(BaseModel):
         return knobs
 
 
-def load_search(overrides: Iterable[str] = (), base: SearchConfig | None = None) -> SearchConfig:
-    """``SearchConfig`` with ``key=value`` overrides (values parsed as YAML); ``knobs.<config.key>=[...]``
-    sets one knob's values and ``knobs={...}`` replaces them all. One-line ConfigError on a bad one."""
+def load_search(overrides: Iterable[str] = (), base: SearchConfig | None = None,
+                knobs: Mapping[str, list[Any]] | None = None) -> SearchConfig:
+    """``SearchConfig`` with ``key=value`` overrides (values parsed as YAML), starting from ``knobs`` when
+    given (``default_knobs`` of the run's config); ``knobs.<config.key>=[...]`` sets one knob's values and
+    ``knobs={...}`` replaces them all. One-line ConfigError on a bad one."""
     data = (base or SearchConfig()).model_dump(mode="json")
+    if knobs is not None:
+        data["knobs"] = {key: list(values) for key, values in knobs.items()}
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
@@ -223,7 +272,7 @@ def plan_trials(cfg: PipelineConfig, search: SearchConfig) -> list[Trial]:
             except ConfigError as exc:
                 raise ConfigError(f"search.knobs {key!r}: {str(exc).split(': ', 1)[-1]}") from None
         trial_cfg = validate_config(raw, f"search.knobs (trial {dict(knobs)})")
-        early = {k: v for k, v in knobs.items() if not k.startswith(_LATE_SECTIONS)}
+        early = {k: v for k, v in knobs.items() if not _late(k)}
         trials.append(Trial(index, dict(knobs), trial_cfg, json.dumps(early, sort_keys=True, default=str)))
     return _interleave(trials)
 

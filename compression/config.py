@@ -400,7 +400,8 @@ def resolve_preset(path: Path | str) -> Path:
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
-    """``a.b.c=value``: value parsed as YAML (so 3 is an int, [1,2] a list, null is None)."""
+    """``a.b.c=value``: value parsed as YAML (so 3 is an int, [1,2] a list, null is None). A phase of
+    ``stages.phases`` is addressed by its name: ``stages.phases.phase1.target_flops_ratio=4``."""
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. stages.retrain.epochs=3")
@@ -411,11 +412,21 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
+        child = _named_item(node, part) if isinstance(node, list) else node.setdefault(part, {})
+        if child is None:
+            names = ", ".join(str(entry.get("name")) for entry in node if isinstance(entry, dict))
+            raise ConfigError(f"--set {item!r}: no phase {part!r} (the phases are {names or 'none'})")
+        if not (isinstance(child, dict) or isinstance(child, list) and all(isinstance(e, dict) for e in child)):
             raise ConfigError(f"--set {item!r}: {part!r} is a value, not a section")
         node = child
+    if isinstance(node, list):
+        raise ConfigError(f"--set {item!r}: name a phase and its setting, e.g. stages.phases.phase1.gamma=0.8")
     node[parts[-1]] = value
+
+
+def _named_item(items: list[Any], part: str) -> dict[str, Any] | None:
+    """The entry of a list of sections (``stages.phases``) named ``part``: ``stages.phases.phase1.gamma``."""
+    return next((entry for entry in items if isinstance(entry, dict) and entry.get("name") == part), None)
 
 
 def validate_config(raw: dict[str, Any], source: str = "config") -> PipelineConfig:

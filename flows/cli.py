@@ -465,14 +465,17 @@ def run(
     environment ($PREFECT_API_URL, $MLFLOW_TRACKING_URI, $RAY_ADDRESS) does not name; the first lines
     say which. Library warnings go to prunepipe-run.log in the run folder."""
     # A bad budget, search setting or config stops here, before Prefect or Ray start.
-    if budget is not None:
-        from compression.budget import load_search, parse_budget
-
-        parse_budget(budget)
-        search_settings = load_search(search or [])
-    elif search:
+    if budget is None and search:
         raise PrunepipeError("--search needs --budget (e.g. --budget map_drop=1.0)")
+    if budget is not None:
+        from compression.budget import parse_budget
+
+        parsed_budget = parse_budget(budget)
     cfg = _load(config, overrides)
+    if budget is not None:
+        from compression.budget import default_knobs, load_search
+
+        search_settings = load_search(search or [], knobs=default_knobs(cfg, parsed_budget))
     from compression.checks import check_method_config
 
     # A bad method setting (of the run, or of any budget trial) stops here, before any service is named.
@@ -540,12 +543,12 @@ def _report_budget(cfg, summary: dict, say: Console) -> None:
                           "(x = base / model; drops in points on the test split; * = on a Pareto front)")
     table.add_column("trial", overflow="fold", min_width=8)
     table.add_column("status", overflow="fold")
-    for header in ("FLOPs x", "params x", "val pruned", "retrained", "final drop"):
+    for header in ("FLOPs x", "params x", "latency x", "val pruned", "retrained", "final drop"):
         table.add_column(header, justify="right", no_wrap=True)
     for row in summary["table"]:
         front = " *" if row.get("front_flops_ratio") or row.get("front_params_ratio") else ""
         table.add_row(f"{row.get('trial')}{front}", str(row.get("status") or ""),
-                      *(format_ratio(row.get(k)) for k in ("flops_ratio", "params_ratio")),
+                      *(format_ratio(row.get(k)) for k in ("flops_ratio", "params_ratio", "latency_ratio")),
                       *("" if row.get(k) is None else f"{row[k]:.4g}" for k in ("val_pruned", "map", "final_drop_points")))
     say.print(table)
     full = write_csv(Path(summary["run_dir"]) / "budget_trials.csv", summary["table"])
@@ -556,8 +559,10 @@ def _report_budget(cfg, summary: dict, say: Console) -> None:
         lines.append(f"no trial is within the budget {summary['budget']['text']}: retrain longer, add knobs "
                      "(--search) or relax the budget")
     else:
+        speed = (f"{chosen['latency_ratio']:.3g}x lower measured latency (batch 32), "
+                 if chosen.get("latency_ratio") is not None else "")
         lines += [f"chosen: trial {chosen['trial']} ({chosen['knobs']}): {chosen['flops_ratio']:.3g}x fewer FLOPs, "
-                  f"{chosen['params_ratio']:.3g}x fewer params, {metric} {chosen['final_map']:.4g} "
+                  f"{chosen['params_ratio']:.3g}x fewer params, {speed}{metric} {chosen['final_map']:.4g} "
                   f"({100 * chosen['final_drop']:+.2f} points drop, after {chosen['final_stage']})",
                   f"final checkpoint: {summary['final_checkpoint']}"]
     shown = {k: v for k, v in summary["spearman"].items() if v is not None}

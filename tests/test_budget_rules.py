@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from compression.budget import (
+    SEED_KNOBS,
     Budget,
     SearchConfig,
     choose,
+    default_knobs,
     load_search,
     pareto_front,
     parse_budget,
@@ -89,6 +93,45 @@ def test_search_overrides():
                       ("knobs.tracking.alias=[x]", "only method settings"), ("knobs={}", "at least one knob")):
         with pytest.raises(ConfigError, match=says) as info:
             load_search([bad])
+        assert "\n" not in str(info.value)
+
+
+def test_default_knobs_vary_what_decides_how_much_the_config_prunes():
+    default = load_config("default")  # l1_norm, one phase cut at a FLOPs target: γ would change nothing
+    lam = {"stages.sparsity.l1_lambda": [0.01, 0.03]}
+    assert default_knobs(default, parse_budget("flops=4x")) == {
+        **lam, "stages.phases.phase1.target_flops_ratio": [4.0, 5.0, 6.0]}
+    assert default_knobs(default, parse_budget("map_drop=1.0")) == {
+        **lam, "stages.phases.phase1.target_flops_ratio": [2.0, 3.0, 4.0]}
+    # A latency budget cuts by latency targets, and the preset's FLOPs target, which would stop the cut
+    # first, is lifted.
+    latency = default_knobs(default, parse_budget("latency=3x"))
+    assert latency == {**lam, "stages.phases.phase1.target_latency_ratio": [3.0, 3.75, 4.5],
+                       "stages.phases.phase1.target_flops_ratio": [None]}
+    trials = plan_trials(default, load_search(["max_trials=6"], knobs=latency))
+    assert sorted({(t.config.stages.phases[0].target_latency_ratio, t.config.stages.phases[0].target_flops_ratio)
+                   for t in trials}) == [(3.0, None), (3.75, None), (4.5, None)]
+    assert len({t.group for t in trials}) == 2  # the targets act at selection: trials of one λ share sparsity
+    # One global cut: the knobs go to stages.selection; the seed rule, or several phases cut their own way: γ.
+    global_cut = load_config("default", ["stages.phases=[{name: p1, layers: [conv3_1]}]",
+                                         "stages.selection.target_flops_ratio=2"])
+    assert "stages.selection.target_flops_ratio" in default_knobs(global_cut, parse_budget("flops=3x"))
+    assert default_knobs(load_config("digits_voc_thorough"), parse_budget("flops=4x")) == SEED_KNOBS
+    seed = load_config("default", ["stages.selection.criterion=seed", "stages.phases=[{name: p1, layers: [conv3_1]}]"])
+    assert default_knobs(seed, parse_budget("params=6x")) == SEED_KNOBS
+    # --search adds to them or removes one.
+    assert load_search(["knobs.stages.sparsity.l1_lambda=null"], knobs=latency).knobs == {
+        k: v for k, v in latency.items() if k != "stages.sparsity.l1_lambda"}
+
+
+def test_a_phase_setting_is_addressed_by_the_phases_name():
+    cfg = load_config("default", ["stages.phases.phase1.target_flops_ratio=3", "stages.phases.phase1.gamma=0.7"])
+    assert (cfg.stages.phases[0].target_flops_ratio, cfg.stages.phases[0].gamma) == (3.0, 0.7)
+    for bad, says in (("stages.phases.phase9.gamma=0.7", "no phase 'phase9' (the phases are phase1)"),
+                      ("stages.phases.gamma=0.7", "name a phase and its setting"),
+                      ("stages.phases.phase1.layers.x=1", "'layers' is a value, not a section")):
+        with pytest.raises(ConfigError, match=re.escape(says)) as info:
+            load_config("default", [bad])
         assert "\n" not in str(info.value)
 
 

@@ -133,7 +133,10 @@ def stage_settings(cfg: PipelineConfig, stage: str, phase: PhaseConfig | None = 
             data["export"].pop(key, None)
     sections = STAGES[stage].sections if stage in STAGES else ()
     data["stages"] = {name: section for name, section in data["stages"].items() if name in sections}
-    data["phase"] = phase.model_dump(mode="json") if phase is not None else None
+    # The phase's own λ / γ / ratios reached the stage sections above (for_phase); what else of it names the
+    # output is which layers it prunes. (Its whole dump made a budget trial's selection knob on a phase
+    # redo the sparsity stage that the trials of one λ share.)
+    data["phase"] = {"name": phase.name, "layers": list(phase.layers)} if phase is not None else None
     return data
 
 

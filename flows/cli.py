@@ -536,26 +536,36 @@ def _report_run(cfg, summary: dict, say: Console) -> None:
         markup=False, highlight=False, soft_wrap=True)
 
 
+RATIO_HEADERS = {"flops_ratio": "FLOPs", "params_ratio": "params", "latency_ratio": "latency"}
+
+
 def _report_budget(cfg, summary: dict, say: Console) -> None:
     """``run --budget``: the trials' table, the chosen trial and its ratios."""
     metric = summary["metric"]
     table = _narrow_table(f"{cfg.name}: budget {summary['budget']['text']}, trials of {cfg.model.name} "
                           "(x = base / model; drops in points on the test split; * = on a Pareto front)")
     table.add_column("trial", overflow="fold", min_width=8)
-    table.add_column("status", overflow="fold")
-    for header in ("FLOPs x", "params x", "latency x", "val pruned", "retrained", "final drop"):
+    table.add_column("status", overflow="fold", min_width=9)  # "retrained" whole, never a letter a line
+    # The measured latency ratio when a trial has one (a latency budget, or knobs that cut by latency).
+    ratios = ("flops_ratio", "params_ratio", *(("latency_ratio",) if any(
+        row.get("latency_ratio") is not None for row in summary["table"]) else ()))
+    for header in (*(f"{RATIO_HEADERS[k]} x" for k in ratios), "val pruned", "retrained", "final drop"):
         table.add_column(header, justify="right", no_wrap=True)
     for row in summary["table"]:
         front = " *" if row.get("front_flops_ratio") or row.get("front_params_ratio") else ""
         table.add_row(f"{row.get('trial')}{front}", str(row.get("status") or ""),
-                      *(format_ratio(row.get(k)) for k in ("flops_ratio", "params_ratio", "latency_ratio")),
+                      *(format_ratio(row.get(k)) for k in ratios),
                       *("" if row.get(k) is None else f"{row[k]:.4g}" for k in ("val_pruned", "map", "final_drop_points")))
     say.print(table)
     full = write_csv(Path(summary["run_dir"]) / "budget_trials.csv", summary["table"])
     lines = [f"every column (knobs, thresholded and pruned scores, drops): {full}",
              f"base {metric}: {summary['base_metrics'].get(metric):.4g} (test)"]
     chosen = summary["chosen"]
-    if chosen is None:
+    failed = [trial for trial in summary["trials"] if trial.get("status") == "failed"]
+    if chosen is None and failed and len(failed) == len(summary["trials"]):
+        lines.append(f"every trial failed; the first, {failed[0]['trial']} ({failed[0].get('knobs')}): "
+                     f"{failed[0].get('error')}")
+    elif chosen is None:
         lines.append(f"no trial is within the budget {summary['budget']['text']}: retrain longer, add knobs "
                      "(--search) or relax the budget")
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -326,3 +327,17 @@ def test_the_final_model_is_the_better_on_the_validation_split_whatever_the_test
     assert choose_final(steps, {retrain.name: better_on_val, distill.name: better_on_test}, "detection") is retrain
     assert choose_final(steps, {retrain.name: better_on_test, distill.name: better_on_val}, "detection") is distill
     assert seen == {"val_map_voc07"}
+
+
+def test_trials_that_differ_in_a_phases_cut_share_its_sparsity_stage():
+    from compression.plan import stage_settings
+
+    cfg = load_config("default")
+    knobs = default_knobs(cfg, parse_budget("latency=3x"))
+    trials = [t for t in plan_trials(cfg, load_search([], knobs=knobs))
+              if t.knobs["stages.sparsity.l1_lambda"] == 0.01]
+    assert len(trials) == 3
+    settings = [{stage: stage_settings(t.config, stage, t.config.stages.phases[0]) for stage in ("sparsity", "selection")}
+                for t in trials]
+    assert all(s["sparsity"] == settings[0]["sparsity"] for s in settings)  # one sparsity run, from the cache
+    assert len({json.dumps(s["selection"], sort_keys=True) for s in settings}) == 3

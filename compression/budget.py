@@ -34,7 +34,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from compression.config import PipelineConfig, apply_override, describe_error, validate_config
+from compression.config import (
+    PHASE_SELECTION_KEYS,
+    PipelineConfig,
+    apply_override,
+    describe_error,
+    validate_config,
+)
 from compression.errors import ConfigError
 
 BudgetKind = Literal["map_drop", "flops", "params", "latency"]
@@ -48,13 +54,12 @@ _BUDGET = re.compile(r"^\s*(map_drop|flops|params|latency)\s*=\s*([0-9]*\.?[0-9]
 # Knobs that change what happens before filter selection: trials that differ only in other knobs share
 # their sparsity stage (the flow's cache does the sharing; the order below lets it).
 _LATE_SECTIONS = ("stages.selection", "stages.retrain", "stages.distill")
-_LATE_PHASE_SETTINGS = ("gamma", "prune_ratio", "target_flops_ratio", "target_latency_ratio", "max_layer_ratio")
 
 
 def _late(key: str) -> bool:
     """A knob that acts at filter selection or after (``stages.phases.<name>.gamma`` is one, its λ is not)."""
     return key.startswith(_LATE_SECTIONS) or (key.startswith("stages.phases.")
-                                               and key.rsplit(".", 1)[-1] in _LATE_PHASE_SETTINGS)
+                                               and key.rsplit(".", 1)[-1] in PHASE_SELECTION_KEYS)
 
 
 # --------------------------------------------------------------------------------------------

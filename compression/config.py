@@ -205,6 +205,10 @@ class DistillConfig(OptimConfig):
     hint_layer: str | None = Field(None, description="student/teacher feature map for the hint loss")
 
 
+# A phase's own settings of filter selection (``PipelineConfig.for_phase`` puts them in stages.selection).
+PHASE_SELECTION_KEYS = ("gamma", "prune_ratio", "target_flops_ratio", "target_latency_ratio", "max_layer_ratio")
+
+
 class PhaseConfig(_Strict):
     name: str
     layers: list[str] = Field(min_length=1, description="layers pruned in this phase (paper names or module paths)")
@@ -339,9 +343,7 @@ class PipelineConfig(_Strict):
         if phase is None:
             return self
         sparsity = {"l1_lambda": phase.l1_lambda} if phase.l1_lambda is not None else {}
-        selection = {key: getattr(phase, key) for key in ("gamma", "prune_ratio", "target_flops_ratio",
-                                                                    "target_latency_ratio", "max_layer_ratio")
-                     if getattr(phase, key) is not None}
+        selection = {key: getattr(phase, key) for key in PHASE_SELECTION_KEYS if getattr(phase, key) is not None}
         if not sparsity and not selection:
             return self
         stages = self.stages.model_copy(update={

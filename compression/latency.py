@@ -63,7 +63,7 @@ RUNTIMES = ("onnxruntime", "torch")
 _FOLLOWERS = ("Relu", "MaxPool")
 _COARSE_FRACTIONS = (0.25, 0.5, 0.75)
 _NETWORK_RUNS = 20  # at least, for the whole network (see measure_latency_table)
-_NETWORK_DRIFT = 0.10  # the whole network's two timings disagreeing by more says the machine was busy
+_NETWORK_DRIFT = 0.10  # the whole network's timings disagreeing by more say the machine was busy
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,7 +365,7 @@ class LatencyTable:
         coarse = _interp(cin_grid, by_cin, cin)
         if not site["prunable"]:
             return coarse
-        full_cin = [_interp(cout_grid, row, cout) for row in ms][-1]
+        full_cin = by_cin[-1]
         fine = _interp(site["fine_widths"], site["fine_ms"], cout)
         return coarse * (fine / full_cin if full_cin > 0 else 1.0)
 

@@ -17,6 +17,7 @@ from bench.speedup import (
     measure_rows,
     prediction_markdown,
     prediction_rows,
+    split_images,
 )
 from compression.errors import StageError
 from tests.conftest import tiny_config
@@ -37,7 +38,7 @@ def test_rows_compare_dense_flops_and_latency_targets(tmp_path, digits_devkit):
     cfg = tiny_config(tmp_path, digits_devkit, "export.batch_size=2", "stages.selection.min_channels=1")
     models = built_models(cfg, flops_ratio=2.0, latency_ratio=1.3, quick=True, table_path=tmp_path / "table.json")
     assert list(models) == list(MODELS) and (tmp_path / "table.json").is_file()
-    rows = measure_rows(models, [torch.device("cpu")], batches=[1, 2], threads=[1], warmup=0, runs=1)
+    rows = measure_rows(models, [torch.device("cpu")], batches=[1, 2], threads=[1], warmup=0, runs=1, cfg=cfg)
     assert len(rows) == len(MODELS) * len(CPU_RUNTIMES) * 2
     assert {(r["model"], r["runtime"]) for r in rows} == {(m, rt) for m in MODELS for rt in CPU_RUNTIMES}
     for row in rows:
@@ -61,3 +62,19 @@ def test_rows_compare_dense_flops_and_latency_targets(tmp_path, digits_devkit):
         assert row["error"] == pytest.approx(row["predicted_ms"] / row["measured_ms"] - 1)
     assert [len(tables) for tables in json.loads((tmp_path / "table.json").read_text())["tables"].values()] == [1]
     assert "| latency_target |" in prediction_markdown(prediction)
+
+
+def test_models_are_timed_on_test_images_not_noise(tmp_path, digits_devkit):
+    """Post-processing costs what the boxes above the score threshold cost, so the batch is the test split's
+    own images (cycled when the split is smaller than the batch), the same for every model."""
+    from compression.data.loaders import build_loader
+
+    cfg = tiny_config(tmp_path, digits_devkit)
+    first = next(iter(build_loader(cfg.data, "test", train=False, image_size=64, seed=cfg.seed)))[0]
+    images = split_images(cfg, 3, (64, 64))
+    assert images.shape == (3, 3, 64, 64) and images.dtype == torch.float32
+    assert torch.equal(images[0], first[0].float())
+    split_size = sum(len(batch[0]) for batch in build_loader(cfg.data, "test", train=False, image_size=64,
+                                                             seed=cfg.seed))
+    cycled = split_images(cfg, split_size + 1, (64, 64))
+    assert torch.equal(cycled[split_size], cycled[0])

@@ -12,9 +12,9 @@ epochs (E = phases x (sparsity + retrain epochs) + distill epochs):
   ``compression.pipeline`` (its answer is chosen on validation: distilled or not);
 - ``l1_norm``: the identical phased pipeline (same sparsity training, retraining, distillation) with the
   filters chosen by L1 norm, each phase cut at the FLOPs reduction the seed run reached in that phase;
-- ``group_norm``: torch-pruning's ``GroupNormPruner`` in the same phases: sparse training with its
-  regulariser for the sparsity epochs, pruned to the seed's per-phase FLOPs, retrained, distilled
-  (``bench/tp_pruners.py``);
+- ``group_norm``: the identical phased pipeline with criterion ``group_norm`` (DepGraph's group sparsity:
+  the sparsity epochs train with torch-pruning's ``GroupNormPruner`` regulariser in place of L1, the
+  filters are ranked globally by their group's normalised L2 norm), each phase cut as ``l1_norm``'s;
 - ``dense``: the base itself trained for the E extra epochs with the retraining settings (the reference for
   "no accuracy loss");
 - ``scratch``: the seed run's final architecture, randomly initialised, trained with the pretraining
@@ -139,7 +139,7 @@ def run_unit(spec: dict[str, Any]) -> dict[str, Any]:
         elif method == "l1_norm":
             result = _pipeline(cfg, spec, work, criterion="l1_norm")
         elif method == "group_norm":
-            result = _group_norm(cfg, spec, work)
+            result = _pipeline(cfg, spec, work, criterion="group_norm")
         elif method == "dense":
             result = _dense(cfg, spec, work)
         elif method == "scratch":
@@ -164,7 +164,8 @@ def _row(metrics: dict[str, Any], task: str) -> dict[str, Any]:
 
 
 def _pipeline(cfg, spec: dict[str, Any], work: Path, criterion: str) -> dict[str, Any]:
-    """The preset's phased pipeline from the base; for l1_norm each phase cut at the seed's FLOPs reduction."""
+    """The preset's phased pipeline from the base; another criterion cuts each phase at the seed's FLOPs
+    reduction there."""
     from compression.pipeline import run_pipeline_in_process
 
     cfg.stages.pretrain.checkpoint = Path(spec["base"])
@@ -203,55 +204,6 @@ def _measured(path: Path, cfg, base_metrics: dict[str, Any]) -> dict[str, Any]:
     from compression.measure import stored_metrics
 
     return stored_metrics(path, base_metrics)
-
-
-def _group_norm(cfg, spec: dict[str, Any], work: Path) -> dict[str, Any]:
-    """torch-pruning's GroupNormPruner in the seed's phases and schedule, at the seed's per-phase FLOPs."""
-    from bench.tp_pruners import DEFAULT_REG, build_pruner, prune_to_flops, sparse_train
-    from compression import stages as S
-    from compression.checkpoint import load_checkpoint, save_checkpoint
-    from compression.config import OptimConfig
-    from compression.data.loaders import build_loader
-    from compression.models import model_input_size
-    from compression.plan import build_plan, choose_final
-    from compression.train import make_objective, seed_everything
-
-    base, base_metrics = Path(spec["base"]), spec["base_metrics"]
-    selection = cfg.stages.selection
-    current, short = base, []
-    for index, (phase, ratio) in enumerate(zip(phases_of(cfg), spec["phase_flops_ratios"], strict=True)):
-        phase_cfg = cfg.for_phase(phase)
-        ckpt = load_checkpoint(current, expect_model=cfg.model.name)
-        seed_everything(cfg.seed + index)
-        paths = layer_paths(ckpt.model_name, phase.layers)
-        pruner = build_pruner("tp_group_norm", ckpt.model, paths, model_name=ckpt.model_name)
-        objective = make_objective(ckpt.model, ckpt.task, fast_ssd=cfg.compute.fast_ssd)
-        loader = build_loader(cfg.data, "train", train=True, image_size=model_input_size(ckpt.model)[0],
-                              seed=cfg.seed + index)
-        optim = OptimConfig.model_validate(cfg.stages.sparsity.model_dump(include=set(OptimConfig.model_fields)))
-        sparse_train(pruner, ckpt.model, objective, loader, optim, context=f"group_norm sparse training {phase.name}")
-        ckpt.model.cpu().eval()
-        cut = prune_to_flops(pruner, ckpt.model, max(ratio, 1.0001), min_channels=selection.min_channels,
-                             max_layer_ratio=phase_cfg.stages.selection.max_layer_ratio, nearest=True)
-        if not cut["reached"]:
-            short.append(f"{phase.name}: {cut['flops_ratio']:.3f}x of {ratio:.3f}x")
-        del pruner
-        pruned = save_checkpoint(ckpt.derive(ckpt.model, stage="prune", phase=phase.name, criterion="tp_group_norm",
-                                             reg=DEFAULT_REG["tp_group_norm"]), work / f"prune_{phase.name}.safetensors")
-        current, _ = S.retrain(pruned, cfg, work / f"retrain_{phase.name}.safetensors", phase=phase,
-                               base_metrics=base_metrics)
-    retrained = _measured(current, cfg, base_metrics)
-    final_metrics, final_stage = retrained, "retrain"
-    if cfg.stages.distill.enabled:
-        distilled_path, distilled = S.distill(current, base, cfg, work / "distill.safetensors",
-                                              base_metrics=base_metrics)
-        steps = build_plan(cfg)  # the pipeline's own rule: distilled unless the retrained one is better on val
-        chosen = choose_final(steps, {steps[-1].name: distilled, steps[-1].inputs["student_path"]: retrained},
-                              "detection" if spec["task"] == "det" else "classification")
-        if chosen.stage.name == "distill":
-            final_metrics, final_stage = distilled, "distill"
-    # Where GroupNorm's steps ran out before a phase's FLOPs, the row carries the FLOPs it reached.
-    return {**_row(final_metrics, spec["task"]), "final_stage": final_stage, "flops_short_of_target": short}
 
 
 def _dense(cfg, spec: dict[str, Any], work: Path) -> dict[str, Any]:

@@ -20,7 +20,7 @@ the first --train-images training images. How each method reaches the target:
 - taylor: Molchanov's loop (taylor_prune_stage) until the budget, with its own fine-tuning batches between
   steps, reported as extra batches;
 - tp_group_l1 / tp_bn_scale / tp_group_norm: torch-pruning's MagnitudePruner (group L1) / BNScalePruner /
-  GroupNormPruner, global, stepped until the budget (bench/tp_pruners.py); the last two after --epochs
+  GroupNormPruner, global, stepped until the budget (compression/tp_pruners.py); the last two after --epochs
   epochs of sparse training with pruner.regularize (the seed's sparsity optimiser), as the seed's induction.
 
 Writes bench/results/quality.json (its `markdown` key is the table bench/report.py renders), quality.png, and
@@ -217,11 +217,11 @@ def run_unit(spec: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _tp_sparse_training(method: str, base_path: Path, cfg, out: Path) -> tuple[Path, dict[str, Any]]:
     """The sparse training torch-pruning's README shows for its pruner, with the seed's sparsity optimiser."""
-    from bench.tp_pruners import DEFAULT_REG, build_pruner, sparse_train
     from compression.checkpoint import load_checkpoint, save_checkpoint
     from compression.config import OptimConfig
     from compression.data.loaders import build_loader
     from compression.models import model_input_size
+    from compression.tp_pruners import DEFAULT_REG, build_pruner, sparse_train
     from compression.train import make_objective, seed_everything
 
     ckpt = load_checkpoint(base_path, expect_model=cfg.model.name)
@@ -305,8 +305,8 @@ def _prune_selection(source: Path, selection: Path, cfg, phase, out: Path) -> No
 
 
 def _tp_prune(method: str, target: float, source: Path, cfg, phase, out: Path) -> dict[str, Any]:
-    from bench.tp_pruners import build_pruner, prune_to_flops
     from compression.checkpoint import load_checkpoint, save_checkpoint
+    from compression.tp_pruners import build_pruner, prune_to_flops
 
     ckpt = load_checkpoint(source, expect_model=cfg.model.name)
     pruner = build_pruner(method, ckpt.model, _layer_paths(cfg), model_name=ckpt.model_name)
@@ -428,7 +428,7 @@ layer keeps at least the preset's min_channels filters):
   steps, until the budget;
 - **tp_group_l1 / tp_bn_scale / tp_group_norm**: torch-pruning's `MagnitudePruner` (group L1) / `BNScalePruner` /
   `GroupNormPruner`, global ranking, `pruner.step()` until the budget, the last step cut at it
-  (`bench/tp_pruners.py`); BNScale and GroupNorm after sparse training with `pruner.regularize`."""
+  (`compression/tp_pruners.py`); BNScale and GroupNorm after sparse training with `pruner.regularize`."""
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float | None]:

@@ -130,7 +130,8 @@ _CUTS = ("target_flops_ratio", "target_latency_ratio", "prune_ratio")
 
 
 def default_knobs(cfg: PipelineConfig, budget: Budget) -> dict[str, list[Any]]:
-    """What a search varies when ``--search`` names no knobs: λ and what decides how much comes off.
+    """What a search varies when ``--search`` names no knobs: λ and what decides how much comes off
+    (``group_norm`` has no λ: only the cut).
 
     Where one cut decides it (a FLOPs or latency target or a ratio, set once for every phase or by one
     phase alone, as the default preset's ``l1_norm`` phase is), γ would change nothing: the trials vary
@@ -149,7 +150,10 @@ def default_knobs(cfg: PipelineConfig, budget: Budget) -> dict[str, list[Any]]:
         where, settings = "stages.selection", selection
     else:
         return {key: list(values) for key, values in SEED_KNOBS.items()}
-    knobs: dict[str, list[Any]] = {"stages.sparsity.l1_lambda": list(SEED_KNOBS["stages.sparsity.l1_lambda"])}
+    if cfg.stages.selection.criterion == "group_norm":  # no λ: its regulariser stays as the config has it
+        knobs: dict[str, list[Any]] = {}
+    else:
+        knobs = {"stages.sparsity.l1_lambda": list(SEED_KNOBS["stages.sparsity.l1_lambda"])}
     if budget.kind in ("flops", "latency"):
         targets = [round(budget.value * factor, 2) for factor in (1.0, 1.25, 1.5)]
     else:

@@ -13,7 +13,7 @@ from compression.config import PhaseConfig, PipelineConfig
 from compression.errors import ConfigError
 
 # Criteria that rank filters and remove a configured share of them (``criteria.rank_filters``).
-RANKING_CRITERIA = ("l1_norm", "bn_scale", "random")
+RANKING_CRITERIA = ("l1_norm", "bn_scale", "random", "group_norm")
 PHASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 

@@ -138,6 +138,10 @@ class PretrainConfig(OptimConfig):
 class SparsityConfig(OptimConfig):
     epochs: int = Field(5, ge=0, le=10_000)
     l1_lambda: float = Field(1e-4, ge=0, description="λ of the L1 penalty over the phase's conv weights")
+    group_norm_reg: float = Field(
+        5e-4, ge=0, description="criterion group_norm: the GroupNormPruner regulariser's strength (in place of λ; "
+                                "torch-pruning's CIFAR setting)"
+    )
     alpha_grid: list[float] = Field(
         [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0],
         min_length=1,
@@ -155,7 +159,7 @@ class SparsityConfig(OptimConfig):
 
 
 class SelectionConfig(_Strict):
-    criterion: Literal["seed", "taylor", "l1_norm", "bn_scale", "random"] = "seed"
+    criterion: Literal["seed", "taylor", "l1_norm", "bn_scale", "random", "group_norm"] = "seed"
     gamma: float = Field(0.9, gt=0, le=1, description="a filter is removed when s_out or s_in reaches γ")
     min_channels: int = Field(4, ge=1, description="never keep fewer filters than this in a layer")
     max_layer_ratio: float = Field(

@@ -1,4 +1,4 @@
-"""Alternative filter criteria on the same prune machinery: l1_norm, bn_scale, random and taylor.
+"""Alternative filter criteria on the same prune machinery: l1_norm, bn_scale, random, group_norm and taylor.
 
 Every criterion gives per-filter scores (higher = more important); ``select_by_ratio`` and
 ``select_by_flops`` turn scores into explicit ``{layer: {"remove": [...]}}`` selections for
@@ -15,6 +15,11 @@ Definitions (layer-local, as METHOD.md states them) and where they come from:
 - ``random``: uniform scores from a ``torch.Generator`` seeded with ``seed`` **(ours; not
   torch-pruning's ``RandomImportance``, which draws from the global RNG and so is not reproducible
   without reseeding the whole process)**.
+- ``group_norm`` (DepGraph, Fang et al. CVPR 2023): the L2 norm of the filter's whole group (its weights,
+  its BatchNorm's γ and β, and every consumer's input weights for that channel), divided by the mean over
+  the layer's filters so that layers compare — torch-pruning's ``GroupMagnitudeImportance(p=2)`` with its
+  defaults, the importance its ``GroupNormPruner`` ranks by. The sparsity stage trains with that pruner's
+  regulariser first (``tp_pruners.regularising``), which pushes the weak groups toward zero.
 - ``taylor`` (Molchanov et al. 2017): |mean over batch and positions of ∂C/∂z_f · z_f| per batch,
   averaged over ``taylor_batches`` batches, then divided by the layer's L2 norm so that layers compare.
   z is the activation the consumers read: the layer's output, or its BatchNorm's output when one
@@ -24,7 +29,10 @@ Definitions (layer-local, as METHOD.md states them) and where they come from:
 
 Scope of ranking **(ours)**: ``l1_norm``/``bn_scale``/``random`` scores are not comparable across
 layers, so ratios apply per layer (``scope="layer"``); the L2-normalised ``taylor`` scores are ranked
-globally (``scope="global"``), as in Molchanov et al.
+globally (``scope="global"``), as in Molchanov et al., and so are the mean-normalised ``group_norm`` ones, as
+torch-pruning's global pruning ranks them. **(ours)** ``group_norm`` ranks once on the sparse-trained model
+and cuts at the phase's target, where the pruner re-ranks after each of many small steps; the selection
+is then a list of filters like every other criterion's, and obeys the same floors and latency targets.
 """
 
 from __future__ import annotations
@@ -68,8 +76,8 @@ __all__ = [
     "taylor_scores",
 ]
 
-CRITERIA = ("l1_norm", "bn_scale", "random", "taylor")
-DEFAULT_SCOPE = {"l1_norm": "layer", "bn_scale": "layer", "random": "layer", "taylor": "global"}
+CRITERIA = ("l1_norm", "bn_scale", "random", "group_norm", "taylor")
+DEFAULT_SCOPE = {"l1_norm": "layer", "bn_scale": "layer", "random": "layer", "group_norm": "global", "taylor": "global"}
 # taylor_prune's last step may overshoot its FLOPs target by at most this fraction (ours).
 FLOPS_TOLERANCE = 0.05
 
@@ -187,6 +195,8 @@ def rank_filters(
         importance = tp.importance.GroupMagnitudeImportance(p=1, group_reduction="first", normalizer=None)
     elif criterion == "bn_scale":
         importance = tp.importance.BNScaleImportance(group_reduction="first", normalizer=None)
+    elif criterion == "group_norm":
+        importance = tp.importance.GroupMagnitudeImportance(p=2)
     else:
         raise ConfigError(
             f"selection.criterion: unknown ranking criterion {criterion!r} (valid: {', '.join(CRITERIA)}; "

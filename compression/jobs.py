@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,8 +48,9 @@ class TrainJob:
     input_checkpoint: str | None  # None: a freshly initialised model (pretrain)
     output_checkpoint: str
     phase: str | None = None
-    l1_layers: list[str] = field(default_factory=list)  # sparsity stage: the phase's layers
-    l1_lambda: float = 0.0
+    sparsity_layers: list[str] = field(default_factory=list)  # sparsity stage: the phase's layers
+    l1_lambda: float = 0.0  # λ of the L1 penalty over them (the seed method, l1_norm, bn_scale, random)
+    group_norm_reg: float = 0.0  # or torch-pruning's GroupNormPruner regulariser over them (group_norm)
     teacher_checkpoint: str | None = None  # distill stage
 
     def to_dict(self) -> dict[str, Any]:
@@ -149,11 +151,27 @@ def job_validation(job: TrainJob, ckpt: Checkpoint, device: torch.device | str,
 
 
 def job_extra_loss(job: TrainJob, model: nn.Module) -> Callable[[], torch.Tensor] | None:
-    if not job.l1_layers or job.l1_lambda == 0:
+    if not job.sparsity_layers or job.l1_lambda == 0:
         return None
     from compression.sparsity import sparsity_penalty
 
-    return sparsity_penalty(model, list(job.l1_layers), job.l1_lambda)
+    return sparsity_penalty(model, list(job.sparsity_layers), job.l1_lambda)
+
+
+def job_regulariser(job: TrainJob, ckpt: Checkpoint) -> AbstractContextManager[Any]:
+    """While training: GroupNormPruner's regularisation gradients before every optimizer step (``group_norm``).
+
+    Built on the model where it trains (after the move to its device), so the pruner's groups hold the very
+    parameters the optimizer steps; under DDP the gradients are already averaged then, and every worker adds
+    the same regularisation to them.
+    """
+    if not job.sparsity_layers or job.group_norm_reg == 0:
+        return nullcontext()
+    from compression.tp_pruners import build_pruner, regularising
+
+    pruner = build_pruner("tp_group_norm", ckpt.model, job.sparsity_layers, model_name=ckpt.model_name,
+                          reg=job.group_norm_reg)
+    return regularising(pruner, ckpt.model)
 
 
 def run_train_job(
@@ -198,13 +216,16 @@ def run_train_job(
     optim = job.optim_config
     if job.l1_lambda:
         context += f", l1_lambda={job.l1_lambda:g}"
-    state = train_model(
-        trainable, loader, optim, device=device, extra_loss=job_extra_loss(job, ckpt.model),
-        callbacks=callbacks, state=state, amp_bf16=precision.amp_bf16,
-        channels_last=precision.channels_last, context=context, progress=progress, seed=cfg.seed,
-        validation=job_validation(job, ckpt, device, precision), on_progress=on_progress,
-        log_every_steps=cfg.compute.log_every_steps,
-    )
+    if job.group_norm_reg:
+        context += f", group_norm_reg={job.group_norm_reg:g}"
+    with job_regulariser(job, ckpt):
+        state = train_model(
+            trainable, loader, optim, device=device, extra_loss=job_extra_loss(job, ckpt.model),
+            callbacks=callbacks, state=state, amp_bf16=precision.amp_bf16,
+            channels_last=precision.channels_last, context=context, progress=progress, seed=cfg.seed,
+            validation=job_validation(job, ckpt, device, precision), on_progress=on_progress,
+            log_every_steps=cfg.compute.log_every_steps,
+        )
     trained = ckpt.derive(ckpt.model, stage=job.stage, phase=job.phase)
     trained.parent = job.input_checkpoint
     trained.extra["history"] = state.history

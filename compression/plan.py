@@ -1,7 +1,7 @@
 """The pipeline as data: which stages run, in which order, what each reads and writes, what identifies it.
 
     pretrain
-    for each phase (criterion seed / l1_norm / bn_scale / random):
+    for each phase (criterion seed / l1_norm / bn_scale / random / group_norm):
         sparsity -> selection -> prune -> retrain
     for each phase (criterion taylor):
         taylor -> retrain
@@ -137,6 +137,9 @@ def stage_settings(cfg: PipelineConfig, stage: str, phase: PhaseConfig | None = 
     # output is which layers it prunes. (Its whole dump made a budget trial's selection knob on a phase
     # redo the sparsity stage that the trials of one λ share.)
     data["phase"] = {"name": phase.name, "layers": list(phase.layers)} if phase is not None else None
+    if stage == "sparsity":  # it trains with GroupNormPruner's regulariser for group_norm, with L1 otherwise
+        criterion = cfg.for_phase(phase).stages.selection.criterion
+        data["regulariser"] = "group_norm" if criterion == "group_norm" else "l1"
     return data
 
 

@@ -171,6 +171,9 @@ def induce_sparsity(input_path: Path, cfg: PipelineConfig, out: Path, *, phase: 
                     base_metrics: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
     """Train with λ·Σ‖W_l‖₁ over the phase's layers (Θ -> Θ_L1), then choose α on the validation split.
 
+    Criterion ``group_norm``: train with torch-pruning's GroupNormPruner regulariser over the phase's groups
+    instead (``sparsity.group_norm_reg``); there is no α then (``alpha`` None, nothing thresholded).
+
     The saved checkpoint holds Θ_L1 (not thresholded); its ``extra`` (and the returned metrics) record
     α, every τ_l, the per-layer weight sparsity of the input model (``sparsity_before``), of Θ_L1
     (``sparsity_l1``) and of Θ_L1^th (``sparsity_after``), and the validation metric of Θ_L1 and Θ_L1^th.
@@ -189,17 +192,28 @@ def induce_sparsity(input_path: Path, cfg: PipelineConfig, out: Path, *, phase: 
     before = weight_sparsity(source.model, [target.layer for target in sparsity_targets(source.model, layers)])
     del source
     sparsity = cfg.stages.sparsity
+    group_norm = cfg.stages.selection.criterion == "group_norm"
     job = TrainJob(stage="sparsity", config=cfg.model_dump(mode="json"), optim=_optim(sparsity),
                    input_checkpoint=str(input_path), output_checkpoint=str(scratch_path(out, "trained")),
-                   phase=phase.name, l1_layers=layers, l1_lambda=sparsity.l1_lambda)
+                   phase=phase.name, sparsity_layers=layers, l1_lambda=0.0 if group_norm else sparsity.l1_lambda,
+                   group_norm_reg=sparsity.group_norm_reg if group_norm else 0.0)
     trained = _train(job, trainer)
-    choice = choose_alpha(trained.model, layers, sparsity.alpha_grid, sparsity.max_drop,
-                          _val_metric_fn(trained, cfg))
+    if group_norm:
+        # Group sparsity shrinks whole groups, not single weights: no α to choose, nothing thresholded.
+        val = _val_metric_fn(trained, cfg)(trained.model)
+        l1 = weight_sparsity(trained.model, [t.layer for t in sparsity_targets(trained.model, layers)])
+        choice = {"alpha": None, "taus": None, "val_metric_l1": val, "val_metric_thresholded": val,
+                  "sparsity_before": l1, "sparsity_after": l1, "tried": []}
+    else:
+        choice = choose_alpha(trained.model, layers, sparsity.alpha_grid, sparsity.max_drop,
+                              _val_metric_fn(trained, cfg))
     trained.model.cpu()
     record = {
         "phase": phase.name,
         "layers": layers,
-        "l1_lambda": sparsity.l1_lambda,
+        "regulariser": "group_norm" if group_norm else "l1",
+        "l1_lambda": job.l1_lambda,
+        "group_norm_reg": job.group_norm_reg,
         "alpha": choice["alpha"],
         "taus": choice["taus"],
         "max_drop": sparsity.max_drop,
@@ -235,8 +249,9 @@ def select_filters(input_path: Path, cfg: PipelineConfig, out: Path, *,
     ``seed``: on Θ_L1^th (α from the input's metadata), s_out / s_in over all consumers, flagged at γ,
     at least ``min_channels`` kept (``selection.select_filters``); with ``target_flops_ratio`` set, γ is
     not used: the filters are ranked globally by max(s_out, s_in) (``selection.sparsity_importance``) and
-    cut at the FLOPs budget (``criteria.select_by_flops``). ``l1_norm`` / ``bn_scale`` / ``random``:
-    ranked, then ``prune_ratio`` or ``target_flops_ratio`` (both set: the one that removes fewer filters).
+    cut at the FLOPs budget (``criteria.select_by_flops``). ``l1_norm`` / ``bn_scale`` / ``random`` /
+    ``group_norm``: ranked, then ``prune_ratio`` or ``target_flops_ratio`` (both set: the one that removes
+    fewer filters).
     ``taylor`` is iterative (``taylor_prune_stage``) and refused here.
 
     JSON: ``{criterion, phase, input_checkpoint, layers: {module_path: {remove, keep, <scores>}}, alpha,

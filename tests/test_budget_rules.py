@@ -341,3 +341,17 @@ def test_trials_that_differ_in_a_phases_cut_share_its_sparsity_stage():
                 for t in trials]
     assert all(s["sparsity"] == settings[0]["sparsity"] for s in settings)  # one sparsity run, from the cache
     assert len({json.dumps(s["selection"], sort_keys=True) for s in settings}) == 3
+
+
+def test_group_norm_trains_its_own_sparsity_stage_and_searches_only_the_cut():
+    """group_norm's sparsity stage trains with another regulariser, so it never reuses an L1 one from the
+    cache; its budget trials vary the cut alone (it has no λ)."""
+    from compression.plan import stage_settings
+
+    l1 = load_config("default")
+    group = load_config("default", ["stages.selection.criterion=group_norm"])
+    phase = l1.stages.phases[0]
+    assert stage_settings(l1, "sparsity", phase)["regulariser"] == "l1"
+    assert stage_settings(group, "sparsity", phase)["regulariser"] == "group_norm"
+    assert stage_settings(group, "sparsity", phase) != stage_settings(l1, "sparsity", phase)
+    assert default_knobs(group, parse_budget("flops=3x")) == {"stages.phases.phase1.target_flops_ratio": [3.0, 3.75, 4.5]}

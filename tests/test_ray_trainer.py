@@ -23,6 +23,7 @@ from compression.checkpoint import load_checkpoint, read_metadata  # noqa: E402
 from compression.config import ComputeConfig, OptimConfig, load_config  # noqa: E402
 from compression.data.digits import write_digits_voc  # noqa: E402
 from compression.jobs import LocalTrainer, TrainJob, initial_checkpoint  # noqa: E402
+from compression.pruning import resolve_layers  # noqa: E402
 from compression.train import TrainState, make_optimizer, make_scheduler  # noqa: E402
 from tasks.ray_trainer import (  # noqa: E402
     ComputeError,
@@ -98,6 +99,30 @@ def test_ray_fit_writes_the_same_kind_of_checkpoint_as_local(cfg, first_fit, tmp
     # ... and report one epoch of history with the loss terms.
     assert [h["epoch"] for h in result.history] == [1] == [h["epoch"] for h in local.history]
     assert result.history[0]["train_loss"] > 0
+
+
+def test_group_norm_sparsity_regularises_every_ddp_worker(cfg, first_fit, tmp_path):
+    """The group_norm criterion's sparsity job in Ray Train: GroupNormPruner's regulariser runs in each DDP
+    worker (after the gradients are averaged), so the phase's groups shrink as they do in-process."""
+    _, pretrained = first_fit
+    layers = list(cfg.stages.phases[0].layers)
+    optim = cfg.stages.sparsity.model_dump(mode="json", include=set(OptimConfig.model_fields))
+
+    def job(out, reg: float) -> TrainJob:
+        return TrainJob(stage="sparsity", config=cfg.model_dump(mode="json"), optim={**optim, "epochs": 2},
+                        input_checkpoint=pretrained.output_checkpoint, output_checkpoint=str(out), phase="phase1",
+                        sparsity_layers=layers, group_norm_reg=reg)
+
+    def norm(path) -> float:
+        ckpt = load_checkpoint(path)
+        return sum(float(layer.weight.detach().pow(2).sum())
+                   for _, layer in resolve_layers(ckpt.model, ckpt.model_name, layers))
+
+    torch.set_num_threads(1)
+    plain = LocalTrainer(device="cpu", progress=False).fit(job(tmp_path / "plain.safetensors", 0.0))
+    trainer = RayTrainer(cfg.compute, tmp_path / "ray-storage")
+    regularised = trainer.fit(job(tmp_path / "group_norm.safetensors", 1.0))
+    assert norm(regularised.output_checkpoint) < 0.95 * norm(plain.output_checkpoint)
 
 
 def test_more_epochs_resume_from_the_last_reported_checkpoint(cfg, first_fit, tmp_path):

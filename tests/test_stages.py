@@ -28,6 +28,7 @@ from compression.jobs import initial_checkpoint
 from compression.models import layer_names
 from compression.pipeline import run_pipeline_in_process
 from compression.pruning import layer_channels
+from compression.selection import layer_floor
 from compression.sparsity import effective_weight, sparsity_targets
 
 # One SSD phase over every prunable layer (each SSD checkpoint costs seconds to measure); its consumers include
@@ -325,6 +326,34 @@ def test_vgg_l1_norm_chain_removes_the_configured_share(cls_root, cls_pretrained
         previous = retrained
 
 
+def test_vgg_group_norm_chain_trains_group_sparse_and_ranks_globally(cls_root, cls_pretrained, tmp_path):
+    raw = _with(_cls_raw(cls_root, criterion="group_norm", target_flops_ratio=1.5, min_channels=2),
+                pretrain={"checkpoint": str(cls_pretrained)}, distill={"enabled": False},
+                sparsity={"group_norm_reg": 0.01})
+    rows = run_pipeline_in_process(validate_config(raw), tmp_path / "run")
+    assert [(r["stage"], r["phase"]) for r in rows] == [("pretrain", None), ("sparsity", "phase1"),
+                                                         ("prune", "phase1"), ("retrain", "phase1")]
+    sparse, pruned = rows[1]["metrics"], rows[2]["metrics"]
+    # GroupNormPruner's regulariser, not L1: no λ, no α, nothing thresholded
+    assert sparse["regulariser"] == "group_norm" and sparse["group_norm_reg"] == 0.01
+    assert sparse["l1_lambda"] == 0 and sparse["alpha"] is None and sparse["val_drop"] == 0
+    assert 1.5 <= pruned["flops_ratio"] < 1.7  # one filter of this tiny model is several % of its FLOPs
+    selection = json.loads(Path(rows[2]["selection"]).read_text())
+    assert selection["criterion"] == "group_norm"
+    # one ranking over every layer (the scores are normalised per layer): a removed filter never scores above
+    # a kept one of a layer that could have lost more
+    model = load_checkpoint(rows[2]["path"]).model
+    removed, kept = [], []
+    for name, entry in selection["layers"].items():
+        n = len(entry["remove"]) + entry["keep"]
+        assert layer_channels(model.get_submodule(name)) == entry["keep"] >= 2
+        removed += [entry["scores"][f] for f in entry["remove"]]
+        if entry["keep"] > layer_floor(n, 2, 1.0):
+            kept += [s for f, s in enumerate(entry["scores"]) if f not in entry["remove"]]
+    assert removed and kept and max(removed) <= min(kept)
+    assert len({len(e["remove"]) / (len(e["remove"]) + e["keep"]) for e in selection["layers"].values()}) > 1
+
+
 def test_vgg_taylor_chain_prunes_iteratively(cls_root, cls_pretrained, tmp_path):
     raw = _with(_cls_raw(cls_root, criterion="taylor", prune_ratio=0.2, taylor_batches=1, taylor_step_filters=24,
                          taylor_finetune_batches=1, min_channels=2),
@@ -348,7 +377,7 @@ def test_stage_functions_refuse_what_they_cannot_do(cls_root, cls_pretrained, tm
     cfg = validate_config(_cls_raw(cls_root, criterion="taylor", prune_ratio=0.5))
     with pytest.raises(ConfigError, match="taylor_prune_stage"):
         S.select_filters(cls_pretrained, cfg, tmp_path / "sel.json", phase=phase)
-    for criterion in ("l1_norm", "random", "taylor"):
+    for criterion in ("l1_norm", "random", "group_norm", "taylor"):
         cfg = validate_config(_cls_raw(cls_root, criterion=criterion))
         with pytest.raises(ConfigError, match="prune_ratio or target_flops_ratio"):
             run_pipeline_in_process(cfg, tmp_path / criterion)

@@ -1,4 +1,4 @@
-"""bench/tp_pruners.py: torch-pruning's MagnitudePruner / BNScalePruner / GroupNormPruner on our models."""
+"""compression.tp_pruners: torch-pruning's MagnitudePruner / BNScalePruner / GroupNormPruner on our models."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from bench.tp_pruners import TP_METHODS, build_pruner, prune_to_flops, sparse_train
 from compression import metrics
 from compression.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from compression.config import OptimConfig
@@ -17,6 +16,7 @@ from compression.data.digits import write_digits_cls
 from compression.errors import StageError
 from compression.models import SSDNetwork, build_model, layer_names
 from compression.pruning import layer_channels
+from compression.tp_pruners import TP_METHODS, build_pruner, prune_to_flops, sparse_train
 from compression.train import ClassificationObjective
 
 VGG_LAYERS = [f"features.{name}" for name in layer_names("vgg16_cifar")]

@@ -1,4 +1,5 @@
-"""torch-pruning's own high-level pruners on our models, driven to a FLOPs target (baselines of bench/quality.py).
+"""torch-pruning's own high-level pruners on our models, driven to a FLOPs target (baselines of bench/quality.py),
+and GroupNormPruner's regulariser, which the sparsity stage of the ``group_norm`` criterion trains with.
 
 Each is built the way torch-pruning's README and its CIFAR benchmarks (``benchmarks/main.py``) use it:
 
@@ -28,7 +29,8 @@ README's sparse-training loop does.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -47,7 +49,7 @@ from compression.pruning import (
     resolve_layers,
 )
 
-__all__ = ["SPARSE_TRAINING", "TP_METHODS", "build_pruner", "prune_to_flops", "sparse_train"]
+__all__ = ["SPARSE_TRAINING", "TP_METHODS", "build_pruner", "prune_to_flops", "regularising", "sparse_train"]
 
 TP_METHODS = ("tp_group_l1", "tp_bn_scale", "tp_group_norm")
 # Pruners whose README usage trains with their regulariser before pruning.
@@ -238,6 +240,17 @@ def sparse_train(
     """
     from compression.train import train_model
 
+    with regularising(pruner, model):
+        state = train_model(objective, loader, optim, device=device, context=context or "sparse training",
+                            progress=False)
+    return state.history
+
+
+@contextmanager
+def regularising(pruner: tp.pruner.BasePruner, model: nn.Module) -> Iterator[None]:
+    """``pruner.regularize(model)`` between ``loss.backward()`` and every ``optimizer.step()`` over ``model``'s
+    parameters, while the block runs: an optimizer step pre-hook, so the project's training loop (gradient
+    clipping included) runs unchanged, and other optimizers (a teacher's, another job's) are left alone."""
     own = {id(p) for p in model.parameters()}
 
     def regularize(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -247,8 +260,6 @@ def sparse_train(
     pruner.update_regularizer()
     handle = register_optimizer_step_pre_hook(regularize)
     try:
-        state = train_model(objective, loader, optim, device=device, context=context or "sparse training",
-                            progress=False)
+        yield
     finally:
         handle.remove()
-    return state.history

@@ -459,6 +459,9 @@ def main() -> None:
             for task in tasks:
                 if previous.get("bases", {}).get(task, {}).get("config", bases[task]["config"]) != bases[task]["config"]:
                     stale = [key for key in done if key.startswith(f"{task}/")]
+                    if stale and args.only:  # dropping them would leave the methods not named with no rows
+                        sys.exit(f"error: {task}: {TASKS[task]['preset']} changed since its {len(stale)} finished "
+                                 "units ran, so every method must run again: drop --only (nothing was written)")
                     if stale:
                         print(f"{task}: {TASKS[task]['preset']} changed since its {len(stale)} finished units ran; "
                               "they are redone", flush=True)
@@ -504,8 +507,8 @@ def main() -> None:
                     unit = startable.pop(0)
                     todo.remove(unit)
                     running[pool.submit(run_unit, spec(unit))] = unit
-                if not running:  # what is left waits on a seed run that failed
-                    print(f"skipped (their seed run failed): {todo}", flush=True)
+                if not running:  # what is left waits on a seed run that failed or was not run
+                    print(f"skipped (no finished seed run of the same seed): {todo}", flush=True)
                     break
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:

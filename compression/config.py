@@ -357,9 +357,10 @@ class PipelineConfig(_Strict):
         return self.model_copy(update={"stages": stages})
 
     def config_hash(self) -> str:
-        """Stable digest of every setting (the MLflow tag that groups a pipeline's runs); what identifies
-        one stage's output is ``compression.plan.stage_settings``."""
-        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """Stable digest of every setting that differs from the schema's default (the MLflow tag that groups
+        a pipeline's runs): a setting added later, whose default keeps what runs did before, leaves it as it
+        was. What identifies one stage's output is ``compression.plan.stage_settings``."""
+        payload = json.dumps(self.model_dump(mode="json", exclude_defaults=True), sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

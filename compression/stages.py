@@ -249,9 +249,11 @@ def select_filters(input_path: Path, cfg: PipelineConfig, out: Path, *,
     ``seed``: on Θ_L1^th (α from the input's metadata), s_out / s_in over all consumers, flagged at γ,
     at least ``min_channels`` kept (``selection.select_filters``); with ``target_flops_ratio`` set, γ is
     not used: the filters are ranked globally by max(s_out, s_in) (``selection.sparsity_importance``) and
-    cut at the FLOPs budget (``criteria.select_by_flops``). ``l1_norm`` / ``bn_scale`` / ``random`` /
-    ``group_norm``: ranked, then ``prune_ratio`` or ``target_flops_ratio`` (both set: the one that removes
-    fewer filters).
+    cut at the FLOPs budget (``criteria.select_by_flops``). ``l1_norm`` / ``bn_scale`` / ``random``: ranked,
+    then ``prune_ratio``, ``target_flops_ratio`` or ``target_latency_ratio`` (several set: the one that removes
+    fewer filters). ``group_norm``: with a FLOPs target alone, the filters torch-pruning's GroupNormPruner
+    removes on its way there (``tp_pruners.select_by_pruner``); with a ratio or latency target, ranked once
+    globally by the same importance.
     ``taylor`` is iterative (``taylor_prune_stage``) and refused here.
 
     JSON: ``{criterion, phase, input_checkpoint, layers: {module_path: {remove, keep, <scores>}}, alpha,
@@ -307,6 +309,15 @@ def select_filters(input_path: Path, cfg: PipelineConfig, out: Path, *,
             for name, entry in chosen.items():
                 entry.update(s_out=scores[name]["s_out"], s_in=scores[name]["s_in"])
             record.update(taus=taus, ranking="max(s_out, s_in), global", **info)
+    elif settings.criterion == "group_norm" and settings.target_latency_ratio is None and settings.prune_ratio is None:
+        # A FLOPs target: torch-pruning's own GroupNormPruner steps there, re-ranking after every step.
+        from compression.tp_pruners import select_by_pruner
+
+        chosen, info = select_by_pruner(ckpt.model, ckpt.model_name, layers, settings.target_flops_ratio,
+                                        min_channels=settings.min_channels, max_layer_ratio=settings.max_layer_ratio,
+                                        reg=cfg.stages.sparsity.group_norm_reg,
+                                        closest=settings.out_of_reach == "closest")
+        record.update(target_flops_ratio=settings.target_flops_ratio, scope="global", **info)
     else:
         dg = build_dependency_graph(ckpt.model)
         scores = rank_filters(settings.criterion, ckpt.model, dg, layers, seed=settings.seed)

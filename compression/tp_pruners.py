@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from copy import deepcopy as copy_module
 from typing import Any
 
 import torch
@@ -49,7 +50,9 @@ from compression.pruning import (
     resolve_layers,
 )
 
-__all__ = ["SPARSE_TRAINING", "TP_METHODS", "build_pruner", "prune_to_flops", "regularising", "sparse_train"]
+__all__ = [
+    "SPARSE_TRAINING", "TP_METHODS", "build_pruner", "prune_to_flops", "regularising", "select_by_pruner", "sparse_train",
+]
 
 TP_METHODS = ("tp_group_l1", "tp_bn_scale", "tp_group_norm")
 # Pruners whose README usage trains with their regulariser before pruning.
@@ -122,12 +125,13 @@ def _ascending(pruner: tp.pruner.BasePruner, root: nn.Module, handler: Any, idxs
 
 
 def _step(pruner: tp.pruner.BasePruner, floors: dict[nn.Module, int], flops_after: Callable[[nn.Module, int], float],
-          goal: float) -> bool:
+          goal: float, on_prune: Callable[[nn.Module, list[int]], None] | None = None) -> bool:
     """One ``pruner.step()``; True when the FLOPs reached ``goal`` (then the rest of the step is not pruned).
 
     Each group comes as torch-pruning chose it; it is trimmed so its root layer keeps ``floors[root]`` filters,
     and the group that crosses ``goal`` gives up only its least important filters needed to reach it.
-    ``flops_after(root, k)``: the model's FLOPs once ``k`` more filters of ``root`` are gone.
+    ``flops_after(root, k)``: the model's FLOPs once ``k`` more filters of ``root`` are gone. ``on_prune(root,
+    idxs)`` hears each group's root and its filters (positions in the root as it is then) before they go.
     """
     for group in pruner.step(interactive=True):  # groups must be pruned one by one, as they come
         dep, idxs = group[0]
@@ -142,6 +146,8 @@ def _step(pruner: tp.pruner.BasePruner, floors: dict[nn.Module, int], flops_afte
             if reached:
                 idxs = idxs[: next(k for k in range(1, len(idxs) + 1) if flops_after(root, k) <= goal)]
             group = pruner.DG.get_pruning_group(root, dep.handler, sorted(idxs))
+        if on_prune is not None:
+            on_prune(root, [int(i) for i in group[0][1]])
         group.prune()
         if reached:
             return True
@@ -157,6 +163,7 @@ def prune_to_flops(
     max_layer_ratio: float = 1.0,
     input_size: tuple[int, int] | None = None,
     nearest: bool = False,
+    on_prune: Callable[[nn.Module, list[int]], None] | None = None,
 ) -> dict[str, Any]:
     """``pruner.step()`` until ``count_flops(model)`` ≤ base / ``target_flops_ratio``. Prunes ``model`` in place.
 
@@ -164,7 +171,7 @@ def prune_to_flops(
     filters; the step that
     crosses the target stops at it, filter by filter (``_step``), so all methods land on the same FLOPs. The
     FLOPs between steps come from ``criteria.FlopsModel`` (exact for convs and linears, no re-tracing); the
-    final value is ``count_flops``'s. Returns ``{"flops_before", "flops_after", "flops_ratio", "steps",
+    final value is ``count_flops``'s. ``on_prune``: see ``_step``. Returns ``{"flops_before", "flops_after", "flops_ratio", "steps",
     "channels": {layer: [before, after]}, "reached"}``. When the pruner's steps run out first: ``StageError``,
     or with ``nearest`` the model as far as the pruner went, with ``"reached": False`` (a control at equal
     FLOPs then reports the FLOPs it really has rather than no row).
@@ -205,7 +212,7 @@ def prune_to_flops(
                     f"target_flops_ratio {target_flops_ratio:g} is out of reach for {type(pruner).__name__}: "
                     f"after {steps} steps the FLOPs shrank {before / flops:.2f}x"
                 )
-            _step(pruner, floors, flops_after, goal)
+            _step(pruner, floors, flops_after, goal, on_prune)
             steps += 1
             flops = flops_after()
             if flops <= goal:
@@ -263,3 +270,54 @@ def regularising(pruner: tp.pruner.BasePruner, model: nn.Module) -> Iterator[Non
         yield
     finally:
         handle.remove()
+
+
+def select_by_pruner(
+    model: nn.Module,
+    model_name: str | None,
+    layers: Sequence[str],
+    target_flops_ratio: float,
+    *,
+    min_channels: int = 1,
+    max_layer_ratio: float = 1.0,
+    reg: float = DEFAULT_REG["tp_group_norm"],
+    closest: bool = False,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """The filters torch-pruning's ``GroupNormPruner`` removes from ``layers`` on its way to the FLOPs target,
+    as a selection (criterion ``group_norm`` with ``target_flops_ratio``): ``prune_to_flops`` on a copy of
+    ``model``, its small global steps re-ranking the groups after each, with every removal mapped back to the
+    filter's index in ``model``. ``model`` is not changed; pruning it by the selection gives the copy's
+    architecture and weights.
+
+    Returns ``({layer: {"remove", "keep", "scores"}}, {"flops_before", "flops_after", "flops_ratio", "steps",
+    "reached", "ranking"})``; ``scores`` is each filter's group importance on ``model`` (L2, mean-normalised per
+    layer). A target the floors or the pruner's steps cannot reach: ``StageError``, or with ``closest`` as
+    far as they go (``reached`` False).
+    """
+    copy = copy_module(model).cpu().eval()
+    pruner = build_pruner("tp_group_norm", copy, layers, model_name=model_name, reg=reg)
+    pairs = [(name, copy.get_submodule(name)) for name in pruner.prunepipe_layers]
+    names = {module: name for name, module in pairs}
+    scores = {}
+    for name, module in pairs:
+        handler = pruner.DG.get_pruner_of_module(module).prune_out_channels
+        group = pruner.DG.get_pruning_group(module, handler, list(range(layer_channels(module))))
+        importance = pruner.estimate_importance(group)
+        scores[name] = [float(v) for v in importance] if importance is not None else []
+    alive = {name: list(range(layer_channels(module))) for name, module in pairs}
+    removed: dict[str, list[int]] = {name: [] for name, _ in pairs}
+
+    def record(root: nn.Module, idxs: list[int]) -> None:
+        name = names.get(root)
+        if name is None:  # a group rooted outside the phase (none is: they are ignored_layers)
+            return
+        gone = set(idxs)
+        removed[name] += [alive[name][i] for i in gone]
+        alive[name] = [index for position, index in enumerate(alive[name]) if position not in gone]
+
+    info = prune_to_flops(pruner, copy, target_flops_ratio, min_channels=min_channels,
+                          max_layer_ratio=max_layer_ratio, nearest=closest, on_prune=record)
+    selection = {name: {"remove": sorted(removed[name]), "keep": len(alive[name]), "scores": scores[name]}
+                 for name, _ in pairs}
+    return selection, {key: info[key] for key in ("flops_before", "flops_after", "flops_ratio", "steps", "reached")} | {
+        "ranking": "GroupNormPruner, global, re-ranked every step"}

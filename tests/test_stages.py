@@ -28,8 +28,8 @@ from compression.jobs import initial_checkpoint
 from compression.models import layer_names
 from compression.pipeline import run_pipeline_in_process
 from compression.pruning import layer_channels
-from compression.selection import layer_floor
 from compression.sparsity import effective_weight, sparsity_targets
+from compression.tp_pruners import build_pruner, prune_to_flops
 
 # One SSD phase over every prunable layer (each SSD checkpoint costs seconds to measure); its consumers include
 # the L2Norm, the loc/conf head convs of all six maps and the next convs. The classifier runs two phases.
@@ -339,18 +339,20 @@ def test_vgg_group_norm_chain_trains_group_sparse_and_ranks_globally(cls_root, c
     assert sparse["l1_lambda"] == 0 and sparse["alpha"] is None and sparse["val_drop"] == 0
     assert 1.5 <= pruned["flops_ratio"] < 1.7  # one filter of this tiny model is several % of its FLOPs
     selection = json.loads(Path(rows[2]["selection"]).read_text())
-    assert selection["criterion"] == "group_norm"
-    # one ranking over every layer (the scores are normalised per layer): a removed filter never scores above
-    # a kept one of a layer that could have lost more
+    assert selection["criterion"] == "group_norm" and selection["reached"] is True
+    # The pruned model is the one torch-pruning's GroupNormPruner makes, stepping the sparse model to the target
+    # (but for the consumers' biases: the prune stage adds to them what the removed channels fed them)
+    sparse = load_checkpoint(rows[1]["path"])
+    pruner = build_pruner("tp_group_norm", sparse.model, list(selection["layers"]), model_name=sparse.model_name)
+    prune_to_flops(pruner, sparse.model, 1.5, min_channels=2)
+    expected, pruned = sparse.model.state_dict(), load_checkpoint(rows[2]["path"]).model.state_dict()
+    assert {k: v.shape for k, v in expected.items()} == {k: v.shape for k, v in pruned.items()}
+    assert all(torch.equal(expected[key], pruned[key]) for key in expected if not key.endswith(".bias"))
     model = load_checkpoint(rows[2]["path"]).model
-    removed, kept = [], []
     for name, entry in selection["layers"].items():
-        n = len(entry["remove"]) + entry["keep"]
         assert layer_channels(model.get_submodule(name)) == entry["keep"] >= 2
-        removed += [entry["scores"][f] for f in entry["remove"]]
-        if entry["keep"] > layer_floor(n, 2, 1.0):
-            kept += [s for f, s in enumerate(entry["scores"]) if f not in entry["remove"]]
-    assert removed and kept and max(removed) <= min(kept)
+        assert len(entry["scores"]) == entry["keep"] + len(entry["remove"])
+    # one ranking over the phase, not a share per layer
     assert len({len(e["remove"]) / (len(e["remove"]) + e["keep"]) for e in selection["layers"].values()}) > 1
 
 

@@ -61,6 +61,7 @@ from compression.config import PipelineConfig, load_config  # noqa: E402
 from compression.device import default_device  # noqa: E402
 from compression.errors import PrunepipeError  # noqa: E402
 from compression.latency import timing_clock  # noqa: E402
+from compression.measure import split_images  # noqa: E402
 from compression.metrics import count_flops  # noqa: E402
 from compression.models import apply_postprocess_settings, build_model, model_input_size, prunable_layers  # noqa: E402
 
@@ -174,24 +175,6 @@ def _median_ms(forward: Callable[[], Any], warmup: int, runs: int, device: torch
             sync()
             times.append((now() - start) * 1000.0)
     return float(statistics.median(times))
-
-
-def split_images(cfg: PipelineConfig, count: int, size: tuple[int, int]) -> torch.Tensor:
-    """The first ``count`` images of the config's test split at the model's input size, (count, 3, H, W) in
-    [0, 1]; the split is cycled when it has fewer."""
-    from compression.data.loaders import build_loader
-
-    loader = build_loader(cfg.data, "test", train=False, image_size=size[0], seed=cfg.seed)
-    images: list[torch.Tensor] = []
-    while len(images) < count:
-        before = len(images)
-        for batch in loader:
-            images.extend(image for image in batch[0])
-            if len(images) >= count:
-                break
-        if len(images) == before:
-            raise PrunepipeError(f"{cfg.data.name}: the test split has no images to time")
-    return torch.stack(images[:count]).float()
 
 
 class Runners:

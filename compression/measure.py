@@ -12,10 +12,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from compression import metrics as M
 from compression.checkpoint import Checkpoint, load_checkpoint, read_metadata
 from compression.config import PipelineConfig
-from compression.errors import ConfigError
+from compression.errors import ConfigError, DataError
 from compression.train import default_device, evaluate, primary_metric
 
 # Metrics compared against the pretrained base (lower is better for all but task metrics).
@@ -35,6 +37,24 @@ def task_metrics(model, cfg: PipelineConfig, task: str, num_classes: int, split:
     loader = build_loader(cfg.data, split, train=False, image_size=model_input_size(model)[0], seed=cfg.seed)
     return evaluate(model, loader, task, num_classes, device=default_device(cfg.compute.use_gpu),
                     fast_ssd=cfg.compute.fast_ssd)
+
+
+def split_images(cfg: PipelineConfig, count: int, size: tuple[int, int], split: str = "test") -> torch.Tensor:
+    """The first ``count`` images of ``split`` of the config's data at the model's input size, (count, C, H, W)
+    in [0, 1]; the split is cycled when it has fewer. Latency is timed on them rather than on noise."""
+    from compression.data.loaders import build_loader
+
+    loader = build_loader(cfg.data, split, train=False, image_size=size[0], seed=cfg.seed)
+    images: list[torch.Tensor] = []
+    while len(images) < count:
+        before = len(images)
+        for batch in loader:
+            images.extend(image for image in batch[0])
+            if len(images) >= count:
+                break
+        if len(images) == before:
+            raise DataError(f"{cfg.data.name}: the {split} split has no images to time")
+    return torch.stack(images[:count]).float()
 
 
 def measure(ckpt: Checkpoint, cfg: PipelineConfig, split: str = "test", *, latency: bool = True,
@@ -64,8 +84,10 @@ def measure(ckpt: Checkpoint, cfg: PipelineConfig, split: str = "test", *, laten
         result[val_key(ckpt.task)] = val_metric
     result["eval_seconds"] = time.perf_counter() - started
     if latency:
+        images = split_images(cfg, 32, size, split)  # what post-processing costs depends on the images
         for batch in (1, 32):
-            timing = M.measure_latency(model, size, batch_size=batch, runs=5 if batch == 1 else 3, warmup=2)
+            timing = M.measure_latency(model, size, batch_size=batch, runs=5 if batch == 1 else 3, warmup=2,
+                                       images=images)
             result[f"latency_b{batch}_ms"] = timing["median_ms"]
     if base:
         add_ratios(result, base, ckpt.task)

@@ -283,13 +283,32 @@ def test_measure_latency_returns_positive_times_and_restores_threads():
     previous = torch.get_num_threads()
     other = 1 if previous != 1 else 2
     result = measure_latency(model, (32, 32), batch_size=2, threads=other, warmup=1, runs=5)
-    assert set(result) == {"median_ms", "p90_ms", "batch_size", "threads"}
+    assert set(result) == {"median_ms", "p90_ms", "batch_size", "threads", "clock"}
+    # one thread computes in the calling thread: its CPU time is what a busy machine does not inflate
+    assert result["clock"] == ("thread_cpu" if other == 1 else "wall")
     assert result["median_ms"] > 0
     assert result["p90_ms"] >= result["median_ms"]
     assert result["batch_size"] == 2
     assert result["threads"] == other
     assert torch.get_num_threads() == previous
     assert model.training
+
+
+def test_measure_latency_times_the_images_given_cycled_to_the_batch():
+    class Recorder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(()))
+            self.seen: list[torch.Tensor] = []
+
+        def forward(self, x):
+            self.seen.append(x.clone())
+            return x * self.scale
+
+    images = torch.rand(3, 3, 8, 8)
+    model = Recorder()
+    measure_latency(model, (8, 8), batch_size=5, threads=1, warmup=0, runs=1, images=images)
+    assert torch.equal(model.seen[-1], torch.cat([images, images[:2]]))
 
 
 def test_measure_latency_of_ssd_end_to_end_and_network_only(ssd300, one_thread):

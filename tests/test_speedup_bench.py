@@ -17,9 +17,9 @@ from bench.speedup import (
     measure_rows,
     prediction_markdown,
     prediction_rows,
-    split_images,
 )
 from compression.errors import StageError
+from compression.measure import split_images
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")

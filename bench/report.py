@@ -115,7 +115,21 @@ def _controls_targets(r: dict) -> list[tuple[str, bool]]:
             if value is not None:
                 checks.append((f"{task}: seed at least as good as {other} at equal FLOPs: "
                                f"{100 * (seed - value):+.2f} points", seed >= value))
+        # Where the seed method loses, the task's everyday preset prunes by the criterion that wins on
+        # validation (what a choice may read), the seed method one setting away.
+        pruned = {m: mean(task, m, "val_metric") for m in ("seed", "l1_norm", "group_norm")}
+        pruned = {m: v for m, v in pruned.items() if v is not None}
+        if pruned:
+            from compression.config import load_config
+
+            preset = DEFAULT_PRESETS[task]
+            winner, chosen = max(pruned, key=pruned.get), load_config(preset).stages.selection.criterion
+            checks.append((f"{task}: the {preset} preset prunes by the criterion best on validation "
+                           f"({winner}, {pruned[winner]:.3f}): it prunes by {chosen}", chosen == winner))
     return checks
+
+
+DEFAULT_PRESETS = {"det": "default", "cls": "digits_cls"}  # the preset a user of each task starts from
 
 
 def _overhead_targets(r: dict) -> list[tuple[str, bool]]:

@@ -64,6 +64,7 @@ def measure(ckpt: Checkpoint, cfg: PipelineConfig, split: str = "test", *, laten
 
     ``with_val``: also the primary metric on the validation split as ``val_<metric>`` (``val_metric`` when
     the caller measured that model already). ``size_bytes`` only when ``ckpt.path`` is set (a saved file).
+    Latency: PyTorch end to end on the split's first images, at the deployment's ``export.threads``.
     """
     from compression.models import model_input_size
 
@@ -87,7 +88,7 @@ def measure(ckpt: Checkpoint, cfg: PipelineConfig, split: str = "test", *, laten
         images = split_images(cfg, 32, size, split)  # what post-processing costs depends on the images
         for batch in (1, 32):
             timing = M.measure_latency(model, size, batch_size=batch, runs=5 if batch == 1 else 3, warmup=2,
-                                       images=images)
+                                       images=images, threads=cfg.export.threads)
             result[f"latency_b{batch}_ms"] = timing["median_ms"]
     if base:
         add_ratios(result, base, ckpt.task)

@@ -44,16 +44,11 @@ def split_images(cfg: PipelineConfig, count: int, size: tuple[int, int], split: 
     in [0, 1]; the split is cycled when it has fewer. Latency is timed on them rather than on noise."""
     from compression.data.loaders import build_loader
 
-    loader = build_loader(cfg.data, split, train=False, image_size=size[0], seed=cfg.seed)
-    images: list[torch.Tensor] = []
-    while len(images) < count:
-        before = len(images)
-        for batch in loader:
-            images.extend(image for image in batch[0])
-            if len(images) >= count:
-                break
-        if len(images) == before:
-            raise DataError(f"{cfg.data.name}: the {split} split has no images to time")
+    # The dataset, not the loader: no worker processes to start for a few images (measure runs per checkpoint).
+    dataset = build_loader(cfg.data, split, train=False, image_size=size[0], seed=cfg.seed).dataset
+    if len(dataset) == 0:
+        raise DataError(f"{cfg.data.name}: the {split} split has no images to time")
+    images = [dataset[index % len(dataset)][0] for index in range(count)]
     return torch.stack(images[:count]).float()
 
 

@@ -35,6 +35,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
+from prefect.states import Failed
 
 from compression import budget as CB
 from compression import plan as P
@@ -117,7 +118,12 @@ def budget_trial(config: PipelineConfig, trial_name: str, trial_dir: str, shared
     screening, _, _ = trial_steps(steps)
     run = _trial_runner(config, Path(trial_dir), Path(storage), tracker, trial_run_id, Path(shared_dir))
     produced = {steps[0].name: base_path}
-    results = run.run(screening, produced, base_metrics)
+    try:
+        results = run.run(screening, produced, base_metrics)
+    except PrunepipeError as exc:
+        # An expected way for a trial to end (a target out of reach, a diverged loss): the run is Failed with
+        # the reason, in one line, instead of Prefect logging the traceback of a raised exception.
+        return Failed(message=_first_line(exc), data={"trial_error": _first_line(exc)})
     pruned = results[screening[-1].name]
     sparsities = [results[s.name] for s in screening if s.stage.name == "sparsity"]
     sparse = sparsities[-1] if sparsities else None
@@ -141,6 +147,10 @@ def budget_trial(config: PipelineConfig, trial_name: str, trial_dir: str, shared
 
 # --------------------------------------------------------------------------------------------
 # The search, in its parts
+
+
+class TrialFailed(Exception):
+    """A budget trial ended Failed with this one-line reason (``budget_trial`` returned that state)."""
 
 
 @dataclass
@@ -191,13 +201,18 @@ def screen(s: Search) -> list[dict[str, Any]]:
     def screen_one(trial: CB.Trial) -> None:
         record = s.records[trial.name]
         try:
-            record.update(budget_trial(
+            state = budget_trial(
                 trial.config, trial.name, str(s.folder / trial.folder), str(s.folder / "shared"),
-                str(s.run.storage), s.tracker, record["mlflow_run_id"], s.base_path, s.base_metrics))
+                str(s.run.storage), s.tracker, record["mlflow_run_id"], s.base_path, s.base_metrics,
+                return_state=True)
+            outcome = state.result(raise_on_failure=False)
+            if state.is_failed() and isinstance(outcome, dict) and "trial_error" in outcome:
+                raise TrialFailed(outcome["trial_error"])
+            record.update(state.result())  # re-raises what went wrong otherwise (a bug: the run stops)
             record["_produced"] = record.pop("produced")
             record["status"] = "screened"
             TB.log_trial(s.tracker, trial.name, record["mlflow_run_id"], _trial_metrics(record), "screened")
-        except PrunepipeError as exc:  # this trial's settings do not work (e.g. a diverged loss): the others go on
+        except (PrunepipeError, TrialFailed) as exc:  # this trial's settings do not work: the others go on
             record.update(status="failed", error=_first_line(exc))
             TB.log_trial(s.tracker, trial.name, record["mlflow_run_id"], {}, "failed", terminate="FAILED",
                          error=record["error"])

@@ -38,8 +38,8 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# The long tiers run in CI after `make test`: whole flows on a multi-node Ray cluster (test-long) and the
-# fault-injection tests (SIGKILLed flows, a dying tracking server; test-faults).
+# The long tiers run in CI after `make test`: whole flows on a multi-node Ray cluster and further Ray Train
+# fits (test-long), and the fault-injection tests (SIGKILLed flows, a dying tracking server; test-faults).
 test: $(STAMP) $(CHROMIUM) lint
 	$(BIN)/pytest -q -m "not fault and not long" --durations=15
 

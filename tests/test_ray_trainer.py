@@ -101,6 +101,7 @@ def test_ray_fit_writes_the_same_kind_of_checkpoint_as_local(cfg, first_fit, tmp
     assert result.history[0]["train_loss"] > 0
 
 
+@pytest.mark.long  # two more fits (about 20 s): `make test` stays under 15 minutes
 def test_group_norm_sparsity_regularises_every_ddp_worker(cfg, first_fit, tmp_path):
     """The group_norm criterion's sparsity job in Ray Train: GroupNormPruner's regulariser runs in each DDP
     worker (after the gradients are averaged), so the phase's groups shrink as they do in-process."""

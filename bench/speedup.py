@@ -20,7 +20,7 @@ at batch 1 and 32 with 1 and 2 threads (median of warmed runs), and with ``compu
 Real images, not noise: post-processing costs what the boxes above the score threshold cost, and a weak
 detector fed noise sends several times more of them to NMS than on the images it was trained for (a
 latency-targeted model measured 49 ms end to end on noise against 31 ms on test images, batch 32).
-One thread is timed on the calling thread's CPU clock (``latency.timing_clock``: both runtimes and the
+One thread is timed on the calling thread's CPU clock (``metrics.timing_clock``: both runtimes and the
 post-processing compute in that thread), so a busy machine does not inflate it; several threads and the GPU
 on the wall clock.
 
@@ -45,7 +45,6 @@ import copy
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -60,9 +59,12 @@ from compression.checkpoint import Checkpoint, load_checkpoint, save_checkpoint 
 from compression.config import PipelineConfig, load_config  # noqa: E402
 from compression.device import default_device  # noqa: E402
 from compression.errors import PrunepipeError  # noqa: E402
-from compression.latency import timing_clock  # noqa: E402
 from compression.measure import split_images  # noqa: E402
-from compression.metrics import count_flops  # noqa: E402
+from compression.metrics import (  # noqa: E402
+    CLOCKS,
+    count_flops,  # noqa: E402
+    timing_clock,
+)
 from compression.models import apply_postprocess_settings, build_model, model_input_size, prunable_layers  # noqa: E402
 
 MODELS = ("dense", "flops_target", "latency_target")
@@ -163,7 +165,7 @@ def bench_devices(use_gpu: bool) -> list[torch.device]:
 
 def _median_ms(forward: Callable[[], Any], warmup: int, runs: int, device: torch.device, threads: int) -> float:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    now = time.thread_time if timing_clock(threads, device.type) == "thread_cpu" else time.perf_counter
+    now = CLOCKS[timing_clock(threads, device.type)]
     times = []
     with torch.inference_mode():
         for _ in range(warmup):

@@ -30,9 +30,9 @@ Definitions (layer-local, as METHOD.md states them) and where they come from:
 Scope of ranking **(ours)**: ``l1_norm``/``bn_scale``/``random`` scores are not comparable across
 layers, so ratios apply per layer (``scope="layer"``); the L2-normalised ``taylor`` scores are ranked
 globally (``scope="global"``), as in Molchanov et al., and so are the mean-normalised ``group_norm`` ones, as
-torch-pruning's global pruning ranks them. **(ours)** ``group_norm`` ranks once on the sparse-trained model
-and cuts at the phase's target, where the pruner re-ranks after each of many small steps; the selection
-is then a list of filters like every other criterion's, and obeys the same floors and latency targets.
+torch-pruning's global pruning ranks them. At a FLOPs target ``group_norm`` selects what torch-pruning's
+pruner itself removes, re-ranking after each small step (``tp_pruners.select_by_pruner``); **(ours)** with a
+ratio or a latency target it ranks once here, on the sparse-trained model.
 """
 
 from __future__ import annotations

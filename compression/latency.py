@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from compression.errors import ConfigError, ModelError
+from compression.metrics import CLOCKS, timing_clock
 
 __all__ = ["LatencyTable", "device_fingerprint", "load_or_measure", "measure_latency_table", "measure_network_ms",
            "model_widths", "timing_clock"]
@@ -194,12 +195,6 @@ def model_widths(model: nn.Module, model_name: str) -> dict[str, int]:
 # Timing
 
 
-def timing_clock(threads: int, device: str = "cpu") -> str:
-    """``thread_cpu`` where the runtime computes in the calling thread (one thread on the CPU), else ``wall``."""
-    return "thread_cpu" if threads == 1 and not device.startswith("cuda") else "wall"
-
-
-_CLOCKS: dict[str, Callable[[], float]] = {"thread_cpu": time.thread_time, "wall": time.perf_counter}
 
 
 def _fastest_ms(run: Callable[[], Any], warmup: int, runs: int, sync: Callable[[], None] | None = None,
@@ -207,7 +202,7 @@ def _fastest_ms(run: Callable[[], Any], warmup: int, runs: int, sync: Callable[[
     """The fastest of ``runs`` warmed runs (ms) on ``clock``. On a shared machine interference only ever adds
     time, and it comes in bursts that last several runs (5.0 ms runs next to 7.4 ms ones for one model and
     session), which can move a median by 40%; the fastest run is the layer's own cost."""
-    now = _CLOCKS[clock]
+    now = CLOCKS[clock]
     for _ in range(warmup):
         run()
     times = []

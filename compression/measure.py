@@ -48,8 +48,7 @@ def split_images(cfg: PipelineConfig, count: int, size: tuple[int, int], split: 
     dataset = build_loader(cfg.data, split, train=False, image_size=size[0], seed=cfg.seed).dataset
     if len(dataset) == 0:
         raise DataError(f"{cfg.data.name}: the {split} split has no images to time")
-    images = [dataset[index % len(dataset)][0] for index in range(count)]
-    return torch.stack(images[:count]).float()
+    return torch.stack([dataset[index % len(dataset)][0] for index in range(count)]).float()
 
 
 def measure(ckpt: Checkpoint, cfg: PipelineConfig, split: str = "test", *, latency: bool = True,

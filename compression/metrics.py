@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +120,14 @@ def count_flops(model: nn.Module, input_size: tuple[int, int], in_channels: int 
     return int(counter.get_total_flops())
 
 
+def timing_clock(threads: int, device: str = "cpu") -> str:
+    """``thread_cpu`` where the runtime computes in the calling thread (one thread on the CPU), else ``wall``."""
+    return "thread_cpu" if threads == 1 and not device.startswith("cuda") else "wall"
+
+
+CLOCKS: dict[str, Callable[[], float]] = {"thread_cpu": time.thread_time, "wall": time.perf_counter}
+
+
 def measure_latency(
     model: nn.Module,
     input_size: tuple[int, int],
@@ -185,8 +193,8 @@ def measure_latency(
         if threads is not None:
             torch.set_num_threads(threads)
         used_threads = torch.get_num_threads()
-        thread_clock = used_threads == 1 and device.type != "cuda"
-        now = time.thread_time if thread_clock else time.perf_counter
+        clock = timing_clock(used_threads, device.type)
+        now = CLOCKS[clock]
         times_ms = []
         with torch.inference_mode():
             for _ in range(warmup):
@@ -205,7 +213,7 @@ def measure_latency(
         "p90_ms": float(np.percentile(times_ms, 90)),
         "batch_size": batch_size,
         "threads": used_threads,
-        "clock": "thread_cpu" if thread_clock else "wall",
+        "clock": clock,
     }
 
 

@@ -115,10 +115,14 @@ def build_pruner(
     return pruner
 
 
+def _group_importance(pruner: tp.pruner.BasePruner, root: nn.Module, handler: Any) -> torch.Tensor | None:
+    """The pruner's importance of each of ``root``'s filters, over the root's whole group."""
+    return pruner.estimate_importance(pruner.DG.get_pruning_group(root, handler, list(range(layer_channels(root)))))
+
+
 def _ascending(pruner: tp.pruner.BasePruner, root: nn.Module, handler: Any, idxs: Sequence[int]) -> list[int]:
     """``idxs`` from least to most important, by the pruner's importance of the root's whole group."""
-    full = pruner.DG.get_pruning_group(root, handler, list(range(layer_channels(root))))
-    importance = pruner.estimate_importance(full)
+    importance = _group_importance(pruner, root, handler)
     if importance is None:
         return list(idxs)
     return sorted(idxs, key=lambda i: (float(importance[i]), i))
@@ -300,18 +304,13 @@ def select_by_pruner(
     names = {module: name for name, module in pairs}
     scores = {}
     for name, module in pairs:
-        handler = pruner.DG.get_pruner_of_module(module).prune_out_channels
-        group = pruner.DG.get_pruning_group(module, handler, list(range(layer_channels(module))))
-        importance = pruner.estimate_importance(group)
+        importance = _group_importance(pruner, module, pruner.DG.get_pruner_of_module(module).prune_out_channels)
         scores[name] = [float(v) for v in importance] if importance is not None else []
     alive = {name: list(range(layer_channels(module))) for name, module in pairs}
     removed: dict[str, list[int]] = {name: [] for name, _ in pairs}
 
-    def record(root: nn.Module, idxs: list[int]) -> None:
-        name = names.get(root)
-        if name is None:  # a group rooted outside the phase (none is: they are ignored_layers)
-            return
-        gone = set(idxs)
+    def record(root: nn.Module, idxs: list[int]) -> None:  # every group is rooted in the phase (ignored_layers)
+        name, gone = names[root], set(idxs)
         removed[name] += [alive[name][i] for i in gone]
         alive[name] = [index for position, index in enumerate(alive[name]) if position not in gone]
 

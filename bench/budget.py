@@ -8,8 +8,8 @@ sqlite) from scratch in its own work folder (pretraining included) and times it.
 the Prefect cache reuses everything the first run computed, so only the extra retrains cost time, and the
 Spearman rank correlation between the cheap signals (validation mAP of the thresholded and of the pruned,
 not retrained, model) and the retrained model's test mAP is measured over all trials. Writes
-bench/results/budget.json and bench/results/budget.png (the Pareto plot of the second run, as logged to
-MLflow); run bench/report.py afterwards.
+bench/results/<--result>.json (default budget) and bench/results/budget.png (the Pareto plot of the second
+run, as logged to MLflow); run bench/report.py afterwards.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import RESULTS, write_result  # noqa: E402
 
 COLUMNS = (("trial", "trial"), ("knobs", "knobs"), ("status (first run)", "status"), ("FLOPs x", "flops_ratio"),
-           ("params x", "params_ratio"), ("val mAP thresholded", "val_thresholded"),
+           ("params x", "params_ratio"), ("latency x (ORT, batch 32)", "latency_ratio"), ("val mAP thresholded", "val_thresholded"),
            ("val mAP pruned", "val_pruned"), ("test mAP pruned", "map_pruned"), ("test mAP retrained", "map"),
            ("drop (points)", "drop_points"), ("Pareto (FLOPs / params)", "front"))
 
@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--search", dest="search", action="append", default=[])
     parser.add_argument("--workdir", type=Path, default=None, help="work folder (default: a temporary one)")
+    parser.add_argument("--result", default="budget", help="name of the result file in bench/results/")
     parser.add_argument("--no-correlation", dest="correlation", action="store_false",
                         help="skip the second run that retrains every trial")
     args = parser.parse_args()
@@ -102,7 +103,9 @@ def main() -> None:
                  f"{sum(t['status'] != 'screened' and t['status'] != 'failed' for t in first['trials'])} of "
                  f"{len(first['trials'])} trials retrained or skipped by early stop")
     if chosen:
-        lines.append(f"- chosen: {chosen['trial']} ({chosen['knobs']}): {chosen['flops_ratio']:.2f}x fewer FLOPs, "
+        latency = (f"{chosen['latency_ratio']:.2f}x lower measured latency (ONNX Runtime, batch 32), "
+                   if chosen.get("latency_ratio") else "")
+        lines.append(f"- chosen: {chosen['trial']} ({chosen['knobs']}): {latency}{chosen['flops_ratio']:.2f}x fewer FLOPs, "
                      f"{chosen['params_ratio']:.2f}x fewer params, {metric} {chosen['final_map']:.4f} "
                      f"({100 * chosen['final_drop']:+.2f} points, after {chosen['final_stage']})")
     else:
@@ -115,7 +118,10 @@ def main() -> None:
                      f"Spearman rank correlation of the cheap signal with the retrained test {metric} over "
                      f"{sum(r.get('map') is not None for r in second['table'])} trials: {shown}")
         lines.append("- Pareto plot (as logged to the parent MLflow run): [bench/results/budget.png](bench/results/budget.png)")
-    out = write_result("budget", {
+    failed = [t for t in first["trials"] if t["status"] == "failed"]
+    for trial in failed:
+        lines.append(f"- {trial['trial']} ({trial['knobs']}) failed: {trial.get('error') or 'see the run log'}")
+    out = write_result(args.result, {
         "config": args.config, "overrides": args.overrides, "budget": budget.text, "search": search.model_dump(),
         "seconds": first_seconds, "correlation_run_seconds": second_seconds, "base_map": base_map,
         "chosen": chosen, "trials": first["trials"], "table": rows, "pareto": final["pareto"],

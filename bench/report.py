@@ -17,11 +17,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import RESULTS, portable  # noqa: E402
 
 ORDER = ["controls", "pretrain", "compress", "overhead", "quality", "speedup", "compress_latency", "compress_latency_2x", "gpu",
-         "budget"]
+         "budget", "budget_latency"]
 TITLES = {
     "controls": "Controls: the seed method against a dense model trained as long, other criteria, scratch",
     "pretrain": "Pretraining the default preset",
     "compress": "The default preset end to end, in-process",
+    "budget_latency": "A latency budget on the default preset: `prunepipe run --budget latency=3x`",
     "compress_latency": "A latency-targeted model (phase 1 at 3x) in the controls' schedule, in-process",
     "compress_latency_2x": "A latency-targeted model (phase 1 at 2x) in the controls' schedule, in-process",
     "overhead": "Orchestration overhead: in-process vs Prefect + Ray Train + MLflow",

@@ -60,11 +60,7 @@ from compression.config import PipelineConfig, load_config  # noqa: E402
 from compression.device import default_device  # noqa: E402
 from compression.errors import PrunepipeError  # noqa: E402
 from compression.measure import split_images  # noqa: E402
-from compression.metrics import (  # noqa: E402
-    CLOCKS,
-    count_flops,  # noqa: E402
-    timing_clock,
-)
+from compression.metrics import count_flops, timed_runs_ms, timing_clock  # noqa: E402
 from compression.models import apply_postprocess_settings, build_model, model_input_size, prunable_layers  # noqa: E402
 
 MODELS = ("dense", "flops_target", "latency_target")
@@ -164,18 +160,9 @@ def bench_devices(use_gpu: bool) -> list[torch.device]:
 
 
 def _median_ms(forward: Callable[[], Any], warmup: int, runs: int, device: torch.device, threads: int) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    now = CLOCKS[timing_clock(threads, device.type)]
-    times = []
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
     with torch.inference_mode():
-        for _ in range(warmup):
-            forward()
-        for _ in range(runs):
-            sync()
-            start = now()
-            forward()
-            sync()
-            times.append((now() - start) * 1000.0)
+        times = timed_runs_ms(forward, warmup=warmup, runs=runs, clock=timing_clock(threads, device.type), sync=sync)
     return float(statistics.median(times))
 
 

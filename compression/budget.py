@@ -6,7 +6,8 @@ A *budget* says what the user can give up or must reach:
   pretrained model on the validation split; the answer is the most compressed model (FLOPs ratio first,
   then parameters) within it;
 - ``flops=4x`` / ``params=6x`` / ``latency=3x``: at least that compression (``latency``: the checkpoint's
-  measured batch-32 latency, ``latency_b32_ms``, against the base's); the answer is the model with the
+  measured batch-32 latency in the CPU deployment runtime, ONNX Runtime end to end, ``latency_ort_b32_ms``,
+  against the base's); the answer is the model with the
   smallest validation metric drop among those reaching it.
 
 A *trial* is the pipeline with some knobs set (``SearchConfig.knobs``: config key paths -> candidate
@@ -46,7 +47,7 @@ from compression.errors import ConfigError
 BudgetKind = Literal["map_drop", "flops", "params", "latency"]
 BUDGET_FORMS = ("map_drop=POINTS (e.g. map_drop=1.0), flops=RATIOx (e.g. flops=4x), params=RATIOx (e.g. params=6x) "
                 "or latency=RATIOx (e.g. latency=3x)")
-# The trial measurement each ratio budget reads (``latency_ratio``: base latency_b32_ms / the trial's).
+# The trial measurement each ratio budget reads (``latency_ratio``: base latency_ort_b32_ms / the trial's).
 RATIO_KEYS: dict[str, str] = {"flops": "flops_ratio", "params": "params_ratio", "latency": "latency_ratio",
                               "map_drop": "flops_ratio"}
 _NOUNS = {"flops": "FLOPs", "params": "parameters", "latency": "latency (batch 32)"}
@@ -127,6 +128,8 @@ def parse_budget(text: str) -> Budget:
 # The seed rule's knobs: how hard L1 pushes and how sparse a filter must be to go.
 SEED_KNOBS: dict[str, list[Any]] = {"stages.sparsity.l1_lambda": [0.01, 0.03], "stages.selection.gamma": [0.6, 0.7, 0.8]}
 _CUTS = ("target_flops_ratio", "target_latency_ratio", "prune_ratio")
+# How far a latency budget's trials may cut one layer (digits_voc_thorough's cap).
+LATENCY_MAX_LAYER_RATIO = 0.875
 
 
 def default_knobs(cfg: PipelineConfig, budget: Budget) -> dict[str, list[Any]]:
@@ -137,7 +140,9 @@ def default_knobs(cfg: PipelineConfig, budget: Budget) -> dict[str, list[Any]]:
     phase alone, as the default preset's ``l1_norm`` phase is), γ would change nothing: the trials vary
     that cut instead, toward the budget: ``flops=Rx`` tries R, 1.25R and 1.5R fewer FLOPs, ``latency=Rx``
     the same latency targets (in place of the FLOPs one), and ``map_drop`` / ``params`` 2x, 3x and 4x
-    fewer FLOPs. Otherwise (the seed rule's γ, or several phases with cuts of their own) λ × γ.
+    fewer FLOPs. With one phase, a latency budget also widens it to every prunable layer and lets each lose
+    up to ``LATENCY_MAX_LAYER_RATIO`` of its filters. Otherwise (the seed rule's γ, or several phases with
+    cuts of their own) λ × γ.
     """
     from compression.checks import phases_for
 
@@ -160,6 +165,15 @@ def default_knobs(cfg: PipelineConfig, budget: Budget) -> dict[str, list[Any]]:
         targets = [2.0, 3.0, 4.0]
     cut = "target_latency_ratio" if budget.kind == "latency" else "target_flops_ratio"
     knobs[f"{where}.{cut}"] = targets
+    if budget.kind == "latency" and len(phases) == 1 and where.startswith("stages.phases."):
+        # A FLOPs phase holds the layers where the FLOPs are; the time is spread wider (a detector's first
+        # blocks cost about as much at any width the floors allow), so a latency budget cuts every prunable
+        # layer, each down to an eighth of its filters at most.
+        from compression.models import layer_names
+
+        knobs[f"{where}.layers"] = [list(layer_names(cfg.model.name))]
+        if (settings.max_layer_ratio or selection.max_layer_ratio) < LATENCY_MAX_LAYER_RATIO:
+            knobs[f"{where}.max_layer_ratio"] = [LATENCY_MAX_LAYER_RATIO]
     for other in _CUTS:  # the cut the config had, if another, gives way (the first target reached would win)
         if other != cut and getattr(settings, other) is not None:
             knobs[f"{where}.{other}"] = [None]

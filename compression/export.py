@@ -43,7 +43,7 @@ import math
 import os
 import tempfile
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,8 +59,8 @@ from compression.checkpoint import load_checkpoint
 from compression.errors import ConfigError, ModelError
 from compression.metrics import count_flops, count_parameters, file_size_bytes
 
-__all__ = ["EXPORT_FORMATS", "POSTPROCESS_RECIPE", "deployment_network", "export_onnx", "export_paths",
-           "fold_batchnorm", "onnx_detect", "onnx_flops", "onnx_parity", "onnx_session", "postprocess_onnx_outputs",
+__all__ = ["EXPORT_FORMATS", "POSTPROCESS_RECIPE", "deployment_forward", "deployment_latency", "deployment_network", "export_onnx",
+           "export_paths", "fold_batchnorm", "network_onnx", "onnx_detect", "onnx_flops", "onnx_parity", "onnx_session", "postprocess_onnx_outputs",
            "read_sidecar"]
 
 EXPORT_FORMATS: tuple[str, ...] = ("onnx",)
@@ -142,6 +142,26 @@ def deployment_network(model: nn.Module, channels_last: bool | None = None) -> n
     if channels_last if channels_last is not None else device.type == "cpu":
         network = network.to(memory_format=torch.channels_last)
     return network
+
+
+def network_onnx(model: nn.Module, batch_size: int) -> Any:
+    """The deployment network of ``model`` (``deployment_network``, NCHW) as an in-memory ONNX model at a
+    fixed batch, shapes inferred: what the latency table cuts into sites and what ``deployment_latency``
+    times, without writing a file."""
+    import io
+
+    import onnx
+
+    from compression.models import model_input_size
+
+    network = deployment_network(copy.deepcopy(model).cpu().float().eval(), channels_last=False)
+    height, width = model_input_size(model)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(network, (torch.rand(batch_size, 3, height, width),), buffer, dynamo=False,
+                          input_names=["images"], opset_version=17, do_constant_folding=True)
+    return onnx.shape_inference.infer_shapes(onnx.load_from_string(buffer.getvalue()))
 
 
 def _network(model: nn.Module) -> tuple[nn.Module, list[str]]:
@@ -474,6 +494,59 @@ def onnx_detect(session, sidecar: dict[str, Any], anchors: np.ndarray, images: t
     outputs = {"bbox_regression": torch.from_numpy(boxes), "cls_logits": torch.from_numpy(logits)}
     return postprocess_batched(_SidecarPostprocess.from_sidecar(sidecar), outputs, torch.from_numpy(anchors), size,
                                list(original_sizes or [size] * images.shape[0]))
+
+
+def deployment_forward(model: nn.Module, batch: torch.Tensor, threads: int = 1) -> Callable[[], Any]:
+    """One call of the CPU deployment path on ``batch`` ((B, 3, H, W) in [0, 1] at the model's input size):
+    the deployment network in ONNX Runtime (``network_onnx`` at batch B, a session as ``onnx_session`` opens
+    it) and, for a detector, ``ssd_fast``'s batched post-processing with the model's own settings, so that it
+    returns what ``ssd_detect`` does (a classifier: the logits, as a numpy array). What ``onnx_detect`` runs
+    on an exported file, built in memory."""
+    from compression.ssd_fast import postprocess_batched, run_network
+
+    model = copy.deepcopy(model).cpu().float().eval()
+    batch = batch.float().contiguous()
+    session = onnx_session(network_onnx(model, len(batch)).SerializeToString(), threads)
+    feed = {"images": batch.numpy()}
+    if not isinstance(model, SSD):
+        return lambda: session.run(None, feed)[0]
+    size = (int(batch.shape[-2]), int(batch.shape[-1]))
+    sizes = [size] * len(batch)
+    with torch.inference_mode():
+        # The anchors depend on the input and feature map sizes alone: one image gives them.
+        _, anchors = run_network(model, model.transform.normalize(batch[:1]))
+
+    def forward() -> list[dict[str, torch.Tensor]]:
+        boxes, logits = session.run(None, feed)
+        outputs = {"bbox_regression": torch.from_numpy(boxes), "cls_logits": torch.from_numpy(logits)}
+        return postprocess_batched(model, outputs, anchors, size, sizes)
+
+    return forward
+
+
+def deployment_latency(model: nn.Module, images: torch.Tensor, batch_size: int, *, threads: int = 1,
+                       warmup: int = 2, runs: int = 5) -> dict[str, Any]:
+    """End-to-end time of one batch in the CPU deployment runtime (``deployment_forward``).
+
+    ``images``: (N, 3, H, W) in [0, 1] at the model's input size, the first ``batch_size`` timed (cycled when
+    N is smaller): a detector's post-processing costs what its boxes above the score threshold cost, so give
+    the data's own images. Clock and return as ``metrics.measure_latency``: ``{"median_ms", "p90_ms",
+    "batch_size", "threads", "clock"}``.
+    """
+    from compression.metrics import timed_runs_ms, timing_clock
+
+    batch = images.repeat(-(-batch_size // len(images)), 1, 1, 1)[:batch_size]
+    forward = deployment_forward(model, batch, threads)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the post-processing's torch ops run at the deployment's threads too
+    clock = timing_clock(threads)
+    try:
+        with torch.inference_mode():
+            times = timed_runs_ms(forward, warmup=warmup, runs=runs, clock=clock)
+    finally:
+        torch.set_num_threads(previous)
+    return {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90)),
+            "batch_size": batch_size, "threads": threads, "clock": clock}
 
 
 def _match_detections(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> tuple[int, float, float]:

@@ -15,8 +15,9 @@ on the target, in the deployment runtime and layout, at the configured batch siz
 
 The network's time is the sum of its sites' times plus ``fixed_ms``, what the sites do not hold (the input
 normalisation, SSD's L2Norm, pooling that feeds two branches, the head's reshapes), measured once as the
-whole network's time minus the sum of its sites at full width; ``postprocess_ms`` (detectors) is the
-post-processing of a batch, timed once. Runtimes: ``onnxruntime`` on the CPU (graph optimisations on,
+whole network's time minus the sum of its sites at full width. Post-processing is not in the table: what it
+costs follows how many boxes clear the score threshold, i.e. the trained model and the images, not the
+widths (``export.deployment_latency`` times it end to end). Runtimes: ``onnxruntime`` on the CPU (graph optimisations on,
 ``intra_op_num_threads`` = threads), ``torch`` on a GPU (channels-last, CUDA-synchronised timing).
 
 Every time is the fastest of a few warmed runs. With one thread on the CPU it is the calling thread's CPU
@@ -37,7 +38,6 @@ from __future__ import annotations
 import bisect
 import copy
 import hashlib
-import io
 import json
 import math
 import platform
@@ -53,7 +53,8 @@ import torch
 from torch import nn
 
 from compression.errors import ConfigError, ModelError
-from compression.metrics import CLOCKS, timing_clock
+from compression.export import network_onnx
+from compression.metrics import timed_runs_ms, timing_clock
 
 __all__ = ["LatencyTable", "device_fingerprint", "load_or_measure", "measure_latency_table", "measure_network_ms",
            "model_widths", "timing_clock"]
@@ -128,23 +129,6 @@ def _module_path(node_name: str, modules: set[str]) -> str | None:
     return None
 
 
-def _export_network(model: nn.Module, batch_size: int) -> Any:
-    """The deployment network of ``model`` as an in-memory ONNX model at a fixed batch, shapes inferred."""
-    import onnx
-
-    from compression.export import deployment_network
-    from compression.models import model_input_size
-
-    network = deployment_network(model.cpu().float(), channels_last=False)
-    height, width = model_input_size(model)
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(network, (torch.rand(batch_size, 3, height, width),), buffer, dynamo=False,
-                          input_names=["images"], opset_version=17, do_constant_folding=True)
-    return onnx.shape_inference.infer_shapes(onnx.load_from_string(buffer.getvalue()))
-
-
 def _sites(model: nn.Module, model_name: str, graph_model: Any) -> list[Site]:
     from compression.models import prunable_layers
     from compression.pruning import build_dependency_graph, consumers_of, resolve_layers
@@ -202,19 +186,7 @@ def _fastest_ms(run: Callable[[], Any], warmup: int, runs: int, sync: Callable[[
     """The fastest of ``runs`` warmed runs (ms) on ``clock``. On a shared machine interference only ever adds
     time, and it comes in bursts that last several runs (5.0 ms runs next to 7.4 ms ones for one model and
     session), which can move a median by 40%; the fastest run is the layer's own cost."""
-    now = CLOCKS[clock]
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(runs):
-        if sync:
-            sync()
-        started = now()
-        run()
-        if sync:
-            sync()
-        times.append((now() - started) * 1000.0)
-    return float(min(times))
+    return float(min(timed_runs_ms(run, warmup=warmup, runs=runs, clock=clock, sync=sync)))
 
 
 def _site_graph(site: Site, batch_size: int, cin: int, cout: int) -> Any:
@@ -281,7 +253,7 @@ class _Timer:
 
         shape = [self.batch_size, 3, *model_input_size(model)]
         if self.runtime == "onnxruntime":
-            return self._onnx_ms(_export_network(model, self.batch_size).SerializeToString(), shape)
+            return self._onnx_ms(network_onnx(model, self.batch_size).SerializeToString(), shape)
         return self._torch_ms(deployment_network(copy.deepcopy(model).to(self.device)), shape)
 
 
@@ -381,10 +353,6 @@ class LatencyTable:
         """Predicted network time (ms per batch) with the prunable layers at ``widths`` (others: full width)."""
         return sum(self.site_ms(name, *self.widths_of(widths, name)) for name in self.sites) + self.data["fixed_ms"]
 
-    def e2e_ms(self, widths: Mapping[str, int]) -> float:
-        """``network_ms`` plus the post-processing measured once (detectors; 0 for classifiers)."""
-        return self.network_ms(widths) + self.data.get("postprocess_ms", 0.0)
-
     def layer_ms(self, widths: Mapping[str, int], layer: str, width: int) -> float:
         """The time of every site ``layer``'s width enters (its own, its readers') with ``layer`` at ``width``."""
         changed = {**widths, layer: width}
@@ -430,7 +398,7 @@ def measure_latency_table(model: nn.Module, model_name: str, *, runtime: str = "
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        sites = _sites(model, model_name, _export_network(model, batch_size))
+        sites = _sites(model, model_name, network_onnx(model, batch_size))
         # The whole network anchors ``fixed_ms``, so its error reaches every prediction of a pruned network, and
         # one session's time of it varies by 2-3% from the next (17.8-18.3 ms on a quiet machine): it is timed
         # in three sessions, before, between and after the sites, and the median is kept. Timings further
@@ -468,27 +436,10 @@ def measure_latency_table(model: nn.Module, model_name: str, *, runtime: str = "
                 "timing": {"warmup": warmup, "runs": runs, "clock": fingerprint["clock"]}}
         table = LatencyTable({**data, "fixed_ms": 0.0})
         data["fixed_ms"] = network - table.network_ms(widths)
-        data["postprocess_ms"] = _postprocess_ms(model, batch_size, warmup, runs, fingerprint["clock"])
     finally:
         torch.set_num_threads(previous)
     data["measured_seconds"] = time.perf_counter() - started
     return LatencyTable(data)
-
-
-def _postprocess_ms(model: nn.Module, batch_size: int, warmup: int, runs: int, clock: str) -> float:
-    """A detector's post-processing of one batch of its own outputs on random images (0 for a classifier)."""
-    from torchvision.models.detection.ssd import SSD
-
-    if not isinstance(model, SSD):
-        return 0.0
-    from compression.ssd_fast import postprocess_batched, preprocess_batch, run_network
-
-    with torch.inference_mode():
-        images = torch.rand(batch_size, 3, *model.transform.fixed_size[::-1], generator=torch.Generator().manual_seed(0))
-        prepared, sizes = preprocess_batch(model, images)
-        outputs, anchors = run_network(model, prepared)
-        return _fastest_ms(lambda: postprocess_batched(model, outputs, anchors, tuple(prepared.shape[-2:]), sizes),
-                          warmup, runs, clock=clock)
 
 
 def measure_network_ms(model: nn.Module, *, runtime: str = "onnxruntime", batch_size: int = 32, threads: int = 1,

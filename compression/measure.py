@@ -21,7 +21,8 @@ from compression.errors import ConfigError, DataError
 from compression.train import default_device, evaluate, primary_metric
 
 # Metrics compared against the pretrained base (lower is better for all but task metrics).
-RATIO_KEYS = ("params", "nonzero_params", "size_bytes", "flops", "latency_b1_ms", "latency_b32_ms")
+RATIO_KEYS = ("params", "nonzero_params", "size_bytes", "flops", "latency_b1_ms", "latency_b32_ms",
+              "latency_ort_b1_ms", "latency_ort_b32_ms")
 
 
 def val_key(task: str) -> str:
@@ -58,8 +59,12 @@ def measure(ckpt: Checkpoint, cfg: PipelineConfig, split: str = "test", *, laten
 
     ``with_val``: also the primary metric on the validation split as ``val_<metric>`` (``val_metric`` when
     the caller measured that model already). ``size_bytes`` only when ``ckpt.path`` is set (a saved file).
-    Latency: PyTorch end to end on the split's first images, at the deployment's ``export.threads``.
+    Latency, end to end on the split's first images at the deployment's ``export.threads``, in two runtimes:
+    PyTorch eager (``latency_b{1,32}_ms``, where a user starts from) and the CPU deployment, ONNX Runtime
+    (``latency_ort_b{1,32}_ms``, ``export.deployment_latency``: what the latency table predicts and
+    ``--budget latency=`` reads).
     """
+    from compression.export import deployment_latency
     from compression.models import model_input_size
 
     model = ckpt.model.cpu().eval()
@@ -84,6 +89,9 @@ def measure(ckpt: Checkpoint, cfg: PipelineConfig, split: str = "test", *, laten
             timing = M.measure_latency(model, size, batch_size=batch, runs=5 if batch == 1 else 3, warmup=2,
                                        images=images, threads=cfg.export.threads)
             result[f"latency_b{batch}_ms"] = timing["median_ms"]
+            deployed = deployment_latency(model, images, batch, threads=cfg.export.threads,
+                                          runs=5 if batch == 1 else 3, warmup=2)
+            result[f"latency_ort_b{batch}_ms"] = deployed["median_ms"]
     if base:
         add_ratios(result, base, ckpt.task)
     return result

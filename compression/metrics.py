@@ -34,6 +34,7 @@ __all__ = [
     "evaluate_detections",
     "file_size_bytes",
     "measure_latency",
+    "timed_runs_ms",
     "top1_accuracy",
     "voc_ap",
     "voc_detection_ap",
@@ -128,6 +129,25 @@ def timing_clock(threads: int, device: str = "cpu") -> str:
 CLOCKS: dict[str, Callable[[], float]] = {"thread_cpu": time.thread_time, "wall": time.perf_counter}
 
 
+def timed_runs_ms(run: Callable[[], object], *, warmup: int, runs: int, clock: str,
+                  sync: Callable[[], None] | None = None) -> list[float]:
+    """``runs`` timings (ms) of ``run()`` on ``clock`` after ``warmup`` untimed calls; ``sync`` (a CUDA
+    synchronise) before and after each, so that asynchronous kernels are timed, not their launch."""
+    now = CLOCKS[clock]
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(runs):
+        if sync:
+            sync()
+        started = now()
+        run()
+        if sync:
+            sync()
+        times.append((now() - started) * 1000.0)
+    return times
+
+
 def measure_latency(
     model: nn.Module,
     input_size: tuple[int, int],
@@ -181,11 +201,6 @@ def measure_latency(
         def forward():
             return model(batch)
 
-    def synchronise():
-        # CUDA calls are asynchronous: wait for the kernels, or only the launch would be timed.
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     previous_threads = torch.get_num_threads()
     was_training = model.training
     model.eval()
@@ -194,17 +209,9 @@ def measure_latency(
             torch.set_num_threads(threads)
         used_threads = torch.get_num_threads()
         clock = timing_clock(used_threads, device.type)
-        now = CLOCKS[clock]
-        times_ms = []
+        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
         with torch.inference_mode():
-            for _ in range(warmup):
-                forward()
-            synchronise()
-            for _ in range(runs):
-                start = now()
-                forward()
-                synchronise()
-                times_ms.append((now() - start) * 1000.0)
+            times_ms = timed_runs_ms(forward, warmup=warmup, runs=runs, clock=clock, sync=sync)
     finally:
         torch.set_num_threads(previous_threads)
         model.train(was_training)

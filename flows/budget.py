@@ -134,7 +134,7 @@ def budget_trial(config: PipelineConfig, trial_name: str, trial_dir: str, shared
         "pruned_path": pruned["path"],
         "sparsity_path": sparse["path"] if sparse else None, "sparsity_cached": sparse["cached"] if sparse else None,
         "flops_ratio": measured.get("flops_ratio"), "params_ratio": measured.get("params_ratio"),
-        "latency_ratio": measured.get("latency_b32_ms_ratio"),
+        "latency_ratio": measured.get("latency_ort_b32_ms_ratio"),
         "size_bytes_ratio": measured.get("size_bytes_ratio"), "map_pruned": measured.get(metric),
         "drop_pruned": measured.get(f"{metric}_drop"), "alpha": sparse_metrics.get("alpha"),
         "val_l1": sparse_metrics.get("val_metric_l1"),

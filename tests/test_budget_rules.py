@@ -23,6 +23,7 @@ from compression.budget import (
 )
 from compression.config import load_config
 from compression.errors import ConfigError
+from compression.models import layer_names
 
 
 @pytest.mark.parametrize(("text", "kind", "value", "max_drop"), [
@@ -105,13 +106,18 @@ def test_default_knobs_vary_what_decides_how_much_the_config_prunes():
     assert default_knobs(default, parse_budget("map_drop=1.0")) == {
         **lam, "stages.phases.phase1.target_flops_ratio": [2.0, 3.0, 4.0]}
     # A latency budget cuts by latency targets, and the preset's FLOPs target, which would stop the cut
-    # first, is lifted.
+    # first, is lifted; the one phase reaches every prunable layer, each cut to an eighth at most.
     latency = default_knobs(default, parse_budget("latency=3x"))
+    every_layer = list(layer_names("ssd_vgg_lite"))
     assert latency == {**lam, "stages.phases.phase1.target_latency_ratio": [3.0, 3.75, 4.5],
-                       "stages.phases.phase1.target_flops_ratio": [None]}
+                       "stages.phases.phase1.target_flops_ratio": [None],
+                       "stages.phases.phase1.layers": [every_layer], "stages.phases.phase1.max_layer_ratio": [0.875]}
+    assert default.stages.phases[0].layers != every_layer and default.stages.selection.max_layer_ratio == 0.75
     trials = plan_trials(default, load_search(["max_trials=6"], knobs=latency))
     assert sorted({(t.config.stages.phases[0].target_latency_ratio, t.config.stages.phases[0].target_flops_ratio)
                    for t in trials}) == [(3.0, None), (3.75, None), (4.5, None)]
+    assert all(t.config.stages.phases[0].layers == every_layer and t.config.stages.phases[0].max_layer_ratio == 0.875
+               for t in trials)
     assert len({t.group for t in trials}) == 2  # the targets act at selection: trials of one λ share sparsity
     # One global cut: the knobs go to stages.selection; the seed rule, or several phases cut their own way: γ.
     global_cut = load_config("default", ["stages.phases=[{name: p1, layers: [conv3_1]}]",

@@ -23,6 +23,8 @@ from compression.data.transforms import eval_transforms
 from compression.data.voc import VOCDetection
 from compression.errors import CheckpointError, ConfigError, ModelError
 from compression.export import (
+    deployment_forward,
+    deployment_latency,
     deployment_network,
     export_onnx,
     export_paths,
@@ -339,6 +341,38 @@ def test_onnx_runtime_matches_pytorch_on_the_digits_test_split(tmp_path, digits_
     assert parity["unpaired"] == 0 and parity["label_mismatches"] == 0
     assert parity["max_abs_diff_outputs"] < 1e-4
     assert parity["max_abs_diff_boxes"] < 1e-2 and parity["max_abs_diff_scores"] < 1e-4
+
+
+def test_the_timed_deployment_path_detects_what_pytorch_does_and_every_checkpoint_records_its_latency(
+        tmp_path, digits_devkit):
+    """What ``deployment_latency`` times (and ``--budget latency=`` reads) is the deployed detector itself: ONNX
+    Runtime plus the batched post-processing returns PyTorch's detections on the digits test images."""
+    from compression.config import load_config
+    from compression.measure import add_ratios, measure, split_images
+
+    args = {**LITE_ARGS, "image_size": 64}
+    torch.manual_seed(0)
+    model = _with_trained_like_batchnorm(build_model("ssd_vgg_lite", **args)).eval()
+    cfg = load_config("default", [f"data.root={digits_devkit}", "data.builtin=null", "model.image_size=64",
+                                  "data.eval_batch_size=4"])
+    images = split_images(cfg, 8, (64, 64))
+    ours = deployment_forward(model, images)()
+    with torch.inference_mode():
+        reference = ssd_detect(model, images)
+    assert sum(len(d["boxes"]) for d in reference) > 0
+    for got, want in zip(ours, reference, strict=True):
+        assert torch.equal(got["labels"], want["labels"])
+        torch.testing.assert_close(got["boxes"], want["boxes"], atol=1e-2, rtol=0)
+        torch.testing.assert_close(got["scores"], want["scores"], atol=1e-4, rtol=0)
+    timing = deployment_latency(model, images, 3, warmup=1, runs=2)
+    assert timing["batch_size"] == 3 and timing["clock"] == "thread_cpu" and timing["median_ms"] > 0
+
+    ckpt = Checkpoint(model=model, model_name="ssd_vgg_lite", model_args=args, class_names=CLASSES)
+    base = measure(ckpt, cfg)
+    assert base["latency_ort_b1_ms"] > 0 and base["latency_ort_b32_ms"] > base["latency_ort_b1_ms"]
+    again = dict(base)
+    add_ratios(again, base, "detection")
+    assert again["latency_ort_b32_ms_ratio"] == pytest.approx(1.0)
 
 
 def test_mlflow_model_runs_the_deployment_graph_with_the_stored_post_processing(tmp_path):

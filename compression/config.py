@@ -281,6 +281,10 @@ class ExportConfig(_Strict):
     grid_step: int = Field(
         8, ge=1, le=512, description="latency table: widths measured are multiples of this (and each layer's width)"
     )
+    latency_table: str | None = Field(
+        None, description="latency table file to read, and to add this device's table to when it has none that "
+                          "covers the model (default: latency_table.json in the run's folder)"
+    )
 
 
 class ComputeConfig(_Strict):

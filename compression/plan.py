@@ -40,7 +40,7 @@ NEUTRAL_SETTINGS = ("name", "workdir", "tracking")
 INFRA_COMPUTE_KEYS = ("ray_address", "storage_path", "max_failures", "gpus_per_worker")
 # The latency table's settings: only a selection (with a latency target) reads them. The post-processing
 # settings (export.score_threshold, export.pre_nms_top_k) reach every measured checkpoint and stay.
-LATENCY_TABLE_KEYS = ("batch_size", "threads", "grid_step")
+LATENCY_TABLE_KEYS = ("batch_size", "threads", "grid_step", "latency_table")
 
 
 @dataclass(frozen=True)

@@ -336,11 +336,13 @@ LATENCY_TABLE = "latency_table.json"
 def latency_table_for(ckpt: Checkpoint, cfg: PipelineConfig, run_dir: Path):
     """The deployment target's latency table for ``ckpt``'s model (``compression.latency.load_or_measure``):
     ONNX Runtime on the CPU, torch on the GPU with ``compute.use_gpu``, at ``export.batch_size`` and
-    ``export.threads``; kept in ``run_dir``/latency_table.json and reused while it covers the model."""
+    ``export.threads``; kept in ``export.latency_table`` (default ``run_dir``/latency_table.json) and reused
+    while it covers the model."""
     from compression.latency import load_or_measure
 
     use_gpu = default_device(cfg.compute.use_gpu).type == "cuda"
-    return load_or_measure(Path(run_dir) / LATENCY_TABLE, ckpt.model, ckpt.model_name,
+    path = Path(cfg.export.latency_table) if cfg.export.latency_table else Path(run_dir) / LATENCY_TABLE
+    return load_or_measure(path, ckpt.model, ckpt.model_name,
                            runtime="torch" if use_gpu else "onnxruntime", device="cuda" if use_gpu else "cpu",
                            batch_size=cfg.export.batch_size, threads=cfg.export.threads,
                            grid_step=cfg.export.grid_step)

@@ -43,6 +43,7 @@ from compression.checks import check_method_config
 from compression.config import PhaseConfig, PipelineConfig
 from compression.errors import PrunepipeError
 from compression.measure import val_key
+from compression.stages import LATENCY_TABLE
 from compression.train import primary_metric
 from flows.compress import (
     Checked,
@@ -187,6 +188,25 @@ def pretrain_base(s: Search) -> None:
     steps = P.build_plan(s.cfg)
     pretrained = s.run.run(steps[:1], produced={})[steps[0].name]
     s.base_path, s.base_metrics = pretrained["path"], pretrained["metrics"]
+
+
+def share_latency_table(s: Search) -> None:
+    """Trials that cut by latency read one table of the base, measured before any of them trains. Measured
+    in each trial beside the others' training, the tables disagreed: one put a 3x target out of reach
+    (2.91x at most) where another's reached it."""
+    if not any(_cuts_by_latency(trial.config) for trial in s.trials):
+        return
+    path = s.cfg.export.latency_table or str(s.folder / "shared" / LATENCY_TABLE)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    T.latency_table(s.cfg, s.base_path, path)
+    for trial in s.trials:
+        trial.config = trial.config.model_copy(
+            update={"export": trial.config.export.model_copy(update={"latency_table": path})})
+
+
+def _cuts_by_latency(cfg: PipelineConfig) -> bool:
+    return cfg.stages.selection.target_latency_ratio is not None or any(
+        phase.target_latency_ratio is not None for phase in cfg.stages.phases or [])
 
 
 def screen(s: Search) -> list[dict[str, Any]]:
@@ -365,6 +385,7 @@ def _budget_search(cfg: PipelineConfig, search: CB.SearchConfig, wanted: CB.Budg
     try:
         tracker.client.set_tag(tracker.parent_run_id, "prunepipe.budget", wanted.text)
         pretrain_base(s)
+        share_latency_table(s)
         s.timings["base_seconds"] = time.perf_counter() - started
         s.run.current = ("trials", None)
         screened = screen(s)

@@ -78,7 +78,10 @@ class StageInputs(CachePolicy):
             elif key == "inputs":
                 payload[key] = {arg: {"path": str(path), "sha256": _digest(path)} for arg, path in sorted(value.items())}
             elif isinstance(value, PhaseConfig):
-                payload[key] = value.model_dump(mode="json")
+                # Which layers; its λ / γ / cuts reach the key through the stage's settings above, where they
+                # matter. (Its whole dump here made trials differing only in a phase's cut each retrain the
+                # sparsity stage they share.)
+                payload[key] = {"name": value.name, "layers": list(value.layers)}
             else:
                 payload[key] = value
         return hash_objects(json.dumps(payload, sort_keys=True, default=str), raise_on_failure=True)
@@ -233,6 +236,17 @@ LOG_OPTIONS: dict[str, Any] = {
     "retry_delay_seconds": [5, 30],
     "retry_condition_fn": retry_transient,
 }
+
+
+@task(name="latency_table", **LOG_OPTIONS)
+def latency_table(config: PipelineConfig, checkpoint: str, path: str) -> str:
+    """This device's latency table of ``checkpoint``'s model in ``path`` (measured unless one there covers it)."""
+    from compression.checkpoint import load_checkpoint
+    from compression.stages import latency_table_for
+
+    settings = config.model_copy(update={"export": config.export.model_copy(update={"latency_table": path})})
+    latency_table_for(load_checkpoint(checkpoint), settings, Path(path).parent)
+    return path
 
 
 @task(name="log_checkpoint", task_run_name="log_checkpoint-{name}", **LOG_OPTIONS)

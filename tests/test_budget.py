@@ -52,8 +52,9 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 BUDGET = "map_drop=2.0"
 # One λ (one sparsity stage, shared) and three γ: 0.3 prunes too much for the budget, 0.9 nothing. Three more
-# trials ask for 1000x fewer FLOPs, which no selection reaches: they fail at their selection stage.
-SEARCH = ["knobs={stages.selection.gamma: [0.3, 0.6, 0.9], stages.selection.target_flops_ratio: [null, 1000]}",
+# trials ask for a 1000x lower latency, which no selection reaches: they fail at their selection stage, after
+# reading the one latency table the search measures for them.
+SEARCH = ["knobs={stages.selection.gamma: [0.3, 0.6, 0.9], stages.selection.target_latency_ratio: [null, 1000]}",
           "trials_in_parallel=2", "trial_workers=1", "retrain_top_k=2"]
 
 
@@ -151,11 +152,11 @@ def test_trials_ran_as_concurrent_subflows_and_shared_their_sparsity_stage(searc
     assert sorted(run.name for run in subflows) == sorted(t["trial"] for t in summary["trials"])
     status = {t["trial"]: t for t in summary["trials"]}
     failed = [run for run in subflows if status[run.name]["status"] == "failed"]
-    assert len(failed) == 3 and all(status[run.name]["knob_values"]["stages.selection.target_flops_ratio"] == 1000
+    assert len(failed) == 3 and all(status[run.name]["knob_values"]["stages.selection.target_latency_ratio"] == 1000
                                     for run in failed)
     # A trial out of reach ends Failed with its reason as the run's message, and no traceback in the logs
     for run in failed:
-        assert run.state.is_failed() and "out of reach" in run.state.message
+        assert run.state.is_failed() and "target_latency_ratio 1000 is out of reach" in run.state.message
         assert status[run.name]["error"] == run.state.message
     assert not [r.getMessage() for r in searched["logs"] if r.exc_info]
     assert all(run.state.is_completed() for run in subflows if run not in failed)
@@ -167,6 +168,16 @@ def test_trials_ran_as_concurrent_subflows_and_shared_their_sparsity_stage(searc
     screened = [t for t in summary["trials"] if t["status"] != "failed"]
     assert len({t["sparsity_path"] for t in screened}) == 1
     assert sorted(t["sparsity_cached"] for t in screened) in ([False, True, True], [True, True, True])
+
+
+def test_the_trials_cutting_by_latency_read_one_table_measured_before_any_trial_trained(searched):
+    summary = searched["summary"]
+    folder = Path(summary["run_dir"]) / "budget"
+    tables = json.loads((folder / "shared" / "latency_table.json").read_text())["tables"]
+    assert [len(measured) for measured in tables.values()] == [1]  # one device, measured once
+    assert not list(folder.glob("trial-*/**/latency_table.json"))
+    measured = [run for run in searched["task_runs"] if run.name.startswith("latency_table")]
+    assert len(measured) == 1 and measured[0].end_time <= min(run.start_time for run in searched["subflows"])
 
 
 def test_every_trial_is_an_mlflow_child_run_and_the_parent_holds_the_pareto_front(cfg, searched):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
 
@@ -347,6 +348,16 @@ def test_trials_that_differ_in_a_phases_cut_share_its_sparsity_stage():
                 for t in trials]
     assert all(s["sparsity"] == settings[0]["sparsity"] for s in settings)  # one sparsity run, from the cache
     assert len({json.dumps(s["selection"], sort_keys=True) for s in settings}) == 3
+    # The flow's cache key itself (Prefect's cache policy of the stage task), over the task's real inputs.
+    from tasks.stages import StageInputs
+
+    def key(trial, stage):
+        inputs = {"config": trial.config, "stage": stage, "phase": trial.config.stages.phases[0],
+                  "inputs": {"input_path": "base.safetensors"}, "out": "shared.safetensors", "base_metrics": None}
+        return StageInputs().compute_key(SimpleNamespace(task=SimpleNamespace(name="stage")), inputs, {})
+
+    assert len({key(t, "sparsity") for t in trials}) == 1
+    assert len({key(t, "selection") for t in trials}) == 3
 
 
 def test_group_norm_trains_its_own_sparsity_stage_and_searches_only_the_cut():

@@ -22,7 +22,7 @@ from compression.train import default_device, evaluate, primary_metric
 
 # Metrics compared against the pretrained base (lower is better for all but task metrics).
 RATIO_KEYS = ("params", "nonzero_params", "size_bytes", "flops", "latency_b1_ms", "latency_b32_ms",
-              "latency_ort_b1_ms", "latency_ort_b32_ms")
+              "latency_ort_b1_ms", "latency_ort_b32_ms", "latency_ort_net_b1_ms", "latency_ort_net_b32_ms")
 
 
 def val_key(task: str) -> str:
@@ -61,7 +61,8 @@ def measure(ckpt: Checkpoint, cfg: PipelineConfig, split: str = "test", *, laten
     the caller measured that model already). ``size_bytes`` only when ``ckpt.path`` is set (a saved file).
     Latency, end to end on the split's first images at the deployment's ``export.threads``, in two runtimes:
     PyTorch eager (``latency_b{1,32}_ms``, where a user starts from) and the CPU deployment, ONNX Runtime
-    (``latency_ort_b{1,32}_ms``, ``export.deployment_latency``: what the latency table predicts and
+    (``latency_ort_b{1,32}_ms``, ``export.deployment_latency``), and its network part alone
+    (``latency_ort_net_b{1,32}_ms``: what pruning fixes, what the latency table predicts and what
     ``--budget latency=`` reads).
     """
     from compression.export import deployment_latency
@@ -92,6 +93,7 @@ def measure(ckpt: Checkpoint, cfg: PipelineConfig, split: str = "test", *, laten
             deployed = deployment_latency(model, images, batch, threads=cfg.export.threads,
                                           runs=5 if batch == 1 else 3, warmup=2)
             result[f"latency_ort_b{batch}_ms"] = deployed["median_ms"]
+            result[f"latency_ort_net_b{batch}_ms"] = deployed["network_ms"]
     if base:
         add_ratios(result, base, ckpt.task)
     return result

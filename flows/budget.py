@@ -135,7 +135,7 @@ def budget_trial(config: PipelineConfig, trial_name: str, trial_dir: str, shared
         "pruned_path": pruned["path"],
         "sparsity_path": sparse["path"] if sparse else None, "sparsity_cached": sparse["cached"] if sparse else None,
         "flops_ratio": measured.get("flops_ratio"), "params_ratio": measured.get("params_ratio"),
-        "latency_ratio": measured.get("latency_ort_b32_ms_ratio"),
+        "latency_ratio": measured.get("latency_ort_net_b32_ms_ratio"),
         "size_bytes_ratio": measured.get("size_bytes_ratio"), "map_pruned": measured.get(metric),
         "drop_pruned": measured.get(f"{metric}_drop"), "alpha": sparse_metrics.get("alpha"),
         "val_l1": sparse_metrics.get("val_metric_l1"),
@@ -311,7 +311,8 @@ def choose(s: Search, retrained: list[dict[str, Any]]) -> tuple[dict[str, Any] |
     metric, val = primary_metric(s.task), val_key(s.task)
     chosen.update(status="chosen", final_path=final_path, final_map=final_metrics.get(metric),
                   final_drop=final_metrics.get(f"{metric}_drop"), final_val_drop=final_metrics.get(f"{val}_drop"),
-                  final_stage="distill" if final_path != chosen["retrained_path"] else "retrain")
+                  final_stage="distill" if final_path != chosen["retrained_path"] else "retrain",
+                  final_latency_e2e_ratio=final_metrics.get("latency_ort_b32_ms_ratio"))
     TB.log_trial(s.tracker, trial.name, chosen["mlflow_run_id"], _trial_metrics(chosen), "chosen")
     s.run.current = ("register", None)
     T.log_final_checkpoint(s.tracker, final_path, final_run_id)
@@ -350,8 +351,10 @@ def summarise(s: Search, screened: list[dict[str, Any]], retrained: list[dict[st
                        "trials_retrained": len(done),
                        "trials_failed": sum(r["status"] == "failed" for r in s.records.values()),
                        **{k: v for k, v in correlation.items() if v is not None},
-                       **{f"chosen_{k}": chosen.get(k) for k in ("flops_ratio", "params_ratio", "final_map",
-                                                                  "final_drop", "final_val_drop") if chosen},
+                       **{f"chosen_{k}": chosen.get(k) for k in ("flops_ratio", "params_ratio", "latency_ratio",
+                                                                  "final_latency_e2e_ratio", "final_map",
+                                                                  "final_drop", "final_val_drop")
+                          if chosen and chosen.get(k) is not None},
                        **{f"search_{k}": v for k, v in s.timings.items()}}
     metric = primary_metric(s.task)
     artifacts = TB.log_pareto(s.tracker, table, s.base_metrics, metric, s.wanted.text, summary_metrics)
@@ -442,7 +445,7 @@ def _budget_search(cfg: PipelineConfig, search: CB.SearchConfig, wanted: CB.Budg
 def _trial_metrics(record: dict[str, Any]) -> dict[str, Any]:
     keys = ("flops_ratio", "params_ratio", "latency_ratio", "size_bytes_ratio", "val_l1", "val_thresholded", "val_pruned",
             "map_pruned", "drop_pruned", "alpha", "removed_fraction", "val", "val_drop", "map", "drop",
-            "distilled_val_drop", "final_map", "final_drop", "final_val_drop")
+            "distilled_val_drop", "final_map", "final_drop", "final_val_drop", "final_latency_e2e_ratio")
     return {k: record[k] for k in keys if isinstance(record.get(k), int | float) and not isinstance(record[k], bool)}
 
 

@@ -569,8 +569,12 @@ def _report_budget(cfg, summary: dict, say: Console) -> None:
         lines.append(f"no trial is within the budget {summary['budget']['text']}: retrain longer, add knobs "
                      "(--search) or relax the budget")
     else:
-        speed = (f"{chosen['latency_ratio']:.3g}x lower measured latency (batch 32), "
-                 if chosen.get("latency_ratio") is not None else "")
+        speed = ""
+        if chosen.get("latency_ratio") is not None:
+            speed = f"{chosen['latency_ratio']:.3g}x lower measured network latency"
+            if chosen.get("final_latency_e2e_ratio") is not None:
+                speed += f" ({chosen['final_latency_e2e_ratio']:.3g}x end to end)"
+            speed += " (ONNX Runtime, batch 32), "
         lines += [f"chosen: trial {chosen['trial']} ({chosen['knobs']}): {chosen['flops_ratio']:.3g}x fewer FLOPs, "
                   f"{chosen['params_ratio']:.3g}x fewer params, {speed}{metric} {chosen['final_map']:.4g} "
                   f"({100 * chosen['final_drop']:+.2f} points drop, after {chosen['final_stage']})",

@@ -110,13 +110,13 @@ def test_default_knobs_vary_what_decides_how_much_the_config_prunes():
     # first, is lifted; the one phase reaches every prunable layer, each cut to an eighth at most.
     latency = default_knobs(default, parse_budget("latency=3x"))
     every_layer = list(layer_names("ssd_vgg_lite"))
-    assert latency == {**lam, "stages.phases.phase1.target_latency_ratio": [3.0, 3.75, 4.5],
-                       "stages.phases.phase1.target_flops_ratio": [None],
+    assert latency == {**lam, "stages.phases.phase1.target_latency_ratio": [3.0, 3.3, 3.75],
+                       "stages.selection.out_of_reach": ["closest"], "stages.phases.phase1.target_flops_ratio": [None],
                        "stages.phases.phase1.layers": [every_layer], "stages.phases.phase1.max_layer_ratio": [0.875]}
     assert default.stages.phases[0].layers != every_layer and default.stages.selection.max_layer_ratio == 0.75
     trials = plan_trials(default, load_search(["max_trials=6"], knobs=latency))
     assert sorted({(t.config.stages.phases[0].target_latency_ratio, t.config.stages.phases[0].target_flops_ratio)
-                   for t in trials}) == [(3.0, None), (3.75, None), (4.5, None)]
+                   for t in trials}) == [(3.0, None), (3.3, None), (3.75, None)]
     assert all(t.config.stages.phases[0].layers == every_layer and t.config.stages.phases[0].max_layer_ratio == 0.875
                for t in trials)
     assert len({t.group for t in trials}) == 2  # the targets act at selection: trials of one λ share sparsity

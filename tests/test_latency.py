@@ -26,6 +26,7 @@ from compression.latency import (
     measure_latency_table,
     measure_network_ms,
     model_widths,
+    network_speedup,
 )
 from compression.models import build_model, prunable_layers
 from compression.pruning import build_dependency_graph, prune_filters, resolve_layers
@@ -101,6 +102,14 @@ def test_a_table_measured_on_a_busy_machine_still_predicts_the_pruned_time(lite,
     # On failure, say how busy the machine was: the table's three timings of the whole network disagreeing
     # (network_drift) means the load changed while it was measured.
     assert abs(predicted / measured - 1) <= PREDICTION_TOLERANCE, (predicted, measured, busy.data["network_drift"])
+
+
+def test_network_speedup_times_the_two_networks_in_alternation(lite, busy_machine):
+    # Under the same load a network against itself is 1x, and a pruned one is faster.
+    same = network_speedup(lite, lite, batch_size=8, rounds=3)
+    assert abs(same["ratio"] - 1) <= 0.10, same
+    pruned = network_speedup(lite, _pruned(lite, 0.75), batch_size=8, rounds=3)
+    assert pruned["ratio"] > 1.5 and pruned["base_ms"] > pruned["model_ms"], pruned
 
 
 def test_several_threads_are_timed_by_the_wall_clock():

@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 TABLE_COLUMNS = ("checkpoint", "stage", "phase", "params", "nonzero_params", "size_bytes", "flops",
                  "map_voc07", "map_voc", "map_coco", "top1", "val_map_voc07", "val_top1", "latency_b1_ms",
-                 "latency_ort_b1_ms", "params_ratio", "size_bytes_ratio", "flops_ratio", "map_voc07_drop", "top1_drop", "final", "cached")
+                 "latency_ort_b32_ms", "params_ratio", "size_bytes_ratio", "flops_ratio", "map_voc07_drop", "top1_drop", "final", "cached")
 
 _LOCKS: dict[str, threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()

@@ -369,7 +369,6 @@ def test_the_timed_deployment_path_detects_what_pytorch_does_and_every_checkpoin
 
     ckpt = Checkpoint(model=model, model_name="ssd_vgg_lite", model_args=args, class_names=CLASSES)
     base = measure(ckpt, cfg)
-    assert base["latency_ort_b1_ms"] > 0 and base["latency_ort_b32_ms"] > base["latency_ort_b1_ms"]
     assert 0 < base["latency_ort_net_b32_ms"] < base["latency_ort_b32_ms"]  # the network is part of the whole
     again = dict(base)
     add_ratios(again, base, "detection")

@@ -540,8 +540,7 @@ def deployment_latency(model: nn.Module, images: torch.Tensor, batch_size: int, 
     N is smaller): a detector's post-processing costs what its boxes above the score threshold cost, so give
     the data's own images. Clock and return as ``metrics.measure_latency``: ``{"median_ms", "p90_ms",
     "batch_size", "threads", "clock"}``, plus ``network_ms``, the network's part alone (median): what pruning
-    fixes, and what the latency table predicts. A detector's post-processing costs what its boxes above the
-    score threshold cost, so the rest depends on how well trained the model is.
+    fixes, and what the latency table predicts.
     """
     from compression.metrics import timed_runs_ms, timing_clock
 

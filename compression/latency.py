@@ -8,17 +8,24 @@ on the target, in the deployment runtime and layout, at the configured batch siz
 
 - ``ms``: a coarse grid of (input, output) widths, about 1/4, 1/2, 3/4 and all of each width rounded to
   multiples of ``grid_step``, interpolated bilinearly in between;
-- ``fine_ms``: every multiple of ``grid_step`` up to the output width (and the width itself) at the full
-  input width. It corrects the coarse grid between its points (the staircase of vector widths and blocked
+- ``fine_ms``: every multiple of ``grid_step`` up to the output width, the width itself and the powers of
+  two below one step, at the full input width. It corrects the coarse grid between its points (the staircase of vector widths and blocked
   layouts) and names the site's *fast widths*: those that run faster than every wider one. A width between
   two of these is predicted at the wider one's time, input and output alike.
 
-The network's time is the sum of its sites' times plus ``fixed_ms``, what the sites do not hold (the input
-normalisation, SSD's L2Norm, pooling that feeds two branches, the head's reshapes), measured once as the
-whole network's time minus the sum of its sites at full width. Post-processing is not in the table: what it
-costs follows how many boxes clear the score threshold, i.e. the trained model and the images, not the
-widths (``export.deployment_latency`` times it end to end). Runtimes: ``onnxruntime`` on the CPU (graph optimisations on,
-``intra_op_num_threads`` = threads), ``torch`` on a GPU (channels-last, CUDA-synchronised timing).
+The network's time is predicted from the sum of its sites' times by a line, ``scale`` x sites + ``fixed_ms``,
+fitted through two whole networks timed on the target: the model, and a copy cut to a quarter of every
+prunable width (``calibration``). ``fixed_ms`` holds what the sites do not (the input normalisation, SSD's
+L2Norm, pooling that feeds two branches, the head's reshapes); ``scale`` holds how the sites, timed alone,
+differ from the same ops inside a network. With one anchor (``fixed_ms`` = network - sites at full width)
+that difference, a few percent of the full network, landed whole on a pruned network of a quarter its
+time: beside a training process the sites summed to 4% over the network (19.7 against 18.9 ms), and the
+table predicted the 0.75-pruned network 25% too fast; the line through the two networks, 4%.
+
+Post-processing is not in the table: what it costs follows how many boxes clear the score threshold, i.e.
+the trained model and the images, not the widths (``export.deployment_latency`` times it end to end).
+Runtimes: ``onnxruntime`` on the CPU (graph optimisations on, ``intra_op_num_threads`` = threads),
+``torch`` on a GPU (channels-last, CUDA-synchronised timing).
 
 Every time is the fastest of a few warmed runs. With one thread on the CPU it is the calling thread's CPU
 time, not wall time: both runtimes compute in the calling thread then, and CPU time does not count the
@@ -26,7 +33,7 @@ time another process holds the core. Wall time on a busy 2-core machine doubled 
 (18 -> 35 ms) while single layers, shorter than a scheduler slice, kept theirs, and the table then
 predicted a pruned network 3.6x too slow; CPU time kept the prediction within 10% under the same load.
 With several threads (and on a GPU) the work runs on other threads, so wall time is the measure there,
-and the whole network is timed three times among the sites, with a warning when the timings disagree.
+and each whole network is timed three times among the sites, with a warning when the timings disagree.
 
 Tables are saved as JSON keyed by a device fingerprint (CPU model, runtime, threads, batch, torch and
 ONNX Runtime versions; the GPU's name on a GPU): ``load_or_measure`` reuses a table of the same fingerprint
@@ -66,6 +73,7 @@ _FOLLOWERS = ("Relu", "MaxPool")
 _COARSE_FRACTIONS = (0.25, 0.5, 0.75)
 _NETWORK_RUNS = 20  # at least, for the whole network (see measure_latency_table)
 _NETWORK_DRIFT = 0.10  # the whole network's timings disagreeing by more say the machine was busy
+_ANCHOR_CUT = 0.75  # the calibration's second network: every prunable layer keeps a quarter of its filters
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,8 +302,11 @@ def _grid(width: int, step: int) -> list[int]:
 
 
 def _fine(width: int, step: int) -> list[int]:
-    # Half a step too: whether a layer narrower than one vector block runs any faster is the table's to say.
-    return sorted({width, max(1, min(width, step // 2))} | set(range(step, width, step)) | set(_grid(width, step)))
+    # The powers of two below a step too: whether a layer narrower than one vector block runs any faster is
+    # the table's to say. Without them a 0.875-pruned network (layers of 1, 2 and 4 filters, rounded up to
+    # the narrowest timed width) was predicted 20-29% slower than it ran.
+    narrow = {2**k for k in range(max(step, 1).bit_length()) if 2**k < step}
+    return sorted({width} | {w for w in narrow if w < width} | set(range(step, width, step)) | set(_grid(width, step)))
 
 
 def _interp(points: list[int], values: list[float], x: float) -> float:
@@ -349,15 +360,25 @@ class LatencyTable:
             cout = _round_up(site["fine_widths"], widths.get(name, cout))
         return cin, cout
 
+    @property
+    def scale(self) -> float:
+        # Tables measured before the two-network calibration have none: their sites count as they were timed.
+        return float(self.data.get("scale", 1.0))
+
+    def sites_ms(self, widths: Mapping[str, int]) -> float:
+        """The sum of the sites' timed times with the prunable layers at ``widths`` (others: full width)."""
+        return sum(self.site_ms(name, *self.widths_of(widths, name)) for name in self.sites)
+
     def network_ms(self, widths: Mapping[str, int]) -> float:
         """Predicted network time (ms per batch) with the prunable layers at ``widths`` (others: full width)."""
-        return sum(self.site_ms(name, *self.widths_of(widths, name)) for name in self.sites) + self.data["fixed_ms"]
+        return self.scale * self.sites_ms(widths) + self.data["fixed_ms"]
 
     def layer_ms(self, widths: Mapping[str, int], layer: str, width: int) -> float:
-        """The time of every site ``layer``'s width enters (its own, its readers') with ``layer`` at ``width``."""
+        """The network time of every site ``layer``'s width enters (its own, its readers') with ``layer`` at
+        ``width``."""
         changed = {**widths, layer: width}
-        return sum(self.site_ms(name, *self.widths_of(changed, name)) for name, site in self.sites.items()
-                   if name == layer or site["producer"] == layer)
+        return self.scale * sum(self.site_ms(name, *self.widths_of(changed, name))
+                                for name, site in self.sites.items() if name == layer or site["producer"] == layer)
 
     def fast_widths(self, layer: str) -> list[int]:
         """The widths of ``layer`` the table shows the device runs faster than every wider one, ascending: the
@@ -383,6 +404,19 @@ class LatencyTable:
                 and all(widths[name] <= model["widths"][name] for name in widths))
 
 
+def _quarter_width(model: nn.Module, model_name: str) -> nn.Module:
+    """A copy of ``model`` with every prunable layer cut to a quarter of its filters (the largest by L1 norm
+    kept, at least one): the calibration's second network, near the widths a 3-4x latency target reaches."""
+    from compression.criteria import rank_filters, select_by_ratio
+    from compression.models import prunable_layers
+    from compression.pruning import build_dependency_graph, prune_filters, resolve_layers
+
+    quarter = copy.deepcopy(model)
+    dg = build_dependency_graph(quarter)
+    layers = resolve_layers(quarter, model_name, prunable_layers(model_name), dg=dg)
+    return prune_filters(quarter, select_by_ratio(rank_filters("l1_norm", quarter, dg, layers), _ANCHOR_CUT), dg=dg)
+
+
 def measure_latency_table(model: nn.Module, model_name: str, *, runtime: str = "onnxruntime", batch_size: int = 32,
                           threads: int = 1, grid_step: int = 8, warmup: int = 2, runs: int = 5,
                           device: str = "cpu") -> LatencyTable:
@@ -399,17 +433,19 @@ def measure_latency_table(model: nn.Module, model_name: str, *, runtime: str = "
     torch.set_num_threads(threads)
     try:
         sites = _sites(model, model_name, network_onnx(model, batch_size))
-        # The whole network anchors ``fixed_ms``, so its error reaches every prediction of a pruned network, and
-        # one session's time of it varies by 2-3% from the next (17.8-18.3 ms on a quiet machine): it is timed
-        # in three sessions, before, between and after the sites, and the median is kept. Timings further
-        # apart than that say the machine was busy.
+        # The two whole networks anchor the line every prediction is read from, and one session's time of a
+        # network varies by 2-3% from the next (17.8-18.3 ms on a quiet machine): each is timed in three
+        # sessions, before, between and after the sites, and the median is kept. Timings further apart than
+        # that say the machine was busy.
         network_timer = _Timer(runtime, batch_size, threads, warmup, max(runs, _NETWORK_RUNS), device)
-        network_times = [network_timer.network_ms(model)]
+        anchors = [model, _quarter_width(model, model_name)]
+        network_times: list[list[float]] = [[network_timer.network_ms(m)] for m in anchors]
         widths = {site.name: site.out_channels for site in sites if site.prunable}
         table_sites = {}
         for index, site in enumerate(sites):
             if index == len(sites) // 2:
-                network_times.append(network_timer.network_ms(model))
+                for times, anchor in zip(network_times, anchors, strict=True):
+                    times.append(network_timer.network_ms(anchor))
             cin_grid = _grid(site.in_channels, grid_step) if site.producer else [site.in_channels]
             cout_grid = _grid(site.out_channels, grid_step) if site.prunable else [site.out_channels]
             ms = [[timer.site_ms(site, cin, cout) for cout in cout_grid] for cin in cin_grid]
@@ -423,19 +459,27 @@ def measure_latency_table(model: nn.Module, model_name: str, *, runtime: str = "
                 entry["fine_widths"] = fine
                 entry["fine_ms"] = [known[w] if w in known else timer.site_ms(site, site.in_channels, w) for w in fine]
             table_sites[site.name] = entry
-        network_times.append(network_timer.network_ms(model))
-        network = float(np.median(network_times))
-        drift = max(network_times) / min(network_times) - 1
+        for times, anchor in zip(network_times, anchors, strict=True):
+            times.append(network_timer.network_ms(anchor))
+        drift = max(max(times) / min(times) - 1 for times in network_times)
         if drift > _NETWORK_DRIFT:
-            warnings.warn(f"latency: the whole {model_name} took {' / '.join(f'{t:.2f}' for t in network_times)} "
-                          f"ms in three timings ({fingerprint['clock']} clock); the machine was busy, and this "
-                          f"table's predictions may be off by {drift:.0%}", stacklevel=2)
+            timings = "; ".join(" / ".join(f"{t:.2f}" for t in times) for times in network_times)
+            warnings.warn(f"latency: the whole {model_name} and its quarter-width copy took {timings} ms in three "
+                          f"timings each ({fingerprint['clock']} clock); the machine was busy, and this table's "
+                          f"predictions may be off by {drift:.0%}", stacklevel=2)
         data = {"format": TABLE_FORMAT, "fingerprint": fingerprint,
                 "model": {"name": model_name, "input_size": list(model_input_size(model)), "widths": widths},
-                "sites": table_sites, "network_ms": network, "network_drift": drift,
+                "sites": table_sites, "network_drift": drift,
                 "timing": {"warmup": warmup, "runs": runs, "clock": fingerprint["clock"]}}
-        table = LatencyTable({**data, "fixed_ms": 0.0})
-        data["fixed_ms"] = network - table.network_ms(widths)
+        sites_only = LatencyTable({**data, "fixed_ms": 0.0})
+        calibration = [{"widths": model_widths(anchor, model_name), "network_ms": float(np.median(times)),
+                        "sites_ms": sites_only.sites_ms(model_widths(anchor, model_name))}
+                       for anchor, times in zip(anchors, network_times, strict=True)]
+        (full, quarter) = calibration
+        data["network_ms"] = full["network_ms"]
+        data["calibration"] = calibration
+        data["scale"] = (full["network_ms"] - quarter["network_ms"]) / (full["sites_ms"] - quarter["sites_ms"])
+        data["fixed_ms"] = full["network_ms"] - data["scale"] * full["sites_ms"]
     finally:
         torch.set_num_threads(previous)
     data["measured_seconds"] = time.perf_counter() - started

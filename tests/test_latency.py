@@ -78,22 +78,30 @@ def test_table_predicts_the_pruned_network_time(lite, table, ratio, layers):
     assert abs(predicted / measured - 1) <= PREDICTION_TOLERANCE, (predicted, measured)
 
 
-_BUSY = "import itertools\nfor _ in itertools.count(): pass\n"
+_SPIN = "import itertools\nfor _ in itertools.count(): pass\n"
+# What a user's machine runs beside a deployment: training, heavy on the vector units and on memory. This
+# neighbour, not a spinning one, moved the table's predictions most (25% with the table's old one-network fit).
+_TRAIN = ("import torch\ntorch.set_num_threads(1)\n"
+          "model = torch.nn.Sequential(*[torch.nn.Conv2d(32, 32, 3, padding=1) for _ in range(4)])\n"
+          "batch, optimizer = torch.rand(16, 32, 64, 64), torch.optim.SGD(model.parameters(), 0.01)\n"
+          "while True:\n    optimizer.zero_grad()\n    model(batch).sum().backward()\n    optimizer.step()\n")
 
 
 @pytest.fixture()
 def busy_machine():
-    """Two processes spinning beside the test, one per core of the 2-core machine the project runs on."""
-    spinners = [subprocess.Popen([sys.executable, "-c", _BUSY]) for _ in range(2)]
+    """Two processes beside the test, one per core of the 2-core machine the project runs on: a training
+    loop and a spinning one."""
+    neighbours = [subprocess.Popen([sys.executable, "-c", code]) for code in (_TRAIN, _SPIN)]
     yield
-    for spinner in spinners:
-        spinner.kill()
-        spinner.wait()
+    for neighbour in neighbours:
+        neighbour.kill()
+        neighbour.wait()
 
 
 def test_a_table_measured_on_a_busy_machine_still_predicts_the_pruned_time(lite, busy_machine):
-    # Timed by the wall clock, the whole network (longer than a scheduler slice) doubled under this load while
-    # single layers did not, and the table predicted the 0.75-pruned network 3.6x too slow.
+    # Timed by the wall clock, the whole network (longer than a scheduler slice) doubled under such load while
+    # single layers did not, and the table predicted the 0.75-pruned network 3.6x too slow. On the CPU clock,
+    # with the network minus its sites as a constant, it predicted that network 15-26% too fast.
     busy = measure_latency_table(lite, "ssd_vgg_lite", batch_size=8, threads=1, grid_step=8, warmup=2, runs=5)
     assert busy.fingerprint["clock"] == "thread_cpu"
     pruned = _pruned(lite, 0.75)
@@ -161,9 +169,8 @@ def test_select_by_latency_reaches_the_target_on_fast_widths(lite, table):
     from compression.criteria import select_by_latency
     from compression.errors import StageError
 
-    # The selection's logic on the measured sites, without the fixed part: that part is a difference of two
-    # timings, and on a busy machine it can dwarf the layers (the prediction test above is about timing).
-    table = LatencyTable({**table.data, "fixed_ms": 0.0})
+    # The selection's logic on the measured sites alone (the prediction tests above are about timing).
+    table = LatencyTable({**table.data, "fixed_ms": 0.0, "scale": 1.0})
     dg = build_dependency_graph(lite)
     layers = resolve_layers(lite, "ssd_vgg_lite", prunable_layers("ssd_vgg_lite"), dg=dg)
     scores = rank_filters("l1_norm", lite, dg, layers)

@@ -47,7 +47,8 @@ from compression.errors import ConfigError
 BudgetKind = Literal["map_drop", "flops", "params", "latency"]
 BUDGET_FORMS = ("map_drop=POINTS (e.g. map_drop=1.0), flops=RATIOx (e.g. flops=4x), params=RATIOx (e.g. params=6x) "
                 "or latency=RATIOx (e.g. latency=3x)")
-# The trial measurement each ratio budget reads (``latency_ratio``: base latency_ort_b32_ms / the trial's).
+# The trial measurement each ratio budget reads (``latency_ratio``: the base's network time over the trial's,
+# timed in alternation in ONNX Runtime at the export batch size).
 RATIO_KEYS: dict[str, str] = {"flops": "flops_ratio", "params": "params_ratio", "latency": "latency_ratio",
                               "map_drop": "flops_ratio"}
 _NOUNS = {"flops": "FLOPs", "params": "parameters", "latency": "latency (batch 32)"}

@@ -348,6 +348,16 @@ def latency_table_for(ckpt: Checkpoint, cfg: PipelineConfig, run_dir: Path):
                            grid_step=cfg.export.grid_step)
 
 
+def predicted_speedup(base: Checkpoint, ckpt: Checkpoint, cfg: PipelineConfig, run_dir: Path) -> float:
+    """How much faster the latency table (``latency_table_for``, the one the selection read) predicts
+    ``ckpt``'s network than ``base``'s: what a latency target aimed at, to set beside the measured ratio."""
+    from compression.latency import model_widths
+
+    table = latency_table_for(base, cfg, run_dir)
+    return (table.network_ms(model_widths(base.model, base.model_name))
+            / table.network_ms(model_widths(ckpt.model, ckpt.model_name)))
+
+
 def _select_ranked(ckpt: Checkpoint, dg, scores: dict[str, list[float]], cfg: PipelineConfig,
                    scope: str, out: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     from compression.criteria import select_by_flops, select_by_latency, select_by_ratio

@@ -45,7 +45,7 @@ from compression.config import PhaseConfig, PipelineConfig
 from compression.errors import PrunepipeError
 from compression.latency import network_speedup
 from compression.measure import val_key
-from compression.stages import LATENCY_TABLE
+from compression.stages import LATENCY_TABLE, predicted_speedup
 from compression.train import primary_metric
 from flows.compress import (
     Checked,
@@ -62,7 +62,8 @@ from tasks.env import apply_env_defaults
 from tasks.ray_trainer import ensure_ray, ray_summary
 from tasks.tracking import RunTracker
 
-TABLE_COLUMNS = ("trial", "knobs", "status", "flops_ratio", "params_ratio", "latency_ratio", "size_bytes_ratio",
+TABLE_COLUMNS = ("trial", "knobs", "status", "flops_ratio", "params_ratio", "latency_ratio", "predicted_latency_ratio",
+                 "size_bytes_ratio",
                  "val_thresholded", "val_pruned", "val", "val_drop_points", "map_pruned", "map", "drop_points", "final_map",
                  "final_drop_points", "front_flops_ratio", "front_params_ratio", "mlflow_run_id")
 
@@ -134,14 +135,16 @@ def budget_trial(config: PipelineConfig, trial_name: str, trial_dir: str, shared
     measured = pruned["metrics"]
     # The pruned network against the base's, timed in alternation here: the checkpoints' own timings were
     # taken minutes apart under different load (the base alone, the trials two at a time).
-    speedup = network_speedup(load_checkpoint(base_path).model, load_checkpoint(pruned["path"]).model,
-                              batch_size=config.export.batch_size, threads=config.export.threads)
+    base, model = load_checkpoint(base_path), load_checkpoint(pruned["path"])
+    speedup = network_speedup(base.model, model.model, batch_size=config.export.batch_size,
+                              threads=config.export.threads)
+    predicted = predicted_speedup(base, model, config, Path(trial_dir)) if _cuts_by_latency(config) else None
     return {
         "produced": produced,
         "pruned_path": pruned["path"],
         "sparsity_path": sparse["path"] if sparse else None, "sparsity_cached": sparse["cached"] if sparse else None,
         "flops_ratio": measured.get("flops_ratio"), "params_ratio": measured.get("params_ratio"),
-        "latency_ratio": speedup["ratio"],
+        "latency_ratio": speedup["ratio"], "predicted_latency_ratio": predicted,
         "size_bytes_ratio": measured.get("size_bytes_ratio"), "map_pruned": measured.get(metric),
         "drop_pruned": measured.get(f"{metric}_drop"), "alpha": sparse_metrics.get("alpha"),
         "val_l1": sparse_metrics.get("val_metric_l1"),
@@ -449,7 +452,7 @@ def _budget_search(cfg: PipelineConfig, search: CB.SearchConfig, wanted: CB.Budg
 
 
 def _trial_metrics(record: dict[str, Any]) -> dict[str, Any]:
-    keys = ("flops_ratio", "params_ratio", "latency_ratio", "size_bytes_ratio", "val_l1", "val_thresholded", "val_pruned",
+    keys = ("flops_ratio", "params_ratio", "latency_ratio", "predicted_latency_ratio", "size_bytes_ratio", "val_l1", "val_thresholded", "val_pruned",
             "map_pruned", "drop_pruned", "alpha", "removed_fraction", "val", "val_drop", "map", "drop",
             "distilled_val_drop", "final_map", "final_drop", "final_val_drop", "final_latency_e2e_ratio")
     return {k: record[k] for k in keys if isinstance(record.get(k), int | float) and not isinstance(record[k], bool)}

@@ -200,9 +200,9 @@ def test_select_by_latency_reaches_the_target_on_fast_widths(lite, table):
 
 
 def test_selection_stage_with_a_latency_target(tmp_path, digits_devkit):
-    from compression.checkpoint import Checkpoint, save_checkpoint
+    from compression.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
     from compression.config import PhaseConfig
-    from compression.stages import LATENCY_TABLE, select_filters
+    from compression.stages import LATENCY_TABLE, predicted_speedup, prune, select_filters
     from tests.conftest import tiny_config
 
     cfg = tiny_config(tmp_path, digits_devkit, "stages.selection.criterion=l1_norm", "export.batch_size=2",
@@ -221,6 +221,10 @@ def test_selection_stage_with_a_latency_target(tmp_path, digits_devkit):
     stored = json.loads((tmp_path / LATENCY_TABLE).read_text())
     (tables,) = stored["tables"].values()
     assert tables[0]["fingerprint"]["batch_size"] == 2 and tables[0]["fingerprint"]["runtime"] == "onnxruntime"
+    # What the budget sets beside a trial's measured speedup: the same table's prediction for the pruned model.
+    pruned, _ = prune(path, out, cfg, tmp_path / "pruned.safetensors", phase=phase)
+    predicted = predicted_speedup(load_checkpoint(path), load_checkpoint(pruned), cfg, tmp_path)
+    assert predicted == pytest.approx(record["latency_ratio"])
 
 
 def test_latency_target_settings_per_phase_and_refusals():

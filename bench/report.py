@@ -157,6 +157,16 @@ def _budget_targets(r: dict) -> list[tuple[str, bool]]:
         checks.append((f"the chosen model is within {limit:g} points of the pretrained one on the test split: "
                        + (f"{100 * chosen['final_drop']:+.2f} points" if chosen else "no trial chosen"),
                        bool(chosen) and 100 * chosen["final_drop"] <= limit + 1e-9))
+    if r["budget"].startswith("latency="):
+        target = float(r["budget"].split("=", 1)[1].rstrip("x"))
+        for trial in r.get("trials", []):
+            if trial.get("predicted_latency_ratio") and trial.get("latency_ratio"):
+                error = trial["predicted_latency_ratio"] / trial["latency_ratio"] - 1
+                checks.append((f"the latency table predicts {trial['trial']}'s measured network speedup within 15%: "
+                               f"{100 * error:+.1f}%", abs(error) <= 0.15))
+        checks.append((f"the chosen model's network is at least {target:g}x faster than the base's (measured): "
+                       + (f"{chosen['latency_ratio']:.2f}x" if chosen else "no trial chosen"),
+                       bool(chosen) and chosen["latency_ratio"] >= target))
     return checks
 
 
@@ -193,7 +203,7 @@ def _speedup_targets(r: dict) -> list[tuple[str, bool]]:
 
 
 TARGETS = {"controls": _controls_targets, "speedup": _speedup_targets, "pretrain": _pretrain_targets, "compress": _compress_targets, "overhead": _overhead_targets,
-           "budget": _budget_targets}
+           "budget": _budget_targets, "budget_latency": _budget_targets}
 
 
 def main() -> None:

@@ -62,6 +62,13 @@ def test_table_covers_every_conv_and_is_quick(lite, table):
     head = table.sites["head.classification_head.module_list.0"]
     assert not head["prunable"] and head["producer"] == "backbone.conv4_3"
     assert table.fingerprint == device_fingerprint("onnxruntime", 8, 1)
+    # The line predictions are read from passes through the two whole networks timed: the model and a copy
+    # with a quarter of every prunable layer's filters.
+    full, quarter = table.data["calibration"]
+    assert full["widths"] == model_widths(lite, "ssd_vgg_lite")
+    assert all(quarter["widths"][name] == max(1, round(width / 4)) for name, width in full["widths"].items())
+    for anchor in (full, quarter):
+        assert table.network_ms(anchor["widths"]) == pytest.approx(anchor["network_ms"])
 
 
 @pytest.mark.parametrize("ratio,layers", [

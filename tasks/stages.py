@@ -249,6 +249,23 @@ def latency_table(config: PipelineConfig, checkpoint: str, path: str) -> str:
     return path
 
 
+@task(name="network_speedup", task_run_name="network_speedup-{name}", cache_policy=NO_CACHE, persist_result=False)
+def network_speedup(config: PipelineConfig, name: str, base: str, checkpoint: str, run_dir: str,
+                    predict: bool) -> dict[str, Any]:
+    """How much faster ``checkpoint``'s network runs than ``base``'s on this device, the two timed in
+    alternation (``latency_ratio``), and with ``predict`` what the latency table said it would
+    (``predicted_latency_ratio``)."""
+    from compression.checkpoint import load_checkpoint
+    from compression.latency import network_speedup as timed_speedup
+    from compression.stages import predicted_speedup
+
+    base_ckpt, ckpt = load_checkpoint(base), load_checkpoint(checkpoint)
+    measured = timed_speedup(base_ckpt.model, ckpt.model, batch_size=config.export.batch_size,
+                             threads=config.export.threads)
+    predicted = predicted_speedup(base_ckpt, ckpt, config, Path(run_dir)) if predict else None
+    return {"latency_ratio": measured["ratio"], "predicted_latency_ratio": predicted}
+
+
 @task(name="log_checkpoint", task_run_name="log_checkpoint-{name}", **LOG_OPTIONS)
 def log_checkpoint(tracker: Any, name: str, stage: str, phase: str | None, checkpoint: str,
                    metrics: dict[str, Any], params: dict[str, Any], history: list[dict[str, Any]],

@@ -180,6 +180,18 @@ def test_the_trials_cutting_by_latency_read_one_table_measured_before_any_trial_
     assert len(measured) == 1 and measured[0].end_time <= min(run.start_time for run in searched["subflows"])
 
 
+def test_every_screened_network_is_timed_against_the_base_once_no_trial_trains(searched):
+    # Timed by each trial beside another one's training, one network measured 2.87-3.45x across trials.
+    screened = [t for t in searched["summary"]["trials"] if t["status"] != "failed"]
+    timed = [run for run in searched["task_runs"] if run.name.startswith("network_speedup")]
+    assert sorted(run.name for run in timed) == sorted(f"network_speedup-{t['trial']}" for t in screened)
+    assert all(run.state.is_completed() for run in timed)
+    assert min(run.start_time for run in timed) >= max(run.end_time for run in searched["subflows"])
+    assert not overlapping([(run.start_time, run.end_time) for run in timed])
+    # None of these cut by latency, so no prediction is made.
+    assert all(t["latency_ratio"] > 0 and t.get("predicted_latency_ratio") is None for t in screened)
+
+
 def test_every_trial_is_an_mlflow_child_run_and_the_parent_holds_the_pareto_front(cfg, searched):
     summary = searched["summary"]
     client = MlflowClient(cfg.tracking.mlflow_uri)

@@ -77,12 +77,17 @@ def test_table_covers_every_conv_and_is_quick(lite, table):
     (0.6, ["backbone.conv1_1", "backbone.conv1_2", "backbone.conv2_2", "backbone.conv4_3", "backbone.fc7"]),
 ])
 def test_table_predicts_the_pruned_network_time(lite, table, ratio, layers):
+    # The pruned network is measured against the dense one, the two timed in alternation (as the budget times
+    # its trials): in one session of its own, right after other tests' clusters shut down, it once measured
+    # 11.3 ms where it runs in 8.2-8.5, and the table's 8.9 looked 21% off. The dense network is the table's
+    # first calibration network, so the predicted speedup is the pruned network's predicted time set against
+    # the dense one's timed time, and the measured speedup the same on a clock that passing load shifts for
+    # both alike.
     pruned = _pruned(lite, ratio, layers)
-    predicted = table.network_ms(model_widths(pruned, "ssd_vgg_lite"))
-    measured = measure_network_ms(pruned, batch_size=8, threads=1, warmup=3, runs=15)
-    dense = measure_network_ms(lite, batch_size=8, threads=1, warmup=3, runs=15)
-    assert measured < dense  # pruning these layers does save time
-    assert abs(predicted / measured - 1) <= PREDICTION_TOLERANCE, (predicted, measured)
+    predicted = table.network_ms(model_widths(lite, "ssd_vgg_lite")) / table.network_ms(model_widths(pruned, "ssd_vgg_lite"))
+    measured = network_speedup(lite, pruned, batch_size=8, rounds=5)
+    assert measured["ratio"] > 1  # pruning these layers does save time
+    assert abs(predicted / measured["ratio"] - 1) <= PREDICTION_TOLERANCE, (predicted, measured)
 
 
 _SPIN = "import itertools\nfor _ in itertools.count(): pass\n"

@@ -9,8 +9,8 @@ on the target, in the deployment runtime and layout, at the configured batch siz
 - ``ms``: a coarse grid of (input, output) widths, about 1/4, 1/2, 3/4 and all of each width rounded to
   multiples of ``grid_step``, interpolated bilinearly in between;
 - ``fine_ms``: every multiple of ``grid_step`` up to the output width, the width itself and the powers of
-  two below one step, at the full input width. It corrects the coarse grid between its points (the staircase of vector widths and blocked
-  layouts) and names the site's *fast widths*: those that run faster than every wider one. A width between
+  two below one step, at the full input width. It corrects the coarse grid between its points (the
+  staircase of vector widths and blocked layouts) and names the site's *fast widths*: those that run faster than every wider one. A width between
   two of these is predicted at the wider one's time, input and output alike.
 
 The network's time is predicted from the sum of its sites' times by a line, ``scale`` x sites + ``fixed_ms``,
@@ -471,11 +471,13 @@ def measure_latency_table(model: nn.Module, model_name: str, *, runtime: str = "
                 "model": {"name": model_name, "input_size": list(model_input_size(model)), "widths": widths},
                 "sites": table_sites, "network_drift": drift,
                 "timing": {"warmup": warmup, "runs": runs, "clock": fingerprint["clock"]}}
-        sites_only = LatencyTable({**data, "fixed_ms": 0.0})
-        calibration = [{"widths": model_widths(anchor, model_name), "network_ms": float(np.median(times)),
-                        "sites_ms": sites_only.sites_ms(model_widths(anchor, model_name))}
-                       for anchor, times in zip(anchors, network_times, strict=True)]
-        (full, quarter) = calibration
+        sites = LatencyTable(data)  # its sites alone: the line through the two networks is fitted next
+        calibration = []
+        for anchor, times in zip(anchors, network_times, strict=True):
+            anchor_widths = model_widths(anchor, model_name)
+            calibration.append({"widths": anchor_widths, "network_ms": float(np.median(times)),
+                                "sites_ms": sites.sites_ms(anchor_widths)})
+        full, quarter = calibration
         data["network_ms"] = full["network_ms"]
         data["calibration"] = calibration
         data["scale"] = (full["network_ms"] - quarter["network_ms"]) / (full["sites_ms"] - quarter["sites_ms"])

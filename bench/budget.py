@@ -27,7 +27,8 @@ from bench._common import RESULTS, write_result  # noqa: E402
 
 COLUMNS = (("trial", "trial"), ("knobs", "knobs"), ("status (first run)", "status"), ("FLOPs x", "flops_ratio"),
            ("params x", "params_ratio"), ("network latency x (ORT, batch 32)", "latency_ratio"),
-           ("latency table's prediction x", "predicted_latency_ratio"), ("val mAP thresholded", "val_thresholded"),
+           ("latency table's prediction x", "predicted_latency_ratio"), ("ORT layout", "latency_layout"),
+           ("val mAP thresholded", "val_thresholded"),
            ("val mAP pruned", "val_pruned"), ("test mAP pruned", "map_pruned"), ("test mAP retrained", "map"),
            ("drop (points)", "drop_points"), ("Pareto (FLOPs / params)", "front"))
 

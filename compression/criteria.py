@@ -405,10 +405,12 @@ def select_by_latency(
     scope: str = "layer",
     max_layer_ratio: float = 1.0,
     closest: bool = False,
+    baseline_ms: float | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Remove the filters with the least importance per millisecond saved until the network's predicted
     latency (``table``, a ``latency.LatencyTable`` of this device) is at most the input model's /
-    ``target_latency_ratio`` (HALP's latency-saliency trade, solved greedily as NetAdapt does).
+    ``target_latency_ratio`` (HALP's latency-saliency trade, solved greedily as NetAdapt does). The input
+    model's time is ``baseline_ms`` when given (its time in another layout, when it runs faster there).
 
     Each layer of ``scores`` may only be cut to one of the widths the table shows the device runs fastest
     (``LatencyTable.fast_widths``, so a layer's ``round_to`` comes from the table) and never below
@@ -419,7 +421,8 @@ def select_by_latency(
     by their layer's mean first, so a move's cost is the share of its layer's importance it removes.
 
     Returns (selection, {"latency_before_ms", "latency_after_ms", "latency_ratio", "round_to",
-    "latency_device"}) with predicted network times (ms per batch). When even the floors cannot reach the
+    "latency_device", "latency_layout", "importance_removed"}) with predicted network times (ms per batch)
+    and the removed filters' summed (per-layer normalised) scores. When even the floors cannot reach the
     target: ``StageError``, or with ``closest`` the cut down to the floors, with ``latency_short_of_target``.
     """
     from compression.latency import model_widths
@@ -441,10 +444,10 @@ def select_by_latency(
         cumulative[name] = sums
         floor = layer_floor(n, min_channels, max_layer_ratio)
         allowed[name] = sorted({w for w in table.fast_widths(name) if floor <= w < n})
-    before = table.network_ms(widths)
+    before = table.network_ms(widths) if baseline_ms is None else baseline_ms
     goal = before / target_latency_ratio
     current = dict(widths)
-    predicted = before
+    predicted = table.network_ms(widths)
     while predicted > goal:
         best: tuple[float, float, str, int] | None = None
         for name in scores:
@@ -474,7 +477,8 @@ def select_by_latency(
     selection = {name: _entry(orders[name], len(values), current[name], list(values)) for name, values in scores.items()}
     info = {"latency_before_ms": before, "latency_after_ms": predicted, "latency_ratio": before / predicted,
             "round_to": {name: table.round_to(name) for name in scores},
-            "latency_device": table.fingerprint, "scope": scope}
+            "latency_device": table.fingerprint, "latency_layout": table.fingerprint.get("layout"), "scope": scope,
+            "importance_removed": sum(cumulative[name][len(scores[name]) - current[name]] for name in scores)}
     if predicted > goal:
         info["latency_short_of_target"] = predicted / goal
     return selection, info

@@ -16,7 +16,8 @@ into that conv (``fold_batchnorm``, torch's ``fuse_conv_bn_eval``), and the ONNX
 (``metadata_props``) and the sidecar carry the post-processing settings the checkpoint was measured
 with (``export.score_threshold``, ``export.pre_nms_top_k``). ``deployment_network`` is the same graph for
 PyTorch (channels-last on the CPU). ONNX Runtime is a first-class runtime: ``onnx_session`` opens the
-file with all graph optimisations, ``onnx_detect`` runs it with the batched post-processing of
+file in the layout its sidecar names (``ORT_LAYOUTS``: blocked NCHWc or plain NCHW, whichever ran the
+network faster; a pruned network narrower than the vector block runs faster plain), ``onnx_detect`` runs it with the batched post-processing of
 ``ssd_fast`` (the same code PyTorch's path runs), and ``onnx_parity`` compares it with PyTorch's
 ``ssd_detect`` image by image over a data split.
 
@@ -59,8 +60,8 @@ from compression.checkpoint import load_checkpoint
 from compression.errors import ConfigError, ModelError
 from compression.metrics import count_flops, count_parameters, file_size_bytes
 
-__all__ = ["EXPORT_FORMATS", "POSTPROCESS_RECIPE", "deployment_forward", "deployment_latency", "deployment_network", "export_onnx",
-           "export_paths", "fold_batchnorm", "network_onnx", "onnx_detect", "onnx_flops", "onnx_parity", "onnx_session", "postprocess_onnx_outputs",
+__all__ = ["EXPORT_FORMATS", "ORT_LAYOUTS", "POSTPROCESS_RECIPE", "deployment_forward", "deployment_latency", "deployment_network", "export_onnx",
+           "export_paths", "exported_layout", "fastest_layout", "fold_batchnorm", "network_onnx", "onnx_detect", "onnx_flops", "onnx_parity", "onnx_session", "postprocess_onnx_outputs",
            "read_sidecar"]
 
 EXPORT_FORMATS: tuple[str, ...] = ("onnx",)
@@ -209,8 +210,14 @@ def export_onnx(
     opset: int = 17,
     dynamic_batch: bool = True,
     exporter: str = "torchscript",
+    layout: str = "auto",
+    threads: int = 1,
 ) -> dict[str, Any]:
     """Export ``checkpoint_path``'s network to ``out_path`` (.onnx) plus sidecars; returns its metrics.
+
+    The sidecar names the ONNX Runtime layout (``ORT_LAYOUTS``) that ``onnx_session`` opens the file in:
+    ``layout``, or with ``auto`` the one the checkpoint's own measurement found fastest
+    (``latency_ort_layout``), else the faster of the two timed now at batch 32 and ``threads``.
 
     Metrics: ``onnx_size_bytes`` (the .onnx file), ``flops`` (``metrics.count_flops`` of the exported
     network at batch 1), ``onnx_flops`` (``onnx_flops`` of the written graph, batch 1), ``params``, ``checkpoint_size_bytes``, ``input_name``, ``input_shape``
@@ -229,6 +236,16 @@ def export_onnx(
     from compression.models import model_input_size, ssd_default_boxes
 
     height, width = model_input_size(model)
+    runtime = {"layout": layout, "chosen_by": "export argument"}
+    if layout == "auto" and ckpt.metrics.get("latency_ort_layout") in ORT_LAYOUTS:
+        runtime = {"layout": ckpt.metrics["latency_ort_layout"], "chosen_by": "the checkpoint's latency measurement"}
+    elif layout == "auto":
+        batch = torch.rand(32, 3, height, width, generator=torch.Generator().manual_seed(0))
+        fastest, times = fastest_layout(network_onnx(model, 32).SerializeToString(), {"images": batch.numpy()},
+                                        threads)
+        runtime = {"layout": fastest, "chosen_by": "timed at export", "batch_size": 32, "threads": threads,
+                   "network_ms": times}
+    _check_layout(runtime["layout"])
     network, output_names = _network(fold_batchnorm(model))
     example = torch.rand(2 if dynamic_batch else 1, 3, height, width, generator=torch.Generator().manual_seed(0))
     sidecar: dict[str, Any] = {
@@ -242,6 +259,7 @@ def export_onnx(
                   "values": "RGB in [0, 1]; mean/std normalisation is inside the graph"},
         "outputs": output_names,
         "opset": opset,
+        "onnxruntime": runtime,
     }
     paths = export_paths(out)
     written = {"onnx": paths["onnx"], "json": paths["json"]}
@@ -297,6 +315,7 @@ def export_onnx(
         "output_names": output_names,
         "opset": opset,
         "exporter": exporter,
+        "onnxruntime_layout": runtime["layout"],
         "files": {kind: str(path) for kind, path in written.items()},
     }
 
@@ -364,7 +383,8 @@ def _add_metadata(path: str, sidecar: dict[str, Any]) -> None:
 
     model = onnx.load(path)
     props = {"prunepipe.format": SIDECAR_FORMAT, "prunepipe.model_name": str(sidecar["model_name"]),
-             "prunepipe.class_names": json.dumps(sidecar["class_names"])}
+             "prunepipe.class_names": json.dumps(sidecar["class_names"]),
+             "prunepipe.onnxruntime_layout": sidecar["onnxruntime"]["layout"]}
     if "detection" in sidecar:
         det = sidecar["detection"]
         props.update({"prunepipe.score_threshold": repr(det["score_thresh"]),
@@ -451,13 +471,39 @@ def read_sidecar(onnx_path: Path | str) -> tuple[dict[str, Any], np.ndarray | No
     return sidecar, anchors
 
 
-def onnx_session(onnx_path: Path | str | bytes, threads: int = 1):
-    """An ONNX Runtime CPU session of ``onnx_path`` (or a serialised model) with every graph optimisation (Conv+activation fusion,
-    the NCHWc layout on x86) and ``threads`` intra-op threads, one inter-op thread."""
+# ONNX Runtime's CPU layouts: ``nchwc`` is its top optimisation level, whose layout pass reorders convs into
+# blocked NCHWc (channels padded to the vector block: 16 floats with AVX-512); ``nchw`` is the level below,
+# every fusion but that pass. Wide layers run faster blocked; layers narrower than a block pay for the
+# padding (a 1/8-width SSD ran 27.8 ms blocked, 20.1 ms plain; the dense one 83 and 109 ms).
+ORT_LAYOUTS: tuple[str, ...] = ("nchwc", "nchw")
+
+
+def _check_layout(layout: str) -> str:
+    if layout not in ORT_LAYOUTS:
+        raise ConfigError(f"ONNX Runtime layout {layout!r} is not one of {', '.join(ORT_LAYOUTS)}")
+    return layout
+
+
+def exported_layout(onnx_path: Path | str) -> str:
+    """The layout an export recorded as fastest (its sidecar's ``onnxruntime.layout``); ``nchwc`` when none."""
+    json_path = export_paths(onnx_path)["json"]
+    if json_path.is_file():
+        layout = json.loads(json_path.read_text()).get("onnxruntime", {}).get("layout", ORT_LAYOUTS[0])
+        return _check_layout(layout)
+    return ORT_LAYOUTS[0]
+
+
+def onnx_session(onnx_path: Path | str | bytes, threads: int = 1, layout: str | None = None):
+    """An ONNX Runtime CPU session of ``onnx_path`` (or a serialised model) in ``layout`` (``ORT_LAYOUTS``;
+    default: what the export's sidecar recorded, else ``nchwc``), ``threads`` intra-op threads and one
+    inter-op thread."""
     import onnxruntime as ort
 
+    if layout is None:
+        layout = ORT_LAYOUTS[0] if isinstance(onnx_path, bytes) else exported_layout(onnx_path)
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if _check_layout(layout) == "nchwc"
+                                        else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -496,18 +542,48 @@ def onnx_detect(session, sidecar: dict[str, Any], anchors: np.ndarray, images: t
                                list(original_sizes or [size] * images.shape[0]))
 
 
-def deployment_forward(model: nn.Module, batch: torch.Tensor, threads: int = 1) -> Callable[[], Any]:
+def fastest_layout(model_bytes: bytes, feed: dict[str, np.ndarray], threads: int = 1, *, rounds: int = 3,
+                   runs: int = 2) -> tuple[str, dict[str, float]]:
+    """The ``ORT_LAYOUTS`` entry that runs the serialised model fastest on ``feed`` here, and each layout's
+    fastest time (ms). The layouts are timed in alternation (``rounds`` x ``runs`` runs each, after one warm
+    run) on the clock ``metrics.timing_clock`` gives for ``threads``, so that load which comes and goes
+    weighs on both alike."""
+    from compression.metrics import timed_runs_ms, timing_clock
+
+    clock = timing_clock(threads)
+    sessions = {layout: onnx_session(model_bytes, threads, layout) for layout in ORT_LAYOUTS}
+    fastest = dict.fromkeys(ORT_LAYOUTS, math.inf)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for index in range(rounds):
+            for layout, session in sessions.items():
+                times = timed_runs_ms(lambda s=session: s.run(None, feed), warmup=int(index == 0), runs=runs,
+                                      clock=clock)
+                fastest[layout] = min(fastest[layout], *times)
+    finally:
+        torch.set_num_threads(previous)
+    return min(fastest, key=fastest.__getitem__), fastest
+
+
+def deployment_forward(model: nn.Module, batch: torch.Tensor, threads: int = 1,
+                       layout: str = "auto") -> Callable[[], Any]:
     """One call of the CPU deployment path on ``batch`` ((B, 3, H, W) in [0, 1] at the model's input size):
     the deployment network in ONNX Runtime (``network_onnx`` at batch B, a session as ``onnx_session`` opens
     it) and, for a detector, ``ssd_fast``'s batched post-processing with the model's own settings, so that it
     returns what ``ssd_detect`` does (a classifier: the logits, as a numpy array). What ``onnx_detect`` runs
-    on an exported file, built in memory. Its ``network`` attribute runs the network part alone."""
+    on an exported file, built in memory. ``layout``: one of ``ORT_LAYOUTS``, or ``auto``, the one that runs
+    this network fastest on ``batch`` (``fastest_layout``). Its ``network`` attribute runs the network part
+    alone, its ``layout`` attribute names the layout."""
     from compression.ssd_fast import postprocess_batched, run_network
 
     model = copy.deepcopy(model).cpu().float().eval()
     batch = batch.float().contiguous()
-    session = onnx_session(network_onnx(model, len(batch)).SerializeToString(), threads)
+    model_bytes = network_onnx(model, len(batch)).SerializeToString()
     feed = {"images": batch.numpy()}
+    if layout == "auto":
+        layout, _ = fastest_layout(model_bytes, feed, threads)
+    session = onnx_session(model_bytes, threads, layout)
 
     def network() -> list[np.ndarray]:
         return session.run(None, feed)
@@ -529,23 +605,25 @@ def deployment_forward(model: nn.Module, batch: torch.Tensor, threads: int = 1) 
             return postprocess_batched(model, outputs, anchors, size, sizes)
 
     forward.network = network  # type: ignore[attr-defined]
+    forward.layout = layout  # type: ignore[attr-defined]
     return forward
 
 
 def deployment_latency(model: nn.Module, images: torch.Tensor, batch_size: int, *, threads: int = 1,
-                       warmup: int = 2, runs: int = 5) -> dict[str, Any]:
+                       warmup: int = 2, runs: int = 5, layout: str = "auto") -> dict[str, Any]:
     """End-to-end time of one batch in the CPU deployment runtime (``deployment_forward``).
 
     ``images``: (N, 3, H, W) in [0, 1] at the model's input size, the first ``batch_size`` timed (cycled when
     N is smaller): a detector's post-processing costs what its boxes above the score threshold cost, so give
     the data's own images. Clock and return as ``metrics.measure_latency``: ``{"median_ms", "p90_ms",
     "batch_size", "threads", "clock"}``, plus ``network_ms``, the network's part alone (median): what pruning
-    fixes, and what the latency table predicts.
+    fixes, and what the latency table predicts, and ``layout``, the ONNX Runtime layout it ran in (``auto``:
+    the fastest for this network, ``fastest_layout``).
     """
     from compression.metrics import timed_runs_ms, timing_clock
 
     batch = images.repeat(-(-batch_size // len(images)), 1, 1, 1)[:batch_size]
-    forward = deployment_forward(model, batch, threads)
+    forward = deployment_forward(model, batch, threads, layout)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)  # the post-processing's torch ops run at the deployment's threads too
     clock = timing_clock(threads)
@@ -556,7 +634,8 @@ def deployment_latency(model: nn.Module, images: torch.Tensor, batch_size: int, 
     finally:
         torch.set_num_threads(previous)
     return {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90)),
-            "network_ms": float(np.median(network)), "batch_size": batch_size, "threads": threads, "clock": clock}
+            "network_ms": float(np.median(network)), "batch_size": batch_size, "threads": threads, "clock": clock,
+            "layout": forward.layout}
 
 
 def _match_detections(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> tuple[int, float, float]:

@@ -22,6 +22,11 @@ that difference, a few percent of the full network, landed whole on a pruned net
 time: beside a training process the sites summed to 4% over the network (19.7 against 18.9 ms), and the
 table predicted the 0.75-pruned network 25% too fast; the line through the two networks, 4%.
 
+ONNX Runtime on x86 runs convs in one of two layouts (``export.ORT_LAYOUTS``): blocked NCHWc, channels
+padded to the vector block, or plain NCHW. The layout is part of the target (of the fingerprint): a table
+holds one. With ``export.onnxruntime_layout: auto`` a model is measured in both, a network is predicted in
+whichever its tables say is faster (``fastest_prediction``), and that is the layout it is deployed in.
+
 Post-processing is not in the table: what it costs follows how many boxes clear the score threshold, i.e.
 the trained model and the images, not the widths (``export.deployment_latency`` times it end to end).
 Runtimes: ``onnxruntime`` on the CPU (graph optimisations on, ``intra_op_num_threads`` = threads),
@@ -63,7 +68,7 @@ from compression.errors import ConfigError, ModelError
 from compression.export import network_onnx
 from compression.metrics import timed_runs_ms, timing_clock
 
-__all__ = ["LatencyTable", "device_fingerprint", "load_or_measure", "measure_latency_table", "measure_network_ms",
+__all__ = ["LatencyTable", "device_fingerprint", "fastest_prediction", "load_or_measure", "measure_latency_table", "measure_network_ms",
            "model_widths", "network_speedup", "timing_clock"]
 
 TABLE_FORMAT = "prunepipe-latency/1"
@@ -90,9 +95,10 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def device_fingerprint(runtime: str, batch_size: int, threads: int, device: str = "cpu") -> dict[str, Any]:
-    """What a table's times depend on besides the model: the device, the runtime and its versions, batch and
-    threads. Two tables with equal fingerprints were measured on equal targets."""
+def device_fingerprint(runtime: str, batch_size: int, threads: int, device: str = "cpu",
+                       layout: str = "nchwc") -> dict[str, Any]:
+    """What a table's times depend on besides the model: the device, the runtime, its versions and (ONNX
+    Runtime) layout, batch and threads. Two tables with equal fingerprints were measured on equal targets."""
     if runtime not in RUNTIMES:
         raise ConfigError(f"latency runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
     fingerprint: dict[str, Any] = {"runtime": runtime, "batch_size": int(batch_size), "threads": int(threads),
@@ -101,7 +107,12 @@ def device_fingerprint(runtime: str, batch_size: int, threads: int, device: str 
     if runtime == "onnxruntime":
         import onnxruntime
 
+        from compression.export import ORT_LAYOUTS
+
+        if layout not in ORT_LAYOUTS:
+            raise ConfigError(f"latency: ONNX Runtime layout {layout!r} is not one of {', '.join(ORT_LAYOUTS)}")
         fingerprint["onnxruntime"] = onnxruntime.__version__
+        fingerprint["layout"] = layout
     if device.startswith("cuda"):
         fingerprint["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return fingerprint
@@ -230,15 +241,16 @@ def _site_graph(site: Site, batch_size: int, cin: int, cout: int) -> Any:
 class _Timer:
     """Times sites and networks on the target: ONNX Runtime on the CPU, torch on a GPU."""
 
-    def __init__(self, runtime: str, batch_size: int, threads: int, warmup: int, runs: int, device: str = "cpu"):
-        self.runtime, self.batch_size, self.threads = runtime, batch_size, threads
+    def __init__(self, runtime: str, batch_size: int, threads: int, warmup: int, runs: int, device: str = "cpu",
+                 layout: str = "nchwc"):
+        self.runtime, self.batch_size, self.threads, self.layout = runtime, batch_size, threads, layout
         self.warmup, self.runs, self.device = warmup, runs, torch.device(device)
         self.clock = timing_clock(threads, device)
 
     def _onnx_ms(self, model_bytes: bytes, input_shape: list[int]) -> float:
         from compression.export import onnx_session
 
-        session = onnx_session(model_bytes, self.threads)
+        session = onnx_session(model_bytes, self.threads, self.layout)
         feed = {session.get_inputs()[0].name: np.random.default_rng(1).random(input_shape, dtype=np.float32)}
         return _fastest_ms(lambda: session.run(None, feed), self.warmup, self.runs, clock=self.clock)
 
@@ -403,6 +415,16 @@ class LatencyTable:
                 and set(model["widths"]) == set(widths)
                 and all(widths[name] <= model["widths"][name] for name in widths))
 
+    @property
+    def layout(self) -> str | None:
+        return self.fingerprint.get("layout")
+
+
+def fastest_prediction(tables: Mapping[str, LatencyTable], widths: Mapping[str, int]) -> tuple[str, float]:
+    """(layout, ms): the layout whose table predicts the network at ``widths`` fastest, and that time. A
+    deployment runs each network in its fastest layout (``export.fastest_layout``), so that is its time."""
+    return min(((layout, table.network_ms(widths)) for layout, table in tables.items()), key=lambda item: item[1])
+
 
 def _quarter_width(model: nn.Module, model_name: str) -> nn.Module:
     """A copy of ``model`` with every prunable layer cut to a quarter of its filters (the largest by L1 norm
@@ -419,16 +441,17 @@ def _quarter_width(model: nn.Module, model_name: str) -> nn.Module:
 
 def measure_latency_table(model: nn.Module, model_name: str, *, runtime: str = "onnxruntime", batch_size: int = 32,
                           threads: int = 1, grid_step: int = 8, warmup: int = 2, runs: int = 5,
-                          device: str = "cpu") -> LatencyTable:
-    """Measure ``model``'s latency table on this machine (see the module docstring); ``model`` is unchanged."""
+                          device: str = "cpu", layout: str = "nchwc") -> LatencyTable:
+    """Measure ``model``'s latency table on this machine (see the module docstring) in ``layout`` (ONNX
+    Runtime's, ``export.ORT_LAYOUTS``); ``model`` is unchanged."""
     from compression.models import model_input_size
 
     if runtime == "torch" and not device.startswith("cuda"):
         raise ConfigError("latency: the torch runtime is the GPU's; on the CPU the deployment runs ONNX Runtime")
     started = time.perf_counter()
     model = copy.deepcopy(model).cpu().float().eval()
-    fingerprint = device_fingerprint(runtime, batch_size, threads, device)
-    timer = _Timer(runtime, batch_size, threads, warmup, runs, device)
+    fingerprint = device_fingerprint(runtime, batch_size, threads, device, layout)
+    timer = _Timer(runtime, batch_size, threads, warmup, runs, device, layout)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -437,7 +460,7 @@ def measure_latency_table(model: nn.Module, model_name: str, *, runtime: str = "
         # network varies by 2-3% from the next (17.8-18.3 ms on a quiet machine): each is timed in three
         # sessions, before, between and after the sites, and the median is kept. Timings further apart than
         # that say the machine was busy.
-        network_timer = _Timer(runtime, batch_size, threads, warmup, max(runs, _NETWORK_RUNS), device)
+        network_timer = _Timer(runtime, batch_size, threads, warmup, max(runs, _NETWORK_RUNS), device, layout)
         anchors = [model, _quarter_width(model, model_name)]
         network_times: list[list[float]] = [[network_timer.network_ms(m)] for m in anchors]
         widths = {site.name: site.out_channels for site in sites if site.prunable}
@@ -489,53 +512,57 @@ def measure_latency_table(model: nn.Module, model_name: str, *, runtime: str = "
 
 
 def measure_network_ms(model: nn.Module, *, runtime: str = "onnxruntime", batch_size: int = 32, threads: int = 1,
-                       warmup: int = 2, runs: int = 5, device: str = "cpu") -> float:
+                       warmup: int = 2, runs: int = 5, device: str = "cpu", layout: str = "nchwc") -> float:
     """The deployment network's fastest time (ms per batch) on this machine, as the table measures it."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        timer = _Timer(runtime, batch_size, threads, warmup, runs, device)
+        timer = _Timer(runtime, batch_size, threads, warmup, runs, device, layout)
         return timer.network_ms(copy.deepcopy(model).cpu().float().eval())
     finally:
         torch.set_num_threads(previous)
 
 
 def network_speedup(base: nn.Module, model: nn.Module, *, batch_size: int = 32, threads: int = 1, rounds: int = 5,
-                    runs: int = 3) -> dict[str, float]:
-    """``base``'s deployment network time over ``model``'s in ONNX Runtime on the CPU, the two timed in
-    alternation (``rounds`` times ``runs`` runs each, the fastest kept), so that load which comes and goes
-    weighs on both alike. Timed minutes apart, under different load (a budget's base alone, its trials two
-    at a time), two identical 3x networks measured 2.51x and 2.58x, and every trial fell 14-22% short of the
-    table's prediction. Returns ``{"ratio", "base_ms", "model_ms"}``."""
-    from compression.export import onnx_session
+                    runs: int = 3, layouts: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """``base``'s deployment network time over ``model``'s in ONNX Runtime on the CPU, each in the fastest of
+    ``layouts`` (default: every ``export.ORT_LAYOUTS``), all timed in alternation (``rounds`` times ``runs``
+    runs each, the fastest kept), so that load which comes and goes weighs on all alike. Timed minutes
+    apart, under different load (a budget's base alone, its trials two at a time), two identical 3x networks
+    measured 2.51x and 2.58x, and every trial fell 14-22% short of the table's prediction. Returns
+    ``{"ratio", "base_ms", "model_ms", "base_layout", "model_layout"}``."""
+    from compression.export import ORT_LAYOUTS, onnx_session
     from compression.models import model_input_size
 
     clock = timing_clock(threads)
     feed = {"images": np.random.default_rng(1).random([batch_size, 3, *model_input_size(base)], dtype=np.float32)}
-    sessions = [onnx_session(network_onnx(m, batch_size).SerializeToString(), threads) for m in (base, model)]
-    fastest = [math.inf, math.inf]
+    sessions = {(index, layout): onnx_session(network_onnx(m, batch_size).SerializeToString(), threads, layout)
+                for index, m in enumerate((base, model)) for layout in (layouts or ORT_LAYOUTS)}
+    fastest = dict.fromkeys(sessions, math.inf)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for _ in range(rounds):
-            for index, session in enumerate(sessions):
-                fastest[index] = min(fastest[index], _fastest_ms(lambda s=session: s.run(None, feed), 1, runs,
-                                                                 clock=clock))
+            for key, session in sessions.items():
+                fastest[key] = min(fastest[key], _fastest_ms(lambda s=session: s.run(None, feed), 1, runs, clock=clock))
     finally:
         torch.set_num_threads(previous)
-    return {"ratio": fastest[0] / fastest[1], "base_ms": fastest[0], "model_ms": fastest[1]}
+    (base_key, base_ms), (model_key, model_ms) = (min(((k, t) for k, t in fastest.items() if k[0] == index),
+                                                      key=lambda item: item[1]) for index in (0, 1))
+    return {"ratio": base_ms / model_ms, "base_ms": base_ms, "model_ms": model_ms, "base_layout": base_key[1],
+            "model_layout": model_key[1]}
 
 
 def load_or_measure(path: Path | str, model: nn.Module, model_name: str, *, runtime: str = "onnxruntime",
                     batch_size: int = 32, threads: int = 1, grid_step: int = 8, warmup: int = 2, runs: int = 5,
-                    device: str = "cpu") -> LatencyTable:
+                    device: str = "cpu", layout: str = "nchwc") -> LatencyTable:
     """The table in ``path`` for this device fingerprint when it covers ``model`` (same model and input size,
     widths no wider than the table's); otherwise measured now and added to ``path`` (written atomically)."""
     from compression.files import write_json_atomic
     from compression.models import model_input_size
 
     path = Path(path)
-    key = _fingerprint_key(device_fingerprint(runtime, batch_size, threads, device))
+    key = _fingerprint_key(device_fingerprint(runtime, batch_size, threads, device, layout))
     stored: dict[str, Any] = {"format": TABLE_FORMAT, "tables": {}}
     if path.exists():
         try:
@@ -550,7 +577,7 @@ def load_or_measure(path: Path | str, model: nn.Module, model_name: str, *, runt
         if table.covers(model_name, model_input_size(model), widths):
             return table
     table = measure_latency_table(model, model_name, runtime=runtime, batch_size=batch_size, threads=threads,
-                                  grid_step=grid_step, warmup=warmup, runs=runs, device=device)
+                                  grid_step=grid_step, warmup=warmup, runs=runs, device=device, layout=layout)
     stored["tables"].setdefault(key, []).append(table.data)
     write_json_atomic(path, stored)
     return table

@@ -62,7 +62,8 @@ def measure(ckpt: Checkpoint, cfg: PipelineConfig, split: str = "test", *, laten
     Latency, end to end on the split's first images at the deployment's ``export.threads``: in PyTorch eager
     at batch 1 and 32 (``latency_b{1,32}_ms``, where a user starts from), and in the CPU deployment, ONNX
     Runtime, at batch 32 (``latency_ort_b32_ms``, ``export.deployment_latency``), with its network part alone
-    (``latency_ort_net_b32_ms``: what pruning fixes and what the latency table predicts).
+    (``latency_ort_net_b32_ms``: what pruning fixes and what the latency table predicts) and the layout it
+    ran in (``latency_ort_layout``, ``export.onnxruntime_layout``).
     """
     from compression.export import deployment_latency
     from compression.models import model_input_size
@@ -90,9 +91,11 @@ def measure(ckpt: Checkpoint, cfg: PipelineConfig, split: str = "test", *, laten
                                        images=images, threads=cfg.export.threads)
             result[f"latency_b{batch}_ms"] = timing["median_ms"]
         # The deployment at batch 32 only: one ONNX export per checkpoint (batch 1 is bench/speedup.py's).
-        deployed = deployment_latency(model, images, 32, threads=cfg.export.threads, runs=3, warmup=1)
+        deployed = deployment_latency(model, images, 32, threads=cfg.export.threads, runs=3, warmup=1,
+                                      layout=cfg.export.onnxruntime_layout)
         result["latency_ort_b32_ms"] = deployed["median_ms"]
         result["latency_ort_net_b32_ms"] = deployed["network_ms"]
+        result["latency_ort_layout"] = deployed["layout"]
     if base:
         add_ratios(result, base, ckpt.task)
     return result

@@ -333,29 +333,33 @@ def select_filters(input_path: Path, cfg: PipelineConfig, out: Path, *,
 LATENCY_TABLE = "latency_table.json"
 
 
-def latency_table_for(ckpt: Checkpoint, cfg: PipelineConfig, run_dir: Path):
-    """The deployment target's latency table for ``ckpt``'s model (``compression.latency.load_or_measure``):
-    ONNX Runtime on the CPU, torch on the GPU with ``compute.use_gpu``, at ``export.batch_size`` and
-    ``export.threads``; kept in ``export.latency_table`` (default ``run_dir``/latency_table.json) and reused
-    while it covers the model."""
+def latency_tables_for(ckpt: Checkpoint, cfg: PipelineConfig, run_dir: Path) -> dict[str, Any]:
+    """The deployment target's latency tables for ``ckpt``'s model (``compression.latency.load_or_measure``),
+    by layout: ONNX Runtime on the CPU in ``export.onnxruntime_layout`` (``auto``: one table per layout, the
+    network runs in whichever is faster), torch on the GPU with ``compute.use_gpu`` (one table, key
+    ``cuda``), at ``export.batch_size`` and ``export.threads``; kept in ``export.latency_table`` (default
+    ``run_dir``/latency_table.json) and reused while they cover the model."""
+    from compression.export import ORT_LAYOUTS
     from compression.latency import load_or_measure
 
-    use_gpu = default_device(cfg.compute.use_gpu).type == "cuda"
     path = Path(cfg.export.latency_table) if cfg.export.latency_table else Path(run_dir) / LATENCY_TABLE
-    return load_or_measure(path, ckpt.model, ckpt.model_name,
-                           runtime="torch" if use_gpu else "onnxruntime", device="cuda" if use_gpu else "cpu",
-                           batch_size=cfg.export.batch_size, threads=cfg.export.threads,
-                           grid_step=cfg.export.grid_step)
+    common = {"batch_size": cfg.export.batch_size, "threads": cfg.export.threads, "grid_step": cfg.export.grid_step}
+    if default_device(cfg.compute.use_gpu).type == "cuda":
+        return {"cuda": load_or_measure(path, ckpt.model, ckpt.model_name, runtime="torch", device="cuda", **common)}
+    layout = cfg.export.onnxruntime_layout
+    return {name: load_or_measure(path, ckpt.model, ckpt.model_name, runtime="onnxruntime", layout=name, **common)
+            for name in (ORT_LAYOUTS if layout == "auto" else (layout,))}
 
 
 def predicted_speedup(base: Checkpoint, ckpt: Checkpoint, cfg: PipelineConfig, run_dir: Path) -> float:
-    """How much faster the latency table (``latency_table_for``, the one the selection read) predicts
-    ``ckpt``'s network than ``base``'s: what a latency target aimed at, to set beside the measured ratio."""
-    from compression.latency import model_widths
+    """How much faster the latency tables (``latency_tables_for``, the ones the selection read) predict
+    ``ckpt``'s network than ``base``'s, each in its fastest layout: what a latency target aimed at, to set
+    beside the measured ratio."""
+    from compression.latency import fastest_prediction, model_widths
 
-    table = latency_table_for(base, cfg, run_dir)
-    return (table.network_ms(model_widths(base.model, base.model_name))
-            / table.network_ms(model_widths(ckpt.model, ckpt.model_name)))
+    tables = latency_tables_for(base, cfg, run_dir)
+    return (fastest_prediction(tables, model_widths(base.model, base.model_name))[1]
+            / fastest_prediction(tables, model_widths(ckpt.model, ckpt.model_name))[1])
 
 
 def _select_ranked(ckpt: Checkpoint, dg, scores: dict[str, list[float]], cfg: PipelineConfig,
@@ -378,11 +382,28 @@ def _select_ranked(ckpt: Checkpoint, dg, scores: dict[str, list[float]], cfg: Pi
                                        closest=settings.out_of_reach == "closest")
         options.append((chosen, {"target_flops_ratio": settings.target_flops_ratio, "scope": scope, **info}))
     if settings.target_latency_ratio is not None:
-        table = latency_table_for(ckpt, cfg, Path(out).parent)
-        chosen, info = select_by_latency(model, scores, settings.target_latency_ratio, table,
-                                         model_name=ckpt.model_name, min_channels=settings.min_channels,
-                                         max_layer_ratio=settings.max_layer_ratio, scope=scope,
-                                         closest=settings.out_of_reach == "closest")
+        from compression.latency import fastest_prediction, model_widths
+
+        tables = latency_tables_for(ckpt, cfg, Path(out).parent)
+        # The target divides the model's time in its own fastest layout; each layout's table then plans its
+        # own cut to that time, and the cut that reaches it removing the least importance is kept.
+        base_layout, baseline_ms = fastest_prediction(tables, model_widths(model, ckpt.model_name))
+        plans = [select_by_latency(model, scores, settings.target_latency_ratio, table,
+                                   model_name=ckpt.model_name, min_channels=settings.min_channels,
+                                   max_layer_ratio=settings.max_layer_ratio, scope=scope, baseline_ms=baseline_ms,
+                                   closest=True)
+                 for table in tables.values()]
+        chosen, info = min(plans, key=lambda plan: ("latency_short_of_target" in plan[1],
+                                                    plan[1]["latency_short_of_target"] if "latency_short_of_target"
+                                                    in plan[1] else plan[1]["importance_removed"]))
+        if "latency_short_of_target" in info and settings.out_of_reach != "closest":
+            raise StageError(
+                f"target_latency_ratio {settings.target_latency_ratio:g} is out of reach: cutting these layers to "
+                f"the widths the device runs fastest, down to min_channels={settings.min_channels}, max_layer_ratio="
+                f"{settings.max_layer_ratio:g}, gives at most {info['latency_ratio']:.2f}x")
+        info = {**info, "latency_base_layout": base_layout,
+                "latency_plans": {layout: {k: plan[1][k] for k in ("latency_after_ms", "importance_removed")}
+                                  for layout, plan in zip(tables, plans, strict=True)}}
         options.append((chosen, {"target_latency_ratio": settings.target_latency_ratio, **info}))
     # Both targets set: stop at the first one reached (as taylor_prune does), i.e. remove fewer filters.
     return min(options, key=lambda option: sum(len(entry["remove"]) for entry in option[0].values()))

@@ -61,7 +61,7 @@ from tasks.ray_trainer import ensure_ray, ray_summary
 from tasks.tracking import RunTracker
 
 TABLE_COLUMNS = ("trial", "knobs", "status", "flops_ratio", "params_ratio", "latency_ratio", "predicted_latency_ratio",
-                 "size_bytes_ratio",
+                 "latency_layout", "size_bytes_ratio",
                  "val_thresholded", "val_pruned", "val", "val_drop_points", "map_pruned", "map", "drop_points", "final_map",
                  "final_drop_points", "front_flops_ratio", "front_params_ratio", "mlflow_run_id")
 

@@ -82,6 +82,12 @@ class ExportFormat(StrEnum):
     onnx = "onnx"
 
 
+class OrtLayout(StrEnum):
+    auto = "auto"
+    nchwc = "nchwc"
+    nchw = "nchw"
+
+
 def _version(show: bool) -> None:
     if show:
         from importlib.metadata import PackageNotFoundError, version
@@ -425,6 +431,9 @@ def export_(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="output file (default: CHECKPOINT with .onnx)")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset")] = 17,
     dynamic_batch: Annotated[bool, typer.Option(help="dynamic batch axis (else batch 1)")] = True,
+    layout: Annotated[OrtLayout, typer.Option(help="ONNX Runtime layout recorded for the file; auto: the faster "
+                                              "one for this model (as the checkpoint measured it, else timed now)")]
+    = OrtLayout.auto,
     as_json: JsonOpt = False,
 ) -> None:
     """Export a checkpoint's network (backbone + head) with its post-processing sidecar (.json, .anchors.npy)."""
@@ -432,7 +441,7 @@ def export_(
 
     with _stdout_for(as_json):
         metrics = export_onnx(checkpoint, out or checkpoint.with_suffix(f".{fmt.value}"), opset=opset,
-                              dynamic_batch=dynamic_batch)
+                              dynamic_batch=dynamic_batch, layout=layout.value)
     if as_json:
         _print_json(metrics)
         return

@@ -240,12 +240,12 @@ LOG_OPTIONS: dict[str, Any] = {
 
 @task(name="latency_table", **LOG_OPTIONS)
 def latency_table(config: PipelineConfig, checkpoint: str, path: str) -> str:
-    """This device's latency table of ``checkpoint``'s model in ``path`` (measured unless one there covers it)."""
+    """This device's latency tables of ``checkpoint``'s model in ``path`` (measured unless those there cover it)."""
     from compression.checkpoint import load_checkpoint
-    from compression.stages import latency_table_for
+    from compression.stages import latency_tables_for
 
     settings = config.model_copy(update={"export": config.export.model_copy(update={"latency_table": path})})
-    latency_table_for(load_checkpoint(checkpoint), settings, Path(path).parent)
+    latency_tables_for(load_checkpoint(checkpoint), settings, Path(path).parent)
     return path
 
 
@@ -260,10 +260,12 @@ def network_speedup(config: PipelineConfig, name: str, base: str, checkpoint: st
     from compression.stages import predicted_speedup
 
     base_ckpt, ckpt = load_checkpoint(base), load_checkpoint(checkpoint)
+    layout = config.export.onnxruntime_layout
     measured = timed_speedup(base_ckpt.model, ckpt.model, batch_size=config.export.batch_size,
-                             threads=config.export.threads)
+                             threads=config.export.threads, layouts=None if layout == "auto" else (layout,))
     predicted = predicted_speedup(base_ckpt, ckpt, config, Path(run_dir)) if predict else None
-    return {"latency_ratio": measured["ratio"], "predicted_latency_ratio": predicted}
+    return {"latency_ratio": measured["ratio"], "predicted_latency_ratio": predicted,
+            "latency_layout": measured["model_layout"]}
 
 
 @task(name="log_checkpoint", task_run_name="log_checkpoint-{name}", **LOG_OPTIONS)

@@ -174,7 +174,9 @@ def test_the_trials_cutting_by_latency_read_one_table_measured_before_any_trial_
     summary = searched["summary"]
     folder = Path(summary["run_dir"]) / "budget"
     tables = json.loads((folder / "shared" / "latency_table.json").read_text())["tables"]
-    assert [len(measured) for measured in tables.values()] == [1]  # one device, measured once
+    # One device, measured once: a table per ONNX Runtime layout (export.onnxruntime_layout auto).
+    assert [len(measured) for measured in tables.values()] == [1, 1]
+    assert sorted(measured[0]["fingerprint"]["layout"] for measured in tables.values()) == ["nchw", "nchwc"]
     assert not list(folder.glob("trial-*/**/latency_table.json"))
     measured = [run for run in searched["task_runs"] if run.name.startswith("latency_table")]
     assert len(measured) == 1 and measured[0].end_time <= min(run.start_time for run in searched["subflows"])
@@ -190,6 +192,7 @@ def test_every_screened_network_is_timed_against_the_base_once_no_trial_trains(s
     assert not overlapping([(run.start_time, run.end_time) for run in timed])
     # None of these cut by latency, so no prediction is made.
     assert all(t["latency_ratio"] > 0 and t.get("predicted_latency_ratio") is None for t in screened)
+    assert all(t["latency_layout"] in ("nchwc", "nchw") for t in screened)  # each timed in its faster layout
 
 
 def test_every_trial_is_an_mlflow_child_run_and_the_parent_holds_the_pareto_front(cfg, searched):

@@ -23,6 +23,7 @@ from compression.data.transforms import eval_transforms
 from compression.data.voc import VOCDetection
 from compression.errors import CheckpointError, ConfigError, ModelError
 from compression.export import (
+    ORT_LAYOUTS,
     deployment_forward,
     deployment_latency,
     deployment_network,
@@ -323,6 +324,50 @@ def test_postprocess_settings_travel_with_checkpoint_and_export(tmp_path):
         load_checkpoint(save_checkpoint(bad, tmp_path / "bad.safetensors"))
 
 
+def test_an_export_records_the_onnx_runtime_layout_it_is_opened_in(tmp_path):
+    # ONNX Runtime's blocked layout (its top optimisation level) pads channels to the vector block, so a
+    # pruned network can run faster in the plain one: the export records which, and sessions open in it.
+    torch.manual_seed(0)
+    ckpt = Checkpoint(model=build_model("ssd_vgg_lite", **LITE_ARGS), model_name="ssd_vgg_lite", model_args=LITE_ARGS,
+                      class_names=CLASSES)
+    path = save_checkpoint(ckpt, tmp_path / "m.safetensors")
+    levels = {"nchwc": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "nchw": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}
+
+    timed = export_onnx(path, tmp_path / "timed.onnx")
+    sidecar, _ = read_sidecar(timed["files"]["onnx"])
+    runtime = sidecar["onnxruntime"]
+    assert runtime["chosen_by"] == "timed at export" and set(runtime["network_ms"]) == set(ORT_LAYOUTS)
+    assert runtime["layout"] == min(runtime["network_ms"], key=runtime["network_ms"].get) == timed["onnxruntime_layout"]
+    props = {p.key: p.value for p in onnx.load(timed["files"]["onnx"]).metadata_props}
+    assert props["prunepipe.onnxruntime_layout"] == runtime["layout"]
+
+    for layout in ORT_LAYOUTS:
+        fixed = export_onnx(path, tmp_path / f"{layout}.onnx", layout=layout)
+        assert read_sidecar(fixed["files"]["onnx"])[0]["onnxruntime"] == {"layout": layout, "chosen_by": "export argument"}
+        session = onnx_session(fixed["files"]["onnx"])
+        assert session.get_session_options().graph_optimization_level == levels[layout]
+        outputs = session.run(None, {"images": np.random.default_rng(0).random((2, 3, 128, 128), dtype=np.float32)})
+        assert outputs[1].shape[0] == 2
+    # Both layouts compute the same network.
+    images = {"images": np.random.default_rng(1).random((2, 3, 128, 128), dtype=np.float32)}
+    blocked, plain = (onnx_session(tmp_path / f"{layout}.onnx").run(None, images) for layout in ORT_LAYOUTS)
+    assert all(np.abs(a - b).max() < 1e-4 for a, b in zip(blocked, plain, strict=True))
+
+    # A checkpoint that measured its deployment already names its layout: no second timing.
+    measured = save_checkpoint(Checkpoint(model=ckpt.model, model_name="ssd_vgg_lite", model_args=LITE_ARGS,
+                                          class_names=CLASSES, metrics={"latency_ort_layout": "nchw"}),
+                               tmp_path / "measured.safetensors")
+    recorded = read_sidecar(export_onnx(measured, tmp_path / "measured.onnx")["files"]["onnx"])[0]["onnxruntime"]
+    assert recorded == {"layout": "nchw", "chosen_by": "the checkpoint's latency measurement"}
+
+    with pytest.raises(ConfigError, match="ONNX Runtime layout 'nhwc' is not one of nchwc, nchw"):
+        export_onnx(path, tmp_path / "bad.onnx", layout="nhwc")
+    assert not (tmp_path / "bad.onnx").exists() and not (tmp_path / "bad.json").exists()
+    result = CliRunner().invoke(app, ["export", str(path), "--out", str(tmp_path / "cli.onnx"), "--layout", "nchw"])
+    assert result.exit_code == 0, result.output
+    assert read_sidecar(tmp_path / "cli.onnx")[0]["onnxruntime"]["layout"] == "nchw"
+
+
 def test_onnx_runtime_matches_pytorch_on_the_digits_test_split(tmp_path, digits_devkit):
     """Boxes, scores and labels of ONNX Runtime and PyTorch on every test image of the tiny digits devkit."""
     from compression.config import load_config
@@ -366,10 +411,13 @@ def test_the_timed_deployment_path_detects_what_pytorch_does_and_every_checkpoin
         torch.testing.assert_close(got["scores"], want["scores"], atol=1e-4, rtol=0)
     timing = deployment_latency(model, images, 3, warmup=1, runs=2)
     assert timing["batch_size"] == 3 and timing["clock"] == "thread_cpu" and timing["median_ms"] > 0
+    assert timing["layout"] in ORT_LAYOUTS
+    assert deployment_latency(model, images, 3, warmup=1, runs=2, layout="nchw")["layout"] == "nchw"
 
     ckpt = Checkpoint(model=model, model_name="ssd_vgg_lite", model_args=args, class_names=CLASSES)
     base = measure(ckpt, cfg)
     assert 0 < base["latency_ort_net_b32_ms"] < base["latency_ort_b32_ms"]  # the network is part of the whole
+    assert base["latency_ort_layout"] in ORT_LAYOUTS
     again = dict(base)
     add_ratios(again, base, "detection")
     assert again["latency_ort_b32_ms_ratio"] == pytest.approx(1.0)

@@ -33,7 +33,8 @@ With checkpoints, mAP is the checkpoint's stored test-split ``map_voc07``.
 
 Rows (bench/results/speedup.json, ``rows``): ``{"model", "runtime", "batch", "threads", "e2e_ms", "map_voc07",
 "flops_ratio", "device", "speedup"}`` (speedup: the dense model's e2e_ms in the same runtime, batch and
-threads / this one's). bench/results/speedup.png plots latency (batch 32) against mAP, or against the FLOPs
+threads / this one's), and for ``onnxruntime`` the ``layout`` each model's export runs in (the faster of
+blocked NCHWc and plain NCHW for that model, ``export.export_onnx``). bench/results/speedup.png plots latency (batch 32) against mAP, or against the FLOPs
 ratio without mAP. ``--quick`` writes speedup_quick.json / .png instead, so a smoke test never replaces a
 measurement. Run bench/report.py after a full run.
 """
@@ -128,22 +129,29 @@ def checkpoint_models(paths: dict[str, Path]) -> dict[str, Checkpoint]:
 
 def prediction_rows(models: dict[str, Checkpoint], cfg: PipelineConfig, table_path: Path, warmup: int,
                     runs: int) -> list[dict[str, Any]]:
-    """Each model's network time as the latency table of the dense model predicts it, and as measured in the
-    same runtime, batch, threads and clock (``latency.measure_network_ms``)."""
-    from compression.latency import load_or_measure, measure_network_ms, model_widths
+    """Each model's network time as the dense model's latency tables predict it (in the layout they predict
+    fastest, ``latency.fastest_prediction``; one table per ONNX Runtime layout with
+    ``export.onnxruntime_layout: auto``), and as measured in the same runtime, batch, threads and clock, in
+    the layout it runs fastest in (``latency.measure_network_ms``)."""
+    from compression.export import ORT_LAYOUTS
+    from compression.latency import fastest_prediction, load_or_measure, measure_network_ms, model_widths
 
     dense = models["dense"]
     settings = {"batch_size": cfg.export.batch_size, "threads": cfg.export.threads}
+    layouts = ORT_LAYOUTS if cfg.export.onnxruntime_layout == "auto" else (cfg.export.onnxruntime_layout,)
     table_path.parent.mkdir(parents=True, exist_ok=True)
-    table = load_or_measure(table_path, dense.model, dense.model_name, grid_step=cfg.export.grid_step,
-                            warmup=warmup, runs=runs, **settings)
+    tables = {layout: load_or_measure(table_path, dense.model, dense.model_name, grid_step=cfg.export.grid_step,
+                                      warmup=warmup, runs=runs, layout=layout, **settings) for layout in layouts}
+    fingerprint = next(iter(tables.values())).fingerprint
     rows = []
     for label, ckpt in models.items():
-        predicted = table.network_ms(model_widths(ckpt.model, ckpt.model_name))
-        measured = measure_network_ms(ckpt.model, warmup=warmup, runs=runs, **settings)
-        rows.append({"model": label, "runtime": table.fingerprint["runtime"], **settings,
-                     "clock": table.fingerprint["clock"], "predicted_ms": predicted, "measured_ms": measured,
-                     "error": predicted / measured - 1})
+        predicted_layout, predicted = fastest_prediction(tables, model_widths(ckpt.model, ckpt.model_name))
+        timed = {layout: measure_network_ms(ckpt.model, warmup=warmup, runs=runs, layout=layout, **settings)
+                 for layout in layouts}
+        layout = min(timed, key=timed.__getitem__)
+        rows.append({"model": label, "runtime": fingerprint["runtime"], **settings, "clock": fingerprint["clock"],
+                     "predicted_ms": predicted, "predicted_layout": predicted_layout, "measured_ms": timed[layout],
+                     "layout": layout, "error": predicted / timed[layout] - 1})
     return rows
 
 
@@ -226,6 +234,8 @@ def measure_rows(models: dict[str, Checkpoint], devices: list[torch.device], bat
                     rows.append({"model": label, "runtime": runtime, "batch": batch_size, "threads": count,
                                  "e2e_ms": ms, "map_voc07": ckpt.metrics.get("map_voc07"), "flops_ratio": flops_ratio,
                                  "device": "cuda" if runtime == "torch_cuda" else "cpu"})
+                    if runtime == "onnxruntime":  # the layout its export recorded (export.exported_layout)
+                        rows[-1]["layout"] = runners.sidecar["onnxruntime"]["layout"]
                     print(f"{label} {runtime} batch {batch_size} threads {count or '-'}: {ms:.1f} ms", flush=True)
     dense = {(r["runtime"], r["batch"], r["threads"]): r["e2e_ms"] for r in rows if r["model"] == "dense"}
     for row in rows:
@@ -252,9 +262,11 @@ def prediction_markdown(rows: list[dict[str, Any]]) -> str:
     lines = [f"The latency table's prediction of each network (without pre- and post-processing), against its "
              f"measured time: {first['runtime']}, batch {first['batch_size']}, {first['threads']} thread(s), "
              f"{first['clock']} clock, fastest of the runs.", "",
-             "| model | predicted ms | measured ms | error |", "|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['predicted_ms']:.2f} | {r['measured_ms']:.2f} | {100 * r['error']:+.1f}% |"
-              for r in rows]
+             "| model | predicted ms | predicted layout | measured ms | measured layout | error |",
+             "|---|---|---|---|---|---|"]
+    # Rows written before the layout was chosen per model ran blocked NCHWc, ONNX Runtime's default.
+    lines += [f"| {r['model']} | {r['predicted_ms']:.2f} | {r.get('predicted_layout', 'nchwc')} | {r['measured_ms']:.2f} "
+              f"| {r.get('layout', 'nchwc')} | {100 * r['error']:+.1f}% |" for r in rows]
     return "\n".join(lines)
 
 

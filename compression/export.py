@@ -474,7 +474,7 @@ def read_sidecar(onnx_path: Path | str) -> tuple[dict[str, Any], np.ndarray | No
 # ONNX Runtime's CPU layouts: ``nchwc`` is its top optimisation level, whose layout pass reorders convs into
 # blocked NCHWc (channels padded to the vector block: 16 floats with AVX-512); ``nchw`` is the level below,
 # every fusion but that pass. Wide layers run faster blocked; layers narrower than a block pay for the
-# padding (a 1/8-width SSD ran 27.8 ms blocked, 20.1 ms plain; the dense one 83 and 109 ms).
+# padding, so a network pruned far enough runs faster plain (BENCHMARKS.md, the latency budget).
 ORT_LAYOUTS: tuple[str, ...] = ("nchwc", "nchw")
 
 

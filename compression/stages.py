@@ -362,6 +362,15 @@ def predicted_speedup(base: Checkpoint, ckpt: Checkpoint, cfg: PipelineConfig, r
             / fastest_prediction(tables, model_widths(ckpt.model, ckpt.model_name))[1])
 
 
+def _best_latency_plan(plans: list[tuple[dict[str, Any], dict[str, Any]]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Of ``select_by_latency``'s plans (one per layout), the one that reaches the target removing the least
+    importance; when none does, the one that comes closest."""
+    reaching = [plan for plan in plans if "latency_short_of_target" not in plan[1]]
+    if reaching:
+        return min(reaching, key=lambda plan: plan[1]["importance_removed"])
+    return min(plans, key=lambda plan: plan[1]["latency_short_of_target"])
+
+
 def _select_ranked(ckpt: Checkpoint, dg, scores: dict[str, list[float]], cfg: PipelineConfig,
                    scope: str, out: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     from compression.criteria import select_by_flops, select_by_latency, select_by_ratio
@@ -393,9 +402,7 @@ def _select_ranked(ckpt: Checkpoint, dg, scores: dict[str, list[float]], cfg: Pi
                                    max_layer_ratio=settings.max_layer_ratio, scope=scope, baseline_ms=baseline_ms,
                                    closest=True)
                  for table in tables.values()]
-        chosen, info = min(plans, key=lambda plan: ("latency_short_of_target" in plan[1],
-                                                    plan[1]["latency_short_of_target"] if "latency_short_of_target"
-                                                    in plan[1] else plan[1]["importance_removed"]))
+        chosen, info = _best_latency_plan(plans)
         if "latency_short_of_target" in info and settings.out_of_reach != "closest":
             raise StageError(
                 f"target_latency_ratio {settings.target_latency_ratio:g} is out of reach: cutting these layers to "

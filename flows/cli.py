@@ -431,9 +431,9 @@ def export_(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="output file (default: CHECKPOINT with .onnx)")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset")] = 17,
     dynamic_batch: Annotated[bool, typer.Option(help="dynamic batch axis (else batch 1)")] = True,
-    layout: Annotated[OrtLayout, typer.Option(help="ONNX Runtime layout recorded for the file; auto: the faster "
-                                              "one for this model (as the checkpoint measured it, else timed now)")]
-    = OrtLayout.auto,
+    layout: Annotated[OrtLayout, typer.Option(
+        help="ONNX Runtime layout recorded for the file; auto: the faster one for this model (as the checkpoint "
+             "measured it, else timed now)")] = OrtLayout.auto,
     as_json: JsonOpt = False,
 ) -> None:
     """Export a checkpoint's network (backbone + head) with its post-processing sidecar (.json, .anchors.npy)."""

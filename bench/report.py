@@ -17,13 +17,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import RESULTS, portable  # noqa: E402
 
 ORDER = ["controls", "pretrain", "compress", "overhead", "quality", "speedup", "compress_latency", "compress_latency_2x", "gpu",
-         "budget", "budget_latency", "budget_latency_long"]
+         "budget", "budget_latency", "budget_latency_long", "budget_latency_2x_long"]
 TITLES = {
     "controls": "Controls: the seed method against a dense model trained as long, other criteria, scratch",
     "pretrain": "Pretraining the default preset",
     "compress": "The default preset end to end, in-process",
     "budget_latency": "A latency budget on the default preset: `prunepipe run --budget latency=3x`",
     "budget_latency_long": "The same latency budget with 12 retraining epochs instead of the preset's 3",
+    "budget_latency_2x_long": "A 2x latency budget with 12 retraining epochs",
     "compress_latency": "A latency-targeted model (phase 1 at 3x) in the controls' schedule, in-process",
     "compress_latency_2x": "A latency-targeted model (phase 1 at 2x) in the controls' schedule, in-process",
     "overhead": "Orchestration overhead: in-process vs Prefect + Ray Train + MLflow",
@@ -204,7 +205,8 @@ def _speedup_targets(r: dict) -> list[tuple[str, bool]]:
 
 
 TARGETS = {"controls": _controls_targets, "speedup": _speedup_targets, "pretrain": _pretrain_targets, "compress": _compress_targets, "overhead": _overhead_targets,
-           "budget": _budget_targets, "budget_latency": _budget_targets, "budget_latency_long": _budget_targets}
+           "budget": _budget_targets, "budget_latency": _budget_targets, "budget_latency_long": _budget_targets,
+           "budget_latency_2x_long": _budget_targets}
 
 
 def main() -> None:

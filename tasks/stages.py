@@ -268,6 +268,21 @@ def network_speedup(config: PipelineConfig, name: str, base: str, checkpoint: st
             "latency_layout": measured["model_layout"]}
 
 
+@task(name="deployment_speedup", cache_policy=NO_CACHE, persist_result=False)
+def deployment_speedup(config: PipelineConfig, base: str, checkpoint: str) -> dict[str, Any]:
+    """How much faster ``checkpoint`` runs end to end than ``base`` in the CPU deployment (ONNX Runtime and
+    the post-processing, batch 32, the test split's first images), the two timed in alternation."""
+    from compression.checkpoint import load_checkpoint
+    from compression.export import deployment_speedup as timed_speedup
+    from compression.measure import split_images
+    from compression.models import model_input_size
+
+    base_ckpt, ckpt = load_checkpoint(base), load_checkpoint(checkpoint)
+    images = split_images(config, 32, model_input_size(ckpt.model))
+    return timed_speedup(base_ckpt.model, ckpt.model, images, 32, threads=config.export.threads,
+                         layout=config.export.onnxruntime_layout)
+
+
 @task(name="log_checkpoint", task_run_name="log_checkpoint-{name}", **LOG_OPTIONS)
 def log_checkpoint(tracker: Any, name: str, stage: str, phase: str | None, checkpoint: str,
                    metrics: dict[str, Any], params: dict[str, Any], history: list[dict[str, Any]],

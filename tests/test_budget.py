@@ -195,6 +195,17 @@ def test_every_screened_network_is_timed_against_the_base_once_no_trial_trains(s
     assert all(t["latency_layout"] in ("nchwc", "nchw") for t in screened)  # each timed in its faster layout
 
 
+def test_the_chosen_model_is_timed_end_to_end_against_the_base_once_nothing_trains(searched):
+    # From the checkpoints' own timings, minutes apart beside other trials' training, one network read 36.8
+    # and 46.5 ms, and the chosen model's end-to-end ratio with it.
+    runs = searched["task_runs"]
+    (timed,) = [run for run in runs if run.name.startswith("deployment_speedup")]
+    assert timed.state.is_completed()
+    trained = [run for run in runs if run.name.split("-")[0] in ("retrain", "distill")] + list(searched["subflows"])
+    assert timed.start_time >= max(run.end_time for run in trained)
+    assert searched["summary"]["chosen"]["final_latency_e2e_ratio"] > 0
+
+
 def test_every_trial_is_an_mlflow_child_run_and_the_parent_holds_the_pareto_front(cfg, searched):
     summary = searched["summary"]
     client = MlflowClient(cfg.tracking.mlflow_uri)

@@ -27,6 +27,7 @@ from compression.export import (
     deployment_forward,
     deployment_latency,
     deployment_network,
+    deployment_speedup,
     export_onnx,
     export_paths,
     fold_batchnorm,
@@ -413,6 +414,9 @@ def test_the_timed_deployment_path_detects_what_pytorch_does_and_every_checkpoin
     assert timing["batch_size"] == 3 and timing["clock"] == "thread_cpu" and timing["median_ms"] > 0
     assert timing["layout"] in ORT_LAYOUTS
     assert deployment_latency(model, images, 3, warmup=1, runs=2, layout="nchw")["layout"] == "nchw"
+    # A network against itself, end to end in alternation: 1x, each in the layout asked for.
+    same = deployment_speedup(model, model, images, 4, layout="nchw", rounds=3)
+    assert abs(same["ratio"] - 1) <= 0.25 and same["base_layout"] == same["model_layout"] == "nchw", same
 
     ckpt = Checkpoint(model=model, model_name="ssd_vgg_lite", model_args=args, class_names=CLASSES)
     base = measure(ckpt, cfg)

@@ -548,21 +548,11 @@ def fastest_layout(model_bytes: bytes, feed: dict[str, np.ndarray], threads: int
     fastest time (ms). The layouts are timed in alternation (``rounds`` x ``runs`` runs each, after one warm
     run) on the clock ``metrics.timing_clock`` gives for ``threads``, so that load which comes and goes
     weighs on both alike."""
-    from compression.metrics import timed_runs_ms, timing_clock
+    from compression.metrics import fastest_in_alternation
 
-    clock = timing_clock(threads)
     sessions = {layout: onnx_session(model_bytes, threads, layout) for layout in ORT_LAYOUTS}
-    fastest = dict.fromkeys(ORT_LAYOUTS, math.inf)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for index in range(rounds):
-            for layout, session in sessions.items():
-                times = timed_runs_ms(lambda s=session: s.run(None, feed), warmup=int(index == 0), runs=runs,
-                                      clock=clock)
-                fastest[layout] = min(fastest[layout], *times)
-    finally:
-        torch.set_num_threads(previous)
+    fastest = fastest_in_alternation({layout: (lambda s=session: s.run(None, feed)) for layout, session in sessions.items()},
+                                     threads=threads, rounds=rounds, runs=runs)
     return min(fastest, key=fastest.__getitem__), fastest
 
 
@@ -645,22 +635,11 @@ def deployment_speedup(base: nn.Module, model: nn.Module, images: torch.Tensor, 
     timed in alternation (``rounds`` x ``runs`` runs each, the fastest kept) so that load which comes and goes
     weighs on both alike: two checkpoints of one network, measured minutes apart beside other work, read
     36.8 and 46.5 ms. Returns ``{"ratio", "base_ms", "model_ms", "base_layout", "model_layout"}``."""
-    from compression.metrics import timed_runs_ms, timing_clock
+    from compression.metrics import fastest_in_alternation
 
     batch = images.repeat(-(-batch_size // len(images)), 1, 1, 1)[:batch_size]
     forwards = [deployment_forward(m, batch, threads, layout) for m in (base, model)]
-    clock = timing_clock(threads)
-    fastest = [math.inf, math.inf]
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.inference_mode():
-            for index in range(rounds):
-                for which, forward in enumerate(forwards):
-                    times = timed_runs_ms(forward, warmup=int(index == 0), runs=runs, clock=clock)
-                    fastest[which] = min(fastest[which], *times)
-    finally:
-        torch.set_num_threads(previous)
+    fastest = fastest_in_alternation(dict(enumerate(forwards)), threads=threads, rounds=rounds, runs=runs)
     return {"ratio": fastest[0] / fastest[1], "base_ms": fastest[0], "model_ms": fastest[1],
             "base_layout": forwards[0].layout, "model_layout": forwards[1].layout}
 

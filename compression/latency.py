@@ -66,7 +66,7 @@ from torch import nn
 
 from compression.errors import ConfigError, ModelError
 from compression.export import network_onnx
-from compression.metrics import timed_runs_ms, timing_clock
+from compression.metrics import fastest_in_alternation, timed_runs_ms, timing_clock
 
 __all__ = ["LatencyTable", "device_fingerprint", "fastest_prediction", "load_or_measure", "measure_latency_table", "measure_network_ms",
            "model_widths", "network_speedup", "timing_clock"]
@@ -536,19 +536,11 @@ def network_speedup(base: nn.Module, model: nn.Module, *, batch_size: int = 32, 
     from compression.export import ORT_LAYOUTS, onnx_session
     from compression.models import model_input_size
 
-    clock = timing_clock(threads)
     feed = {"images": np.random.default_rng(1).random([batch_size, 3, *model_input_size(base)], dtype=np.float32)}
     sessions = {(index, layout): onnx_session(network_onnx(m, batch_size).SerializeToString(), threads, layout)
                 for index, m in enumerate((base, model)) for layout in (layouts or ORT_LAYOUTS)}
-    fastest = dict.fromkeys(sessions, math.inf)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for _ in range(rounds):
-            for key, session in sessions.items():
-                fastest[key] = min(fastest[key], _fastest_ms(lambda s=session: s.run(None, feed), 1, runs, clock=clock))
-    finally:
-        torch.set_num_threads(previous)
+    fastest = fastest_in_alternation({key: (lambda s=session: s.run(None, feed)) for key, session in sessions.items()},
+                                     threads=threads, rounds=rounds, runs=runs)
     (base_key, base_ms), (model_key, model_ms) = (min(((k, t) for k, t in fastest.items() if k[0] == index),
                                                       key=lambda item: item[1]) for index in (0, 1))
     return {"ratio": base_ms / model_ms, "base_ms": base_ms, "model_ms": model_ms, "base_layout": base_key[1],

@@ -12,8 +12,9 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +26,8 @@ from torchvision.models.detection.ssd import SSD
 from torchvision.ops import box_iou
 
 from compression.errors import CheckpointError, DataError
+
+K = TypeVar("K")
 
 __all__ = [
     "count_flops",
@@ -146,6 +149,27 @@ def timed_runs_ms(run: Callable[[], object], *, warmup: int, runs: int, clock: s
             sync()
         times.append((now() - started) * 1000.0)
     return times
+
+
+def fastest_in_alternation(calls: Mapping[K, Callable[[], object]], *, threads: int, rounds: int, runs: int,
+                           warmup: int = 1) -> dict[K, float]:
+    """Each call's fastest time (ms), the calls timed in alternation: ``rounds`` passes over all of them,
+    ``runs`` timed runs each (after ``warmup`` untimed ones in the first pass), on ``timing_clock(threads)``
+    with torch at ``threads`` threads. Load that comes and goes then weighs on every call alike, which is what
+    a ratio of two of these times needs."""
+    clock = timing_clock(threads)
+    fastest = dict.fromkeys(calls, math.inf)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            for index in range(rounds):
+                for key, call in calls.items():
+                    times = timed_runs_ms(call, warmup=warmup if index == 0 else 0, runs=runs, clock=clock)
+                    fastest[key] = min(fastest[key], *times)
+    finally:
+        torch.set_num_threads(previous)
+    return fastest
 
 
 def measure_latency(

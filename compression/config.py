@@ -272,6 +272,12 @@ class ExportConfig(_Strict):
     score_threshold: float = Field(
         0.01, ge=0, lt=1, description="detectors: class scores at or below this never reach NMS (evaluation uses it too)"
     )
+    score_threshold_max_val_drop: float | None = Field(
+        None, ge=0, le=1, description="detectors: when set, every checkpoint's score threshold is chosen on the "
+        "validation split: the highest of 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5 at or above score_threshold "
+        "whose validation mAP (VOC07) is at most this below the mAP at score_threshold (0.005: half a point). A "
+        "pruned detector sends more low-scoring boxes through NMS, and its post-processing shrinks with it"
+    )
     pre_nms_top_k: int = Field(
         400, ge=1, le=100_000, description="detectors: at most this many boxes per class and image enter NMS "
                                            "(evaluation uses it too)"

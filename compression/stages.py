@@ -26,7 +26,7 @@ from compression.config import OptimConfig, PhaseConfig, PipelineConfig, class_n
 from compression.errors import ConfigError, StageError
 from compression.files import read_selection, refuse_same_file, scratch_path, write_json_atomic
 from compression.jobs import LocalTrainer, Trainer, TrainJob
-from compression.measure import add_ratios, measure
+from compression.measure import add_ratios, choose_score_threshold, measure
 from compression.train import default_device, evaluate, primary_metric
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,12 @@ def _finish(ckpt: Checkpoint, cfg: PipelineConfig, out: Path, base: dict[str, An
         from compression.models import apply_postprocess_settings, postprocess_settings
 
         settings = {"score_threshold": cfg.export.score_threshold, "pre_nms_top_k": cfg.export.pre_nms_top_k}
+        if cfg.export.score_threshold_max_val_drop is not None:
+            choice = choose_score_threshold(ckpt.model, cfg, len(ckpt.class_names))
+            settings["score_threshold"], val_metric = choice["score_threshold"], choice["val_map_voc07"]
+            by_threshold = choice["val_map_voc07_by_score_threshold"]
+            extra_metrics = {**(extra_metrics or {}), "score_threshold": choice["score_threshold"],
+                             "score_threshold_val_cost": by_threshold[cfg.export.score_threshold] - val_metric}
         ckpt.extra["postprocess"] = postprocess_settings(apply_postprocess_settings(ckpt.model, settings))
     result = measure(ckpt, cfg, base=base, with_val=True, val_metric=val_metric)
     result["stage_seconds"] = stage_seconds

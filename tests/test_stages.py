@@ -23,13 +23,17 @@ from compression.checkpoint import load_checkpoint, read_metadata, save_checkpoi
 from compression.checks import phases_for
 from compression.config import PhaseConfig, validate_config
 from compression.data.digits import write_digits_cls, write_digits_voc
+from compression.data.loaders import build_loader
 from compression.errors import ConfigError, StageError
 from compression.jobs import initial_checkpoint
-from compression.models import layer_names
+from compression.measure import SCORE_THRESHOLDS, above_score
+from compression.metrics import voc_detection_ap
+from compression.models import apply_postprocess_settings, layer_names
 from compression.pipeline import run_pipeline_in_process
 from compression.pruning import layer_channels
 from compression.sparsity import effective_weight, sparsity_targets
 from compression.tp_pruners import build_pruner, prune_to_flops
+from compression.train import predict_detections
 
 # One SSD phase over every prunable layer (each SSD checkpoint costs seconds to measure); its consumers include
 # the L2Norm, the loc/conf head convs of all six maps and the next convs. The classifier runs two phases.
@@ -459,3 +463,33 @@ def test_a_teacher_with_other_classes_is_refused(ssd_run, tmp_path, capsys):
     code, err = _cli(["compress", "--config", ssd_run["config"], "--run-dir", run_dir, "--resume"], capsys)
     _one_line_error(code, err, "00_pretrain.safetensors", "3 classes (cat, dog, bird)", "same classes")
     assert not distilled.exists()
+
+
+def test_a_detectors_score_threshold_is_chosen_on_validation(devkit, ssd_pretrained, tmp_path):
+    # With export.score_threshold_max_val_drop, each checkpoint's post-processing gets the highest threshold
+    # whose validation mAP stays within the drop of the configured one's (0 here: no loss at all). One pass at
+    # the configured threshold serves every candidate: the SSD run at a higher threshold gives exactly the
+    # detections above it, which the direct runs below check.
+    raw = _with(_ssd_raw(devkit), pretrain={"checkpoint": str(ssd_pretrained)})
+    raw["export"] = {"score_threshold_max_val_drop": 0.0}
+    cfg = validate_config(raw)
+    model = load_checkpoint(ssd_pretrained).model
+    loader = build_loader(cfg.data, "val", train=False, image_size=64, seed=cfg.seed)
+    runs = {}
+    for threshold in SCORE_THRESHOLDS:
+        apply_postprocess_settings(model, {"score_threshold": threshold, "pre_nms_top_k": cfg.export.pre_nms_top_k})
+        with torch.inference_mode():
+            runs[threshold] = predict_detections(model, loader, progress=False)
+    lowest, targets = runs[cfg.export.score_threshold]
+    counts = [sum(len(p["scores"]) for p in predictions) for predictions, _ in runs.values()]
+    assert counts[0] > counts[-1], counts  # the thresholds do remove detections
+    for threshold, (predictions, _) in runs.items():
+        for filtered, direct in zip(above_score(lowest, threshold), predictions, strict=True):
+            for key in ("boxes", "scores", "labels"):
+                torch.testing.assert_close(filtered[key], direct[key])
+    maps = {t: voc_detection_ap(predictions, targets, 10)["map_voc07"] for t, (predictions, _) in runs.items()}
+    expected = max(t for t in SCORE_THRESHOLDS if maps[t] >= maps[cfg.export.score_threshold])
+    path, metrics = S.pretrain(cfg, tmp_path / "base.safetensors")
+    assert metrics["score_threshold"] == expected and metrics["score_threshold_val_cost"] <= 0
+    assert metrics["val_map_voc07"] == pytest.approx(maps[expected])
+    assert load_checkpoint(path).model.score_thresh == expected  # what the deployment runs with

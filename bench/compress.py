@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import CHECKPOINTS, write_result  # noqa: E402
 
-COLUMNS = ("stage", "phase", "params", "size_bytes", "flops", "map_voc07", "map_coco", "top1",
-           "params_ratio", "flops_ratio", "stage_seconds")
+COLUMNS = ("stage", "phase", "params", "size_bytes", "flops", "map_voc07", "map_coco", "top1", "val_map_voc07",
+           "val_top1", "score_threshold", "params_ratio", "flops_ratio", "stage_seconds")
 
 
 def _cell(value) -> str:
@@ -29,6 +29,22 @@ def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def _speedup(cfg, base_path: Path, final_path: Path) -> dict:
+    """The final model's deployment against the pretrained one's (ONNX Runtime at batch 32, the config's
+    threads and layout), each pair timed in alternation: the network alone and end to end."""
+    from compression.checkpoint import load_checkpoint
+    from compression.export import deployment_speedup
+    from compression.latency import network_speedup
+    from compression.measure import split_images
+    from compression.models import model_input_size
+
+    base, final = (load_checkpoint(path).model.eval() for path in (base_path, final_path))
+    images = split_images(cfg, 32, model_input_size(base))
+    return {"network": network_speedup(base, final, batch_size=32, threads=cfg.export.threads),
+            "end_to_end": deployment_speedup(base, final, images, 32, threads=cfg.export.threads,
+                                             layout=cfg.export.onnxruntime_layout)}
 
 
 def main() -> None:
@@ -58,6 +74,7 @@ def main() -> None:
         args.keep.parent.mkdir(parents=True, exist_ok=True)
         final_row = next(row for row in rows if row["final"])  # the pipeline's answer, chosen on validation
         shutil.copyfile(final_row["path"], args.keep)
+        speedup = _speedup(cfg, rows[0]["path"], final_row["path"])
         # A latency target's table of this machine: kept beside the model, to inspect and to reuse.
         table = Path(tmp) / "run" / LATENCY_TABLE
         if table.exists():
@@ -76,9 +93,13 @@ def main() -> None:
         f"{final.get('flops_ratio', float('nan')):.2f}x fewer FLOPs, {key} {base.get(key, float('nan')):.4f} -> "
         f"{final.get(key, float('nan')):.4f} ({final_row['stage']} model, chosen on validation; {100 * (base.get(key, 0) - final.get(key, 0)):+.2f} points drop); "
         f"total {total:.0f} s" + (" (pretraining reused from --base)" if args.base else "")
+        + f"; ONNX Runtime, batch 32, {cfg.export.threads} thread(s), final against pretrained timed in alternation: "
+        f"{speedup['network']['ratio']:.2f}x network ({speedup['network']['base_layout']} / "
+        f"{speedup['network']['model_layout']}), {speedup['end_to_end']['ratio']:.2f}x end to end"
     )
     out = write_result(args.result, {"config": args.config, "overrides": overrides, "rows": table,
-                                    "total_seconds": total, "markdown": f"{header}\n{body}\n\n{verdict}"})
+                                    "total_seconds": total, "speedup": speedup,
+                                    "markdown": f"{header}\n{body}\n\n{verdict}"})
     print(f"{header}\n{body}\n\n{verdict}\n-> {out}")
 
 

@@ -38,7 +38,7 @@ time another process holds the core. Wall time on a busy 2-core machine doubled 
 (18 -> 35 ms) while single layers, shorter than a scheduler slice, kept theirs, and the table then
 predicted a pruned network 3.6x too slow; CPU time kept the prediction within 10% under the same load.
 With several threads (and on a GPU) the work runs on other threads, so wall time is the measure there,
-and each whole network is timed three times among the sites, with a warning when the timings disagree.
+and each whole network is timed in five sessions among the sites, with a warning when the timings disagree.
 
 Tables are saved as JSON keyed by a device fingerprint (CPU model, runtime, threads, batch, torch and
 ONNX Runtime versions; the GPU's name on a GPU): ``load_or_measure`` reuses a table of the same fingerprint
@@ -78,6 +78,7 @@ _FOLLOWERS = ("Relu", "MaxPool")
 _COARSE_FRACTIONS = (0.25, 0.5, 0.75)
 _NETWORK_RUNS = 20  # at least, for the whole network (see measure_latency_table)
 _NETWORK_DRIFT = 0.10  # the whole network's timings disagreeing by more say the machine was busy
+_ANCHOR_SESSIONS = 5  # ONNX Runtime sessions each whole network is timed in (see measure_latency_table)
 _ANCHOR_CUT = 0.75  # the calibration's second network: every prunable layer keeps a quarter of its filters
 
 
@@ -456,19 +457,20 @@ def measure_latency_table(model: nn.Module, model_name: str, *, runtime: str = "
     torch.set_num_threads(threads)
     try:
         sites = _sites(model, model_name, network_onnx(model, batch_size))
-        # The two whole networks anchor the line every prediction is read from: each is timed in three
-        # sessions, before, between and after the sites, and the fastest is kept, as for every site. Load
-        # only adds time, and the line extrapolates past the quarter-width anchor: with the median, a quarter
-        # anchor 10% slow (two of its three sessions under another process's load) put an eighth-width
-        # network 22% over its time. Timings further apart than 2-3% (a quiet machine's session to session)
-        # say the machine was busy.
+        # The two whole networks anchor the line every prediction is read from, and the line extrapolates
+        # past the quarter-width anchor, doubling its error at an eighth of the width (in a test run a quarter
+        # anchor ~10% slow put such a network 22% over its time). One ONNX Runtime session of a network can run 12%
+        # faster than the next on a quiet machine, and another process's load makes some slower: each anchor
+        # is timed in _ANCHOR_SESSIONS sessions spread over the sites' measurement, and the median is kept.
+        # Timings further apart than _NETWORK_DRIFT are reported.
         network_timer = _Timer(runtime, batch_size, threads, warmup, max(runs, _NETWORK_RUNS), device, layout)
         anchors = [model, _quarter_width(model, model_name)]
         network_times: list[list[float]] = [[network_timer.network_ms(m)] for m in anchors]
+        between = {len(sites) * k // (_ANCHOR_SESSIONS - 1) for k in range(1, _ANCHOR_SESSIONS - 1)}
         widths = {site.name: site.out_channels for site in sites if site.prunable}
         table_sites = {}
         for index, site in enumerate(sites):
-            if index == len(sites) // 2:
+            if index in between:
                 for times, anchor in zip(network_times, anchors, strict=True):
                     times.append(network_timer.network_ms(anchor))
             cin_grid = _grid(site.in_channels, grid_step) if site.producer else [site.in_channels]
@@ -489,9 +491,9 @@ def measure_latency_table(model: nn.Module, model_name: str, *, runtime: str = "
         drift = max(max(times) / min(times) - 1 for times in network_times)
         if drift > _NETWORK_DRIFT:
             timings = "; ".join(" / ".join(f"{t:.2f}" for t in times) for times in network_times)
-            warnings.warn(f"latency: the whole {model_name} and its quarter-width copy took {timings} ms in three "
-                          f"timings each ({fingerprint['clock']} clock); the machine was busy, and this table's "
-                          f"predictions may be off by {drift:.0%}", stacklevel=2)
+            warnings.warn(f"latency: the whole {model_name} and its quarter-width copy took {timings} ms in "
+                          f"{len(network_times[0])} timings each ({fingerprint['clock']} clock): the machine was busy or its "
+                          f"sessions differed, and this table's predictions may be off by {drift:.0%}", stacklevel=2)
         data = {"format": TABLE_FORMAT, "fingerprint": fingerprint,
                 "model": {"name": model_name, "input_size": list(model_input_size(model)), "widths": widths},
                 "sites": table_sites, "network_drift": drift,
@@ -500,7 +502,7 @@ def measure_latency_table(model: nn.Module, model_name: str, *, runtime: str = "
         calibration = []
         for anchor, times in zip(anchors, network_times, strict=True):
             anchor_widths = model_widths(anchor, model_name)
-            calibration.append({"widths": anchor_widths, "network_ms": min(times),
+            calibration.append({"widths": anchor_widths, "network_ms": float(np.median(times)),
                                 "sites_ms": sites.sites_ms(anchor_widths)})
         full, quarter = calibration
         data["network_ms"] = full["network_ms"]

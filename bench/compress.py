@@ -31,7 +31,7 @@ def _cell(value) -> str:
     return str(value)
 
 
-def _speedup(cfg, base_path: Path, final_path: Path) -> dict:
+def speedup_against_base(cfg, base_path: Path, final_path: Path) -> dict:
     """The final model's deployment against the pretrained one's (ONNX Runtime at batch 32, the config's
     threads and layout), each pair timed in alternation: the network alone and end to end."""
     from compression.checkpoint import load_checkpoint
@@ -74,7 +74,7 @@ def main() -> None:
         args.keep.parent.mkdir(parents=True, exist_ok=True)
         final_row = next(row for row in rows if row["final"])  # the pipeline's answer, chosen on validation
         shutil.copyfile(final_row["path"], args.keep)
-        speedup = _speedup(cfg, rows[0]["path"], final_row["path"])
+        speedup = speedup_against_base(cfg, rows[0]["path"], final_row["path"])
         # A latency target's table of this machine: kept beside the model, to inspect and to reuse.
         table = Path(tmp) / "run" / LATENCY_TABLE
         if table.exists():

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import RESULTS, portable  # noqa: E402
 
 ORDER = ["controls", "pretrain", "compress", "overhead", "quality", "speedup", "compress_latency", "compress_latency_2x",
-         "compress_latency_two_phases", "gpu",
+         "compress_latency_two_phases", "latency_controls", "gpu",
          "budget", "budget_latency", "budget_latency_long", "budget_latency_2x_long"]
 TITLES = {
     "controls": "Controls: the seed method against a dense model trained as long, other criteria, scratch",
@@ -30,6 +30,7 @@ TITLES = {
     "compress_latency_2x": "A latency-targeted model (phase 1 at 2x) in the controls' schedule, in-process",
     "compress_latency_two_phases": "3x lower latency in two phases of 1.73x, 12 retraining epochs each, score thresholds "
                                    "chosen on validation (default preset, in-process)",
+    "latency_controls": "A latency-targeted model against a dense control trained as long, over seeds",
     "overhead": "Orchestration overhead: in-process vs Prefect + Ray Train + MLflow",
     "quality": "Quality at equal FLOPs: criteria and torch-pruning's pruners",
     "speedup": "Real CPU speedup of pruned models",
@@ -107,6 +108,22 @@ def _latency_compress_targets(r: dict) -> list[tuple[str, bool]]:
         network, e2e = speedup["network"]["ratio"], speedup["end_to_end"]["ratio"]
         checks = [(f"network >= 3x faster (ONNX Runtime, batch 32): {network:.2f}x", network >= 3),
                   (f"end to end >= 3x faster (ONNX Runtime, batch 32): {e2e:.2f}x", e2e >= 3), *checks]
+    return checks
+
+
+def _latency_controls_targets(r: dict) -> list[tuple[str, bool]]:
+    latency = [row for row in r["rows"] if row["method"] == "latency"]
+    dense = {row["seed"]: row["metric"] for row in r["rows"] if row["method"] == "dense"}
+    gaps = [100 * (dense[row["seed"]] - row["metric"]) for row in latency if row["seed"] in dense]
+    e2e = [row["e2e_speedup"] for row in latency if row.get("e2e_speedup")]
+    checks = []
+    if gaps:
+        gap = sum(gaps) / len(gaps)
+        checks.append((f"at most 1.0 point of test VOC07 below the dense control (mean over seeds): {gap:+.2f} points",
+                       gap <= 1.0))
+    if e2e:
+        checks.append((f"end to end >= 3x faster than the dense model (ONNX Runtime, batch 32), slowest seed: "
+                       f"{min(e2e):.2f}x", min(e2e) >= 3))
     return checks
 
 
@@ -221,7 +238,8 @@ def _speedup_targets(r: dict) -> list[tuple[str, bool]]:
 TARGETS = {"controls": _controls_targets, "speedup": _speedup_targets, "pretrain": _pretrain_targets, "compress": _compress_targets, "overhead": _overhead_targets,
            "budget": _budget_targets, "budget_latency": _budget_targets, "budget_latency_long": _budget_targets,
            "budget_latency_2x_long": _budget_targets,
-           "compress_latency_two_phases": _latency_compress_targets}
+           "compress_latency_two_phases": _latency_compress_targets,
+           "latency_controls": _latency_controls_targets}
 
 
 def main() -> None:

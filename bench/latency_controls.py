@@ -1,0 +1,185 @@
+"""A latency-targeted model against a dense control trained as long, over seeds, with its measured speedup.
+
+    .venv/bin/python bench/latency_controls.py --base CKPT [--target 2.0] [--retrain-epochs 12] [--seeds 0 1 2]
+        [--jobs 2] [--max-val-drop 0.005] [--result latency_controls] [--quick]
+
+From one pretrained model of the default preset (``--base``), for each seed:
+
+- ``latency``: the default preset's pipeline with one phase over every prunable layer cut to ``--target``
+  times lower network latency (the latency tables of this machine, measured once up front and shared),
+  ``--retrain-epochs`` retraining epochs, the preset's distillation, every checkpoint's score threshold
+  chosen on validation (``export.score_threshold_max_val_drop``); its answer (distilled or not) is chosen on
+  validation;
+- ``dense``: the base trained for as many extra epochs (sparsity + retraining + distillation) with the
+  retraining settings, its score threshold chosen the same way: the reference for "no accuracy loss".
+
+Seeds change the data order, augmentation and the pruning's training, not the base. Once every unit has
+trained, nothing else running, each latency model is timed against the base in ONNX Runtime at batch 32 on
+``export.threads`` threads, the two in alternation: the network alone and end to end (post-processing
+included). ``metric`` is test VOC07 mAP@0.5; no choice reads it. Writes bench/results/<--result>.json; run
+bench/report.py afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import write_result  # noqa: E402
+
+QUICK_OVERRIDES = ["data.max_images=64", "stages.sparsity.epochs=1", "stages.distill.epochs=1"]
+
+
+def unit_config(spec: dict[str, Any]):
+    from compression.config import load_config
+    from compression.models import prunable_layers
+
+    layers = ", ".join(prunable_layers("ssd_vgg_lite"))
+    return load_config("default", [
+        f"seed={spec['seed']}", f"stages.selection.seed={spec['seed']}",
+        f"stages.pretrain.checkpoint={spec['base']}", f"stages.retrain.epochs={spec['retrain_epochs']}",
+        "stages.selection.out_of_reach=closest", f"export.latency_table={spec['table']}",
+        f"export.score_threshold_max_val_drop={spec['max_val_drop']}",
+        f"stages.phases=[{{name: phase1, layers: [{layers}], target_latency_ratio: {spec['target']}, "
+        "max_layer_ratio: 0.875}]",
+        *(QUICK_OVERRIDES if spec["quick"] else []),
+    ])
+
+
+def extra_epochs(cfg) -> int:
+    """What the one-phase pipeline trains after pretraining: the dense control trains as long."""
+    stages = cfg.stages
+    return stages.sparsity.epochs + stages.retrain.epochs + (stages.distill.epochs if stages.distill.enabled else 0)
+
+
+def run_unit(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from compression import stages as S
+    from compression.measure import stored_metrics
+    from compression.pipeline import run_pipeline_in_process
+
+    torch.set_num_threads(spec["threads"])
+    work = Path(spec["work"]) / f"{spec['method']}_{spec['seed']}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    cfg = unit_config(spec)
+    started = time.perf_counter()
+    if spec["method"] == "latency":
+        rows = run_pipeline_in_process(cfg, work / "run")
+        final = next(row for row in rows if row["final"])
+        metrics, path, stage = final["metrics"], final["path"], final["stage"]
+    else:
+        epochs = extra_epochs(cfg)
+        cfg.stages.retrain.epochs = epochs
+        path, metrics = S.retrain(Path(spec["base"]), cfg, work / "dense.safetensors", phase=None,
+                                  base_metrics=stored_metrics(Path(spec["base"])))
+        stage = f"retrain ({epochs} epochs)"
+    return {"method": spec["method"], "seed": spec["seed"], "path": str(path), "final_stage": stage,
+            "metric": metrics.get("map_voc07"), "val_metric": metrics.get("val_map_voc07"),
+            "flops_ratio": metrics.get("flops_ratio"), "params_ratio": metrics.get("params_ratio"),
+            "score_threshold": metrics.get("score_threshold"), "wall_seconds": time.perf_counter() - started}
+
+
+def _mean_sd(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
+    values = [v * scale for v in values if v is not None]
+    if not values:
+        return ""
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+
+
+def summarise(rows: list[dict[str, Any]], base: dict[str, Any], args) -> str:
+    columns = ("method", "seed", "final_stage", "metric", "val_metric", "flops_ratio", "params_ratio",
+               "network_speedup", "e2e_speedup", "score_threshold")
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |"
+              for row in sorted(rows, key=lambda r: (r["method"], r["seed"]))]
+    by = {method: [r for r in rows if r["method"] == method] for method in ("latency", "dense")}
+    latency, dense = by["latency"], by["dense"]
+    paired = {r["seed"]: r["metric"] for r in dense}
+    gaps = [paired[r["seed"]] - r["metric"] for r in latency if r["seed"] in paired]
+    lines += [
+        "",
+        f"- base (`--base`): test VOC07 mAP {base.get('map_voc07', float('nan')):.4f}, validation "
+        f"{base.get('val_map_voc07', float('nan')):.4f}; target {args.target}x lower network latency, "
+        f"{args.retrain_epochs} retraining epochs, {len(args.seeds)} seed(s)",
+        f"- latency-targeted: test mAP {_mean_sd([r['metric'] for r in latency])}, "
+        f"{_mean_sd([r['flops_ratio'] for r in latency], digits=2)}x fewer FLOPs, network "
+        f"{_mean_sd([r.get('network_speedup') for r in latency], digits=2)}x and end to end "
+        f"{_mean_sd([r.get('e2e_speedup') for r in latency], digits=2)}x faster than the base (ONNX Runtime, "
+        f"batch 32, {args.threads} thread(s), timed in alternation with it)",
+        f"- dense control ({dense[0]['final_stage'] if dense else '?'}): test mAP {_mean_sd([r['metric'] for r in dense])}",
+        f"- dense control minus latency-targeted, same seed: {_mean_sd(gaps, 100, 2)} points",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", type=Path, required=True, help="the default preset's pretrained checkpoint")
+    parser.add_argument("--target", type=float, default=2.0, help="times lower network latency")
+    parser.add_argument("--retrain-epochs", type=int, default=12)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=2, help="units in parallel, one process each")
+    parser.add_argument("--max-val-drop", type=float, default=0.005, help="export.score_threshold_max_val_drop")
+    parser.add_argument("--result", default="latency_controls")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 64 images, one seed")
+    args = parser.parse_args()
+
+    import torch
+
+    from bench.compress import speedup_against_base
+    from compression.checkpoint import load_checkpoint
+    from compression.data.loaders import ensure_builtin_data
+    from compression.measure import stored_metrics
+    from compression.stages import latency_tables_for
+    from tasks.env import apply_env_defaults
+
+    apply_env_defaults()
+    if not args.base.is_file():
+        sys.exit(f"error: --base {args.base}: no such checkpoint")
+    if args.quick:
+        args.seeds = args.seeds[:1]
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="latency-controls-") as tmp:
+        common = {"base": str(args.base.resolve()), "table": str(Path(tmp) / "latency_table.json"),
+                  "target": args.target, "retrain_epochs": args.retrain_epochs, "max_val_drop": args.max_val_drop,
+                  "quick": args.quick, "work": tmp, "threads": max(1, torch.get_num_threads() // args.jobs)}
+        cfg = unit_config({**common, "seed": 0, "method": "latency"})
+        args.threads = cfg.export.threads
+        ensure_builtin_data(cfg.data)
+        latency_tables_for(load_checkpoint(args.base), cfg, Path(tmp))  # once, before anything trains
+        specs = [{**common, "seed": seed, "method": method} for seed in args.seeds for method in ("latency", "dense")]
+        # spawn: the units' torch must not inherit this process's thread pools (the tables ran here).
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
+            rows = list(pool.map(run_unit, specs))
+        training_seconds = time.perf_counter() - started
+        for row in rows:
+            if row["method"] == "latency":
+                timed = speedup_against_base(cfg, args.base, Path(row["path"]))
+                row.update(network_speedup=timed["network"]["ratio"], e2e_speedup=timed["end_to_end"]["ratio"],
+                           layouts=f"{timed['network']['base_layout']} / {timed['network']['model_layout']}")
+            row.pop("path")
+    base = stored_metrics(args.base)
+    markdown = summarise(rows, base, args)
+    out = write_result(args.result, {"rows": rows, "base": {k: base.get(k) for k in ("map_voc07", "val_map_voc07")},
+                                     "target": args.target, "retrain_epochs": args.retrain_epochs,
+                                     "seeds": args.seeds, "training_seconds": training_seconds,
+                                     "total_seconds": time.perf_counter() - started, "markdown": markdown})
+    print(f"{markdown}\n-> {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -47,6 +47,16 @@ def speedup_against_base(cfg, base_path: Path, final_path: Path) -> dict:
                                              layout=cfg.export.onnxruntime_layout)}
 
 
+def kept_widths(base_path: Path, final_path: Path) -> dict[str, list[int]]:
+    """``{layer: [kept, original]}`` filters of every prunable layer: where the cut went."""
+    from compression.checkpoint import load_checkpoint
+    from compression.latency import model_widths
+
+    base, final = (load_checkpoint(path) for path in (base_path, final_path))
+    original = model_widths(base.model, base.model_name)
+    return {name: [kept, original[name]] for name, kept in model_widths(final.model, final.model_name).items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="default")
@@ -75,6 +85,7 @@ def main() -> None:
         final_row = next(row for row in rows if row["final"])  # the pipeline's answer, chosen on validation
         shutil.copyfile(final_row["path"], args.keep)
         speedup = speedup_against_base(cfg, rows[0]["path"], final_row["path"])
+        widths = kept_widths(rows[0]["path"], final_row["path"])
         # A latency target's table of this machine: kept beside the model, to inspect and to reuse.
         table = Path(tmp) / "run" / LATENCY_TABLE
         if table.exists():
@@ -97,8 +108,10 @@ def main() -> None:
         f"{speedup['network']['ratio']:.2f}x network ({speedup['network']['base_layout']} / "
         f"{speedup['network']['model_layout']}), {speedup['end_to_end']['ratio']:.2f}x end to end"
     )
+    cut = ", ".join(f"{name.rsplit('.', 1)[-1]} {kept}/{n}" for name, (kept, n) in widths.items() if kept < n)
+    verdict += f"\n\nfilters kept / original where the final model was cut: {cut or 'none'}"
     out = write_result(args.result, {"config": args.config, "overrides": overrides, "rows": table,
-                                    "total_seconds": total, "speedup": speedup,
+                                    "total_seconds": total, "speedup": speedup, "widths": widths,
                                     "markdown": f"{header}\n{body}\n\n{verdict}"})
     print(f"{header}\n{body}\n\n{verdict}\n-> {out}")
 

@@ -192,6 +192,12 @@ class SelectionConfig(_Strict):
         True, description="fold each removed filter's mean output into its consumers' biases when pruning (ours)"
     )
     compensation_batches: int = Field(4, ge=1, description="training batches (no augmentation) those means are taken over")
+    layer_sensitivity: bool = Field(
+        False, description="latency targets: weigh each layer's filters by how much the validation loss rises when "
+                           "that layer alone loses half its filters (Li et al. 2017's sensitivity analysis), so that "
+                           "the plan spares the layers the model needs most"
+    )
+    sensitivity_batches: int = Field(4, ge=1, description="validation batches the layer sensitivity is measured on")
     seed: int = 0
 
 

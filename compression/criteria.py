@@ -406,6 +406,7 @@ def select_by_latency(
     max_layer_ratio: float = 1.0,
     closest: bool = False,
     baseline_ms: float | None = None,
+    layer_weights: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Remove the filters with the least importance per millisecond saved until the network's predicted
     latency (``table``, a ``latency.LatencyTable`` of this device) is at most the input model's /
@@ -419,6 +420,8 @@ def select_by_latency(
     millisecond saved (the layer's own site and its readers', at the other layers' current widths) goes
     first, until the target is reached. ``scope="layer"`` scores (not comparable across layers) are divided
     by their layer's mean first, so a move's cost is the share of its layer's importance it removes.
+    ``layer_weights`` (``layer_sensitivity``) multiply each layer's scores: a layer the model needs more
+    costs more to cut.
 
     Returns (selection, {"latency_before_ms", "latency_after_ms", "latency_ratio", "round_to",
     "latency_device", "latency_layout", "importance_removed"}) with predicted network times (ms per batch)
@@ -437,10 +440,11 @@ def select_by_latency(
     for name, values in scores.items():
         n = len(values)
         mean = sum(values) / n if scope == "layer" and n and sum(values) > 0 else 1.0
+        weight = layer_weights[name] if layer_weights is not None else 1.0
         orders[name] = _ascending(values)
         sums = [0.0]
         for f in orders[name]:
-            sums.append(sums[-1] + float(values[f]) / mean)
+            sums.append(sums[-1] + float(values[f]) / mean * weight)
         cumulative[name] = sums
         floor = layer_floor(n, min_channels, max_layer_ratio)
         allowed[name] = sorted({w for w in table.fast_widths(name) if floor <= w < n})
@@ -482,6 +486,43 @@ def select_by_latency(
     if predicted > goal:
         info["latency_short_of_target"] = predicted / goal
     return selection, info
+
+
+SENSITIVITY_FLOOR = 0.05  # the least weight a layer gets: one whose cut costs nothing still keeps its ranking
+
+
+def layer_sensitivity(model: nn.Module, scores: Mapping[str, Sequence[float]], loss_fn: LossFn,
+                      batches: Iterable[Any], *, model_name: str, fraction: float = 0.5) -> dict[str, float]:
+    """How much the model needs each layer of ``scores``, relative to the others (Li et al. 2017's
+    sensitivity analysis, on the loss rather than the accuracy, which a detector loses entirely after any
+    large cut): the rise of the mean ``loss_fn`` over ``batches`` when that layer alone loses its
+    ``fraction`` lowest-scored filters (at least one kept), divided by the mean rise over the layers, at
+    least ``SENSITIVITY_FLOOR``. 1 is an average layer. ``model`` is unchanged."""
+    import copy
+
+    batches = list(batches)
+    if not batches:
+        raise StageError("layer sensitivity needs at least one batch")
+
+    @torch.no_grad()
+    def mean_loss(net: nn.Module) -> float:
+        net.eval()
+        return sum(float(_total_loss(loss_fn(net, batch))) for batch in batches) / len(batches)
+
+    base = mean_loss(model)
+    rises = {}
+    for name, values in scores.items():
+        n = len(values)
+        cut = min(n - 1, round(n * fraction))
+        if cut < 1:
+            rises[name] = 0.0
+            continue
+        pruned = copy.deepcopy(model)
+        prune_filters(pruned, {name: {"remove": sorted(_ascending(values)[:cut]), "keep": n - cut}},
+                      model_name=model_name)
+        rises[name] = max(mean_loss(pruned) - base, 0.0)
+    mean = sum(rises.values()) / len(rises) if rises else 0.0
+    return {name: max(rise / mean if mean > 0 else 1.0, SENSITIVITY_FLOOR) for name, rise in rises.items()}
 
 
 # --------------------------------------------------------------------------------------------

@@ -377,6 +377,29 @@ def _best_latency_plan(plans: list[tuple[dict[str, Any], dict[str, Any]]]) -> tu
     return min(plans, key=lambda plan: plan[1]["latency_short_of_target"])
 
 
+def _layer_sensitivity(ckpt: Checkpoint, scores: dict[str, list[float]], cfg: PipelineConfig) -> dict[str, float]:
+    """``criteria.layer_sensitivity`` of ``ckpt``'s model on ``selection.sensitivity_batches`` validation
+    batches, with the task's training loss."""
+    from compression.criteria import layer_sensitivity
+    from compression.data.loaders import build_loader
+    from compression.models import model_input_size
+    from compression.train import make_objective, move_batch
+
+    device = default_device(cfg.compute.use_gpu)
+    loader = build_loader(cfg.data, "val", train=False, image_size=model_input_size(ckpt.model)[0], seed=cfg.seed)
+
+    def loss_fn(net, batch):
+        inputs, targets = move_batch(batch, device)
+        return make_objective(net, ckpt.task, fast_ssd=cfg.compute.fast_ssd)(inputs, targets)
+
+    try:
+        return layer_sensitivity(ckpt.model.to(device), scores, loss_fn,
+                                 FirstBatches(loader, cfg.stages.selection.sensitivity_batches),
+                                 model_name=ckpt.model_name)
+    finally:
+        ckpt.model.cpu()
+
+
 def _select_ranked(ckpt: Checkpoint, dg, scores: dict[str, list[float]], cfg: PipelineConfig,
                    scope: str, out: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     from compression.criteria import select_by_flops, select_by_latency, select_by_ratio
@@ -403,10 +426,11 @@ def _select_ranked(ckpt: Checkpoint, dg, scores: dict[str, list[float]], cfg: Pi
         # The target divides the model's time in its own fastest layout; each layout's table then plans its
         # own cut to that time, and the cut that reaches it removing the least importance is kept.
         base_layout, baseline_ms = fastest_prediction(tables, model_widths(model, ckpt.model_name))
+        weights = _layer_sensitivity(ckpt, scores, cfg) if settings.layer_sensitivity else None
         plans = [select_by_latency(model, scores, settings.target_latency_ratio, table,
                                    model_name=ckpt.model_name, min_channels=settings.min_channels,
                                    max_layer_ratio=settings.max_layer_ratio, scope=scope, baseline_ms=baseline_ms,
-                                   closest=True)
+                                   closest=True, layer_weights=weights)
                  for table in tables.values()]
         chosen, info = _best_latency_plan(plans)
         if "latency_short_of_target" in info and settings.out_of_reach != "closest":
@@ -414,6 +438,8 @@ def _select_ranked(ckpt: Checkpoint, dg, scores: dict[str, list[float]], cfg: Pi
                 f"target_latency_ratio {settings.target_latency_ratio:g} is out of reach: cutting these layers to "
                 f"the widths the device runs fastest, down to min_channels={settings.min_channels}, max_layer_ratio="
                 f"{settings.max_layer_ratio:g}, gives at most {info['latency_ratio']:.2f}x")
+        if weights is not None:
+            info["layer_sensitivity"] = weights
         info = {**info, "latency_base_layout": base_layout,
                 "latency_plans": {layout: {k: plan[1][k] for k in ("latency_after_ms", "importance_removed")}
                                   for layout, plan in zip(tables, plans, strict=True)}}

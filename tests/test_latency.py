@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compression.criteria import rank_filters, select_by_ratio
+from compression.criteria import rank_filters, select_by_latency, select_by_ratio
 from compression.errors import ConfigError
 from compression.latency import (
     LatencyTable,
@@ -322,3 +322,60 @@ def test_latency_table_settings_key_only_the_selection():
     # The post-processing is part of every measured checkpoint.
     thresholded = load_config("default", ["export.score_threshold=0.05"])
     assert stage_settings(base, "pretrain") != stage_settings(thresholded, "pretrain")
+
+
+def test_layer_weights_make_the_plan_spare_a_layer(lite, table):
+    # criteria.layer_sensitivity's weights multiply a layer's scores: a layer the model needs more costs more
+    # to cut, so the plan reaches the same target cutting other layers instead.
+    dg = build_dependency_graph(lite)
+    pairs = resolve_layers(lite, "ssd_vgg_lite", prunable_layers("ssd_vgg_lite"), dg=dg)
+    scores = rank_filters("l1_norm", lite, dg, pairs)
+    plain, info = select_by_latency(lite, scores, 2.0, table, model_name="ssd_vgg_lite", max_layer_ratio=0.875)
+    cut = max(plain, key=lambda name: len(plain[name]["remove"]) / len(scores[name]))
+    assert plain[cut]["remove"]
+    weighted, weighted_info = select_by_latency(lite, scores, 2.0, table, model_name="ssd_vgg_lite",
+                                                max_layer_ratio=0.875,
+                                                layer_weights={name: 1000.0 if name == cut else 1.0 for name in scores})
+    assert len(weighted[cut]["remove"]) < len(plain[cut]["remove"]), cut
+    assert info["latency_ratio"] >= 2.0 and weighted_info["latency_ratio"] >= 2.0
+
+
+def test_selection_stage_weighs_layers_by_their_sensitivity(tmp_path, digits_devkit):
+    """With selection.layer_sensitivity, each layer's weight is its validation-loss rise when it alone loses
+    half its filters, over the layers' mean; the selection records the weights it planned with."""
+    from compression.checkpoint import Checkpoint, save_checkpoint
+    from compression.config import PhaseConfig
+    from compression.criteria import SENSITIVITY_FLOOR
+    from compression.data.loaders import build_loader
+    from compression.stages import select_filters
+    from compression.train import make_objective, move_batch
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path, digits_devkit, "stages.selection.criterion=l1_norm", "export.batch_size=2",
+                      "stages.selection.target_latency_ratio=1.3", "stages.selection.max_layer_ratio=0.75",
+                      "stages.selection.layer_sensitivity=true")
+    torch.manual_seed(0)
+    args = {"num_classes": 11, "width_mult": 0.0625, "image_size": 64}
+    model = build_model("ssd_vgg_lite", **args)
+    path = save_checkpoint(Checkpoint(model=model, model_name="ssd_vgg_lite", model_args=args,
+                                      class_names=[str(d) for d in range(10)]), tmp_path / "base.safetensors")
+    phase = PhaseConfig(name="p1", layers=["conv1_1", "conv2_1", "conv3_1", "conv4_3", "fc7"])
+    out, _ = select_filters(path, cfg, tmp_path / "selection.json", phase=phase)
+    record = json.loads(out.read_text())
+    weights = record["layer_sensitivity"]
+    assert set(weights) == set(record["layers"]) and min(weights.values()) >= SENSITIVITY_FLOOR
+    assert record["latency_ratio"] >= 1.3
+    # The same rise measured here: half of a layer's lowest-L1 filters gone, the training loss on validation.
+    batches = list(build_loader(cfg.data, "val", train=False, image_size=64, seed=cfg.seed))
+
+    def rise(name: str) -> float:
+        pruned = copy.deepcopy(model).eval()
+        dg = build_dependency_graph(pruned)
+        (pair,) = resolve_layers(pruned, "ssd_vgg_lite", [name], dg=dg)
+        prune_filters(pruned, select_by_ratio(rank_filters("l1_norm", pruned, dg, [pair]), 0.5), dg=dg)
+        with torch.no_grad():
+            return sum(float(sum(make_objective(net, "detection")(*move_batch(batch, "cpu")).values()))
+                       for net in (pruned,) for batch in batches)
+
+    most, least = max(weights, key=weights.get), min(weights, key=weights.get)
+    assert weights[most] > weights[least] and rise(most) > rise(least), weights

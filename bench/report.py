@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import RESULTS, portable  # noqa: E402
 
 ORDER = ["controls", "pretrain", "compress", "overhead", "quality", "speedup", "compress_latency", "compress_latency_2x",
-         "compress_latency_two_phases", "latency_controls", "gpu",
+         "compress_latency_two_phases", "compress_latency_3x",
+         "compress_latency_3x_sensitivity", "latency_controls", "gpu",
          "budget", "budget_latency", "budget_latency_long", "budget_latency_2x_long"]
 TITLES = {
     "controls": "Controls: the seed method against a dense model trained as long, other criteria, scratch",
@@ -30,6 +31,10 @@ TITLES = {
     "compress_latency_2x": "A latency-targeted model (phase 1 at 2x) in the controls' schedule, in-process",
     "compress_latency_two_phases": "3x lower latency in two phases of 1.73x, 12 retraining epochs each, score thresholds "
                                    "chosen on validation (default preset, in-process)",
+    "compress_latency_3x": "3x lower latency in one phase, 12 retraining epochs, score thresholds chosen on validation "
+                           "(default preset, in-process; run at the same time as the next, one thread each)",
+    "compress_latency_3x_sensitivity": "The same with `selection.layer_sensitivity` (each layer weighed by its "
+                                       "validation-loss sensitivity)",
     "latency_controls": "A latency-targeted model against a dense control trained as long, over seeds",
     "overhead": "Orchestration overhead: in-process vs Prefect + Ray Train + MLflow",
     "quality": "Quality at equal FLOPs: criteria and torch-pruning's pruners",
@@ -239,7 +244,8 @@ TARGETS = {"controls": _controls_targets, "speedup": _speedup_targets, "pretrain
            "budget": _budget_targets, "budget_latency": _budget_targets, "budget_latency_long": _budget_targets,
            "budget_latency_2x_long": _budget_targets,
            "compress_latency_two_phases": _latency_compress_targets,
-           "latency_controls": _latency_controls_targets}
+           "latency_controls": _latency_controls_targets, "compress_latency_3x": _latency_compress_targets,
+           "compress_latency_3x_sensitivity": _latency_compress_targets}
 
 
 def main() -> None:

@@ -56,15 +56,10 @@ def unit_config(spec: dict[str, Any]):
     ])
 
 
-def extra_epochs(cfg) -> int:
-    """What the one-phase pipeline trains after pretraining: the dense control trains as long."""
-    stages = cfg.stages
-    return stages.sparsity.epochs + stages.retrain.epochs + (stages.distill.epochs if stages.distill.enabled else 0)
-
-
 def run_unit(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
+    from bench.controls import extra_epochs  # what the pipeline trains after pretraining
     from compression import stages as S
     from compression.measure import stored_metrics
     from compression.pipeline import run_pipeline_in_process

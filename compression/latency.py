@@ -458,11 +458,11 @@ def measure_latency_table(model: nn.Module, model_name: str, *, runtime: str = "
     try:
         sites = _sites(model, model_name, network_onnx(model, batch_size))
         # The two whole networks anchor the line every prediction is read from, and the line extrapolates
-        # past the quarter-width anchor, doubling its error at an eighth of the width (in a test run a quarter
-        # anchor ~10% slow put such a network 22% over its time). One ONNX Runtime session of a network can run 12%
-        # faster than the next on a quiet machine, and another process's load makes some slower: each anchor
-        # is timed in _ANCHOR_SESSIONS sessions spread over the sites' measurement, and the median is kept.
-        # Timings further apart than _NETWORK_DRIFT are reported.
+        # past the quarter-width anchor, doubling its error at an eighth of the width (in a test run a
+        # quarter anchor ~10% slow put such a network 22% over its time). One ONNX Runtime session of a
+        # network can run 12% faster than the next on a quiet machine, and another process's load makes
+        # some slower: each anchor is timed in _ANCHOR_SESSIONS sessions spread over the sites'
+        # measurement, and the median is kept. Timings further apart than _NETWORK_DRIFT are reported.
         network_timer = _Timer(runtime, batch_size, threads, warmup, max(runs, _NETWORK_RUNS), device, layout)
         anchors = [model, _quarter_width(model, model_name)]
         network_times: list[list[float]] = [[network_timer.network_ms(m)] for m in anchors]
@@ -492,8 +492,9 @@ def measure_latency_table(model: nn.Module, model_name: str, *, runtime: str = "
         if drift > _NETWORK_DRIFT:
             timings = "; ".join(" / ".join(f"{t:.2f}" for t in times) for times in network_times)
             warnings.warn(f"latency: the whole {model_name} and its quarter-width copy took {timings} ms in "
-                          f"{len(network_times[0])} timings each ({fingerprint['clock']} clock): the machine was busy or its "
-                          f"sessions differed, and this table's predictions may be off by {drift:.0%}", stacklevel=2)
+                          f"{len(network_times[0])} timings each ({fingerprint['clock']} clock): the machine was "
+                          f"busy or its sessions differed, and this table's predictions may be off by {drift:.0%}",
+                          stacklevel=2)
         data = {"format": TABLE_FORMAT, "fingerprint": fingerprint,
                 "model": {"name": model_name, "input_size": list(model_input_size(model)), "widths": widths},
                 "sites": table_sites, "network_drift": drift,

@@ -56,9 +56,10 @@ def above_score(predictions: list[dict], threshold: float) -> list[dict]:
 def choose_score_threshold(model, cfg: PipelineConfig, num_classes: int) -> dict[str, Any]:
     """The highest ``SCORE_THRESHOLDS`` entry at or above ``export.score_threshold`` whose validation mAP
     (VOC07) is at most ``export.score_threshold_max_val_drop`` below the mAP at ``export.score_threshold``.
-    A weaker detector sends more low-scoring boxes through NMS: a 3x-pruned SSD spent 12 ms of 32 end to end
-    (batch 32) in post-processing at 0.01 and 4.4 ms less at 0.02, for 0.2 points of validation mAP. One pass over the
-    validation split, at the configured threshold, serves every candidate (``above_score``). Returns
+    A weaker detector sends more low-scoring boxes through NMS: a 3x-pruned SSD spent 12 ms of 32 end to
+    end (batch 32) in post-processing at 0.01 and 4.4 ms less at 0.02, for 0.2 points of validation mAP.
+    One pass over the validation split, at the configured threshold, serves every candidate
+    (``above_score``). Returns
     ``{"score_threshold", "val_map_voc07", "val_map_voc07_by_score_threshold": {threshold: mAP}}``."""
     from compression.data.loaders import build_loader
     from compression.metrics import voc_detection_ap

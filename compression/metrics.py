@@ -172,6 +172,22 @@ def fastest_in_alternation(calls: Mapping[K, Callable[[], object]], *, threads: 
     return fastest
 
 
+def fastest_in_passes(open_calls: Callable[[], Mapping[K, Callable[[], object]]], *, passes: int, threads: int,
+                      rounds: int, runs: int, warmup: int = 1) -> dict[K, list[float]]:
+    """``fastest_in_alternation`` repeated over ``passes`` fresh sets of calls (``open_calls()`` opens one,
+    e.g. new ONNX Runtime sessions): each key's fastest time in every pass. Load that lasts a whole pass (a
+    second or so) does not weigh on a large network as on a small one, so a ratio of two networks read in
+    one pass can be off by a fifth; the median over passes is not."""
+    if passes < 1:
+        raise ValueError(f"timing needs at least one pass, got {passes}")
+    times: dict[K, list[float]] = {}
+    for _ in range(passes):
+        fastest = fastest_in_alternation(open_calls(), threads=threads, rounds=rounds, runs=runs, warmup=warmup)
+        for key, ms in fastest.items():
+            times.setdefault(key, []).append(ms)
+    return times
+
+
 def measure_latency(
     model: nn.Module,
     input_size: tuple[int, int],

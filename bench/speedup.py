@@ -32,8 +32,9 @@ this machine, ONNX Runtime at batch 32, kept in bench/checkpoints/). Their mAP i
 With checkpoints, mAP is the checkpoint's stored test-split ``map_voc07``.
 
 Rows (bench/results/speedup.json, ``rows``): ``{"model", "runtime", "batch", "threads", "e2e_ms", "map_voc07",
-"flops_ratio", "device", "speedup"}`` (speedup: the dense model's e2e_ms in the same runtime, batch and
-threads / this one's), and for ``onnxruntime`` the ``layout`` each model's export runs in (the faster of
+"flops_ratio", "device", "speedup", "speedup_vs_dense_eager"}`` (speedup: the dense model's e2e_ms in the same
+runtime, batch and threads / this one's; speedup_vs_dense_eager: the dense model's in ``torch_eager`` at that
+batch and threads / this one's, CPU rows), and for ``onnxruntime`` the ``layout`` each model's export runs in (the faster of
 blocked NCHWc and plain NCHW for that model, ``export.export_onnx``). bench/results/speedup.png plots latency (batch 32) against mAP, or against the FLOPs
 ratio without mAP. ``--quick`` writes speedup_quick.json / .png instead, so a smoke test never replaces a
 measurement. Run bench/report.py after a full run.
@@ -155,6 +156,29 @@ def prediction_rows(models: dict[str, Checkpoint], cfg: PipelineConfig, table_pa
     return rows
 
 
+def reach_row(models: dict[str, Checkpoint], cfg: PipelineConfig, table_path: Path, warmup: int, runs: int,
+              max_layer_ratio: float = 0.875) -> dict[str, Any]:
+    """How far filter pruning alone can take this network on this device: the dense model's latency tables'
+    prediction with every prunable layer at its floor (``selection.layer_floor``: ``min_channels``, and
+    ``max_layer_ratio`` as the latency runs set it), against their prediction of the dense network. Layers
+    whose time does not shrink with their width (conv1_1 reads a 3-channel full-resolution input) bound it."""
+    from compression.export import ORT_LAYOUTS
+    from compression.latency import fastest_prediction, load_or_measure, model_widths
+    from compression.selection import layer_floor
+
+    dense = models["dense"]
+    layouts = ORT_LAYOUTS if cfg.export.onnxruntime_layout == "auto" else (cfg.export.onnxruntime_layout,)
+    tables = {layout: load_or_measure(table_path, dense.model, dense.model_name, grid_step=cfg.export.grid_step,
+                                      warmup=warmup, runs=runs, layout=layout, batch_size=cfg.export.batch_size,
+                                      threads=cfg.export.threads) for layout in layouts}
+    widths = model_widths(dense.model, dense.model_name)
+    floors = {name: layer_floor(n, cfg.stages.selection.min_channels, max_layer_ratio) for name, n in widths.items()}
+    _, dense_ms = fastest_prediction(tables, widths)
+    layout, floor_ms = fastest_prediction(tables, floors)
+    return {"dense_ms": dense_ms, "floor_ms": floor_ms, "layout": layout, "speedup": dense_ms / floor_ms,
+            "min_channels": cfg.stages.selection.min_channels, "max_layer_ratio": max_layer_ratio, "floors": floors}
+
+
 # --------------------------------------------------------------------------------------------
 # Timing
 
@@ -240,6 +264,9 @@ def measure_rows(models: dict[str, Checkpoint], devices: list[torch.device], bat
     dense = {(r["runtime"], r["batch"], r["threads"]): r["e2e_ms"] for r in rows if r["model"] == "dense"}
     for row in rows:
         row["speedup"] = dense[(row["runtime"], row["batch"], row["threads"])] / row["e2e_ms"]
+        # What a user starts from: the dense model as trained, in PyTorch eager on the same CPU threads.
+        eager = dense.get(("torch_eager", row["batch"], row["threads"]))
+        row["speedup_vs_dense_eager"] = eager / row["e2e_ms"] if eager and row["device"] == "cpu" else None
     return rows
 
 
@@ -248,12 +275,14 @@ def measure_rows(models: dict[str, Checkpoint], devices: list[torch.device], bat
 
 
 def markdown(rows: list[dict[str, Any]], notes: str) -> str:
-    head = "| model | runtime | device | batch | threads | e2e ms | speedup vs dense | FLOPs ratio | mAP VOC07 |"
+    head = ("| model | runtime | device | batch | threads | e2e ms | speedup vs dense | vs dense in torch_eager | "
+            "FLOPs ratio | mAP VOC07 |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in sorted(rows, key=lambda r: (r["device"], r["batch"], r["threads"] or 0, r["runtime"], MODELS.index(r["model"]))):
         mean_ap = "-" if r["map_voc07"] is None else f"{r['map_voc07']:.4f}"
+        eager = "-" if r.get("speedup_vs_dense_eager") is None else f"{r['speedup_vs_dense_eager']:.2f}"
         lines.append(f"| {r['model']} | {r['runtime']} | {r['device']} | {r['batch']} | {r['threads'] or '-'} | "
-                     f"{r['e2e_ms']:.1f} | {r['speedup']:.2f} | {r['flops_ratio']:.2f} | {mean_ap} |")
+                     f"{r['e2e_ms']:.1f} | {r['speedup']:.2f} | {eager} | {r['flops_ratio']:.2f} | {mean_ap} |")
     return "\n".join([*lines, "", notes])
 
 
@@ -268,6 +297,13 @@ def prediction_markdown(rows: list[dict[str, Any]]) -> str:
     lines += [f"| {r['model']} | {r['predicted_ms']:.2f} | {r.get('predicted_layout', 'nchwc')} | {r['measured_ms']:.2f} "
               f"| {r.get('layout', 'nchwc')} | {100 * r['error']:+.1f}% |" for r in rows]
     return "\n".join(lines)
+
+
+def reach_markdown(reach: dict[str, Any]) -> str:
+    return (f"What filter pruning alone can reach here: the same tables predict the dense network at "
+            f"{reach['dense_ms']:.2f} ms and, with every prunable layer at its floor ({reach['min_channels']} "
+            f"filters, or {1 - reach['max_layer_ratio']:g} of the layer), at {reach['floor_ms']:.2f} ms "
+            f"({reach['layout']}): at most {reach['speedup']:.2f}x faster, whatever the accuracy.")
 
 
 def figure(rows: list[dict[str, Any]], path: Path) -> None:
@@ -328,8 +364,9 @@ def main() -> None:
                 apply_postprocess_settings(ckpt.model, {"score_threshold": cfg.export.score_threshold,
                                                         "pre_nms_top_k": cfg.export.pre_nms_top_k})
         rows = measure_rows(models, devices, batches, args.threads, warmup, runs, cfg)
-        prediction = prediction_rows(models, cfg, CHECKPOINTS / ("latency_table_quick.json" if args.quick
-                                                               else "latency_table.json"), warmup, runs)
+        table_path = CHECKPOINTS / ("latency_table_quick.json" if args.quick else "latency_table.json")
+        prediction = prediction_rows(models, cfg, table_path, warmup, runs)
+        reach = reach_row(models, cfg, table_path, warmup, runs)
     except PrunepipeError as exc:
         sys.exit(f"error: {exc}")
     name = "speedup_quick" if args.quick else "speedup"
@@ -341,7 +378,7 @@ def main() -> None:
     png = RESULTS / f"{name}.png"
     RESULTS.mkdir(parents=True, exist_ok=True)
     figure(rows, png)
-    table = markdown(rows, notes) + "\n\n" + prediction_markdown(prediction)
+    table = markdown(rows, notes) + "\n\n" + prediction_markdown(prediction) + "\n\n" + reach_markdown(reach)
     out = write_result(name, {
         "quick": args.quick,
         "settings": {"batches": batches, "threads": args.threads, "warmup": warmup, "runs": runs, "weights": weights,
@@ -349,6 +386,7 @@ def main() -> None:
                      "latency_ratio_target": args.latency_ratio, "config": args.config, "overrides": args.overrides},
         "rows": rows,
         "prediction": prediction,
+        "reach": reach,
         "figure": str(png.relative_to(RESULTS.parent.parent)),
         "markdown": table + f"\n\n![latency vs accuracy](bench/results/{png.name})",
     })

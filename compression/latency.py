@@ -20,7 +20,8 @@ L2Norm, pooling that feeds two branches, the head's reshapes); ``scale`` holds h
 differ from the same ops inside a network. With one anchor (``fixed_ms`` = network - sites at full width)
 that difference, a few percent of the full network, landed whole on a pruned network of a quarter its
 time: beside a training process the sites summed to 4% over the network (19.7 against 18.9 ms), and the
-table predicted the 0.75-pruned network 25% too fast; the line through the two networks, 4%.
+table predicted the 0.75-pruned network 25% too fast; the line through the two networks, 4%. Where noisy
+timings tilt that line below the origin, it is refitted through the origin (``calibration_line``).
 
 ONNX Runtime on x86 runs convs in one of two layouts (``export.ORT_LAYOUTS``): blocked NCHWc, channels
 padded to the vector block, or plain NCHW. The layout is part of the target (of the fingerprint): a table
@@ -197,8 +198,6 @@ def model_widths(model: nn.Module, model_name: str) -> dict[str, int]:
 
 # --------------------------------------------------------------------------------------------
 # Timing
-
-
 
 
 def _fastest_ms(run: Callable[[], Any], warmup: int, runs: int, sync: Callable[[], None] | None = None,
@@ -440,6 +439,24 @@ def _quarter_width(model: nn.Module, model_name: str) -> nn.Module:
     return prune_filters(quarter, select_by_ratio(rank_filters("l1_norm", quarter, dg, layers), _ANCHOR_CUT), dg=dg)
 
 
+def calibration_line(full: Mapping[str, float], quarter: Mapping[str, float]) -> tuple[float, float]:
+    """(scale, fixed_ms): the line ``network = scale x sites + fixed_ms`` through the two calibration networks.
+    What the sites do not hold cannot take negative time, so where noisy timings tilt that line below the
+    origin (a narrow enough network would be predicted to run in no time or less) the line is refitted
+    through the origin, least squares over both networks, with a warning."""
+    scale = (full["network_ms"] - quarter["network_ms"]) / (full["sites_ms"] - quarter["sites_ms"] or math.nan)
+    fixed = full["network_ms"] - scale * full["sites_ms"]
+    if scale > 0 and fixed >= 0:
+        return scale, fixed
+    warnings.warn(f"latency table: the two calibration networks ({full['network_ms']:.2f} and "
+                  f"{quarter['network_ms']:.2f} ms, sites {full['sites_ms']:.2f} and {quarter['sites_ms']:.2f} ms) "
+                  "put the line below the origin: the timings were noisy; fitted through the origin instead",
+                  stacklevel=3)
+    points = (full, quarter)
+    scale = sum(p["network_ms"] * p["sites_ms"] for p in points) / sum(p["sites_ms"] ** 2 for p in points)
+    return scale, 0.0
+
+
 def measure_latency_table(model: nn.Module, model_name: str, *, runtime: str = "onnxruntime", batch_size: int = 32,
                           threads: int = 1, grid_step: int = 8, warmup: int = 2, runs: int = 5,
                           device: str = "cpu", layout: str = "nchwc") -> LatencyTable:
@@ -505,11 +522,9 @@ def measure_latency_table(model: nn.Module, model_name: str, *, runtime: str = "
             anchor_widths = model_widths(anchor, model_name)
             calibration.append({"widths": anchor_widths, "network_ms": float(np.median(times)),
                                 "sites_ms": sites.sites_ms(anchor_widths)})
-        full, quarter = calibration
-        data["network_ms"] = full["network_ms"]
+        data["network_ms"] = calibration[0]["network_ms"]
         data["calibration"] = calibration
-        data["scale"] = (full["network_ms"] - quarter["network_ms"]) / (full["sites_ms"] - quarter["sites_ms"])
-        data["fixed_ms"] = full["network_ms"] - data["scale"] * full["sites_ms"]
+        data["scale"], data["fixed_ms"] = calibration_line(*calibration)
     finally:
         torch.set_num_threads(previous)
     data["measured_seconds"] = time.perf_counter() - started

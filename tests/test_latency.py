@@ -21,6 +21,7 @@ from compression.criteria import rank_filters, select_by_latency, select_by_rati
 from compression.errors import ConfigError
 from compression.latency import (
     LatencyTable,
+    calibration_line,
     device_fingerprint,
     fastest_prediction,
     load_or_measure,
@@ -174,6 +175,22 @@ def test_speedups_are_the_median_over_passes_of_fresh_sessions(lite):
     assert len(measured["pass_ratios"]) == 3
     assert sorted(measured["pass_ratios"])[1] == pytest.approx(measured["ratio"], rel=0.15)
     assert min(measured["pass_ratios"]) > 1
+
+
+def test_the_calibration_line_never_predicts_negative_time():
+    # Two clean networks: the line through them (what the sites miss is a positive constant).
+    scale, fixed = calibration_line({"network_ms": 80.0, "sites_ms": 82.0}, {"network_ms": 23.0, "sites_ms": 22.0})
+    assert scale == pytest.approx(57 / 60) and fixed == pytest.approx(80 - 82 * 57 / 60) and fixed > 0
+    # Noise made the narrow network look too fast: the line through both would cross below the origin (a
+    # network of 3 ms of sites in -3.8 ms); it goes through the origin instead, with a warning.
+    noisy = {"network_ms": 10.0, "sites_ms": 8.0}, {"network_ms": 1.0, "sites_ms": 4.0}
+    with pytest.warns(UserWarning, match="below the origin"):
+        scale, fixed = calibration_line(*noisy)
+    assert fixed == 0.0 and scale == pytest.approx((10 * 8 + 1 * 4) / (8**2 + 4**2))
+    # Sites that did not shrink (equal sums) give no slope at all: the same fallback, not a division by zero.
+    with pytest.warns(UserWarning):
+        scale, fixed = calibration_line({"network_ms": 10.0, "sites_ms": 8.0}, {"network_ms": 9.0, "sites_ms": 8.0})
+    assert scale > 0 and fixed == 0.0
 
 
 def test_several_threads_are_timed_by_the_wall_clock():

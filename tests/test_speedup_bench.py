@@ -17,8 +17,11 @@ from bench.speedup import (
     measure_rows,
     prediction_markdown,
     prediction_rows,
+    reach_markdown,
+    reach_row,
 )
 from compression.errors import StageError
+from compression.latency import model_widths
 from compression.measure import split_images
 from tests.conftest import tiny_config
 
@@ -45,9 +48,11 @@ def test_rows_compare_dense_flops_and_latency_targets(tmp_path, digits_devkit):
         # An ONNX Runtime row also names the layout its model's export runs in.
         extra = {"layout"} if row["runtime"] == "onnxruntime" else set()
         assert set(row) == {"model", "runtime", "batch", "threads", "e2e_ms", "map_voc07", "flops_ratio", "device",
-                            "speedup"} | extra
+                            "speedup", "speedup_vs_dense_eager"} | extra
         assert row.get("layout", "nchwc") in ("nchwc", "nchw")
         assert row["e2e_ms"] > 0 and row["map_voc07"] is None and row["device"] == "cpu"
+        if row["model"] == "dense" and row["runtime"] == "torch_eager":
+            assert row["speedup_vs_dense_eager"] == 1.0
         if row["model"] == "dense":
             assert row["flops_ratio"] == 1.0 and row["speedup"] == 1.0
         else:
@@ -67,6 +72,13 @@ def test_rows_compare_dense_flops_and_latency_targets(tmp_path, digits_devkit):
     # export.onnxruntime_layout auto: a table per layout.
     assert [len(tables) for tables in json.loads((tmp_path / "table.json").read_text())["tables"].values()] == [1, 1]
     assert "| latency_target |" in prediction_markdown(prediction)
+
+    # The reach of filter pruning: every prunable layer at its floor, from the same tables (not re-measured).
+    reach = reach_row(models, cfg, tmp_path / "table.json", warmup=0, runs=1, max_layer_ratio=0.5)
+    widths = model_widths(models["dense"].model, models["dense"].model_name)
+    assert reach["floors"] == {name: max(1, -(-n // 2)) for name, n in widths.items()}  # min_channels=1: half
+    assert reach["floor_ms"] > 0 and reach["speedup"] == reach["dense_ms"] / reach["floor_ms"]
+    assert f"at most {reach['speedup']:.2f}x faster" in reach_markdown(reach)
 
 
 def test_models_are_timed_on_test_images_not_noise(tmp_path, digits_devkit):

@@ -54,7 +54,8 @@ collected by `bench/report.py`; none is typed in. Re-run a script, then `bench/r
 
 Each section names the commit it was measured at. The controls and the end-to-end run of the default preset
 measure the current method (BatchNorm-aware stage 2, early stopping on validation, every choice on the
-validation split), and so does the speedup section (its models come from the controls' base and schedule).
+validation split), and so do the latency sections from `latency_controls` on and the speedup section (its
+models are the seed-0 models of `latency_vs_flops_1_5x`).
 The quality and budget sections were measured before those changes and are history: they have no dense
 control trained for the same epochs.
 """

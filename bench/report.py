@@ -18,8 +18,8 @@ from bench._common import RESULTS, portable  # noqa: E402
 
 ORDER = ["controls", "pretrain", "compress", "overhead", "quality", "speedup", "compress_latency", "compress_latency_2x",
          "compress_latency_two_phases", "compress_latency_3x",
-         "compress_latency_3x_sensitivity", "latency_controls", "latency_controls_1_5x", "latency_controls_2x_long",
-         "latency_vs_flops_1_5x", "gpu",
+         "compress_latency_3x_sensitivity", "latency_controls", "latency_controls_1_5x", "latency_controls_1_75x",
+         "latency_controls_2x_long", "latency_vs_flops_1_5x", "latency_pareto", "gpu",
          "budget", "budget_latency", "budget_latency_long", "budget_latency_2x_long"]
 TITLES = {
     "controls": "Controls: the seed method against a dense model trained as long, other criteria, scratch",
@@ -38,6 +38,8 @@ TITLES = {
                                        "validation-loss sensitivity)",
     "latency_controls": "A latency-targeted model against a dense control trained as long, over seeds",
     "latency_controls_1_5x": "The same at a 1.5x latency target",
+    "latency_controls_1_75x": "The same at a 1.75x latency target",
+    "latency_pareto": "Speed against accuracy: every controlled latency run of the default preset",
     "latency_controls_2x_long": "The same at a 2x latency target with 24 retraining epochs instead of 12",
     "latency_vs_flops_1_5x": "Filters chosen by time or by FLOPs: a 1.5x latency target, the same FLOPs cut, and a "
                              "dense control, over seeds (the speedup section's models)",
@@ -250,6 +252,7 @@ TARGETS = {"controls": _controls_targets, "speedup": _speedup_targets, "pretrain
            "compress_latency_two_phases": _latency_compress_targets,
            "latency_controls": _latency_controls_targets, "latency_controls_1_5x": _latency_controls_targets,
            "latency_controls_2x_long": _latency_controls_targets, "latency_vs_flops_1_5x": _latency_controls_targets,
+           "latency_controls_1_75x": _latency_controls_targets,
            "compress_latency_3x": _latency_compress_targets,
            "compress_latency_3x_sensitivity": _latency_compress_targets}
 

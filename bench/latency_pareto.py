@@ -22,7 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import RESULTS, write_result  # noqa: E402
+from bench._common import RESULTS, plot, write_result  # noqa: E402
 
 GOAL_SPEEDUP, GOAL_DROP = 3.0, 1.0  # the speed goal: 3x end to end, at most 1 point below the dense control
 
@@ -65,34 +65,23 @@ def one_seed_point(result: dict[str, Any], dense_by_epochs: dict[int, float]) ->
 
 
 def figure(points: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=90)
-    for method, marker in (("latency", "o"), ("flops", "s")):
-        chosen = [p for p in points if p["method"] == method]
-        if not chosen:
-            continue
-        ax.errorbar([p["e2e_speedup"] for p in chosen], [p["vs_dense_points"] for p in chosen],
-                    xerr=[p["e2e_speedup_sd"] for p in chosen], yerr=[p["vs_dense_points_sd"] for p in chosen],
-                    fmt=marker, capsize=3, markersize=4, label=f"{method}-targeted")
-        for i, p in enumerate(sorted(chosen, key=lambda p: p["e2e_speedup"])):  # alternate: neighbours overlap
-            ax.annotate(f"{p['label']}, {p['retrain_epochs']} ep, {p['seeds']} seed(s)",
-                        (p["e2e_speedup"], p["vs_dense_points"]), fontsize=6,
-                        xytext=(5, 4 if i % 2 else -9), textcoords="offset points")
-    ax.axhline(0, color="grey", linewidth=0.8)
-    ax.axhline(-GOAL_DROP, color="grey", linewidth=0.8, linestyle="--")
-    ax.axvline(GOAL_SPEEDUP, color="grey", linewidth=0.8, linestyle="--")
-    ax.set_xlabel("end-to-end speedup over the base (ONNX Runtime, batch 32, 1 thread)")
-    ax.set_ylabel("test VOC07 minus the dense control (points)")
-    ax.set_title("Speed against accuracy, default preset (dashed: the goal)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    with plot(path, xlabel="end-to-end speedup over the base (ONNX Runtime, batch 32, 1 thread)",
+              ylabel="test VOC07 minus the dense control (points)",
+              title="Speed against accuracy, default preset (dashed: the goal)") as ax:
+        for method, marker in (("latency", "o"), ("flops", "s")):
+            chosen = [p for p in points if p["method"] == method]
+            if not chosen:
+                continue
+            ax.errorbar([p["e2e_speedup"] for p in chosen], [p["vs_dense_points"] for p in chosen],
+                        xerr=[p["e2e_speedup_sd"] for p in chosen], yerr=[p["vs_dense_points_sd"] for p in chosen],
+                        fmt=marker, capsize=3, markersize=4, label=f"{method}-targeted")
+            for i, p in enumerate(sorted(chosen, key=lambda p: p["e2e_speedup"])):  # alternate: neighbours overlap
+                ax.annotate(f"{p['label']}, {p['retrain_epochs']} ep, {p['seeds']} seed(s)",
+                            (p["e2e_speedup"], p["vs_dense_points"]), fontsize=6,
+                            xytext=(5, 4 if i % 2 else -9), textcoords="offset points")
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.axhline(-GOAL_DROP, color="grey", linewidth=0.8, linestyle="--")
+        ax.axvline(GOAL_SPEEDUP, color="grey", linewidth=0.8, linestyle="--")
 
 
 def main() -> None:

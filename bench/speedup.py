@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from bench._common import CHECKPOINTS, RESULTS, write_result  # noqa: E402
+from bench._common import CHECKPOINTS, RESULTS, plot, write_result  # noqa: E402
 from compression.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from compression.config import PipelineConfig, load_config  # noqa: E402
 from compression.device import default_device  # noqa: E402
@@ -128,21 +128,32 @@ def checkpoint_models(paths: dict[str, Path]) -> dict[str, Checkpoint]:
 # The latency table's prediction
 
 
+def dense_tables(models: dict[str, Checkpoint], cfg: PipelineConfig, table_path: Path, warmup: int,
+                 runs: int) -> dict[str, Any]:
+    """The dense model's latency tables in ``table_path``, measured there once (one per ONNX Runtime layout
+    with ``export.onnxruntime_layout: auto``), keyed by layout."""
+    from compression.export import ORT_LAYOUTS
+    from compression.latency import load_or_measure
+
+    dense = models["dense"]
+    layouts = ORT_LAYOUTS if cfg.export.onnxruntime_layout == "auto" else (cfg.export.onnxruntime_layout,)
+    table_path.parent.mkdir(parents=True, exist_ok=True)
+    return {layout: load_or_measure(table_path, dense.model, dense.model_name, grid_step=cfg.export.grid_step,
+                                    warmup=warmup, runs=runs, layout=layout, batch_size=cfg.export.batch_size,
+                                    threads=cfg.export.threads) for layout in layouts}
+
+
 def prediction_rows(models: dict[str, Checkpoint], cfg: PipelineConfig, table_path: Path, warmup: int,
                     runs: int) -> list[dict[str, Any]]:
     """Each model's network time as the dense model's latency tables predict it (in the layout they predict
     fastest, ``latency.fastest_prediction``; one table per ONNX Runtime layout with
     ``export.onnxruntime_layout: auto``), and as measured in the same runtime, batch, threads and clock, in
     the layout it runs fastest in (``latency.measure_network_ms``)."""
-    from compression.export import ORT_LAYOUTS
-    from compression.latency import fastest_prediction, load_or_measure, measure_network_ms, model_widths
+    from compression.latency import fastest_prediction, measure_network_ms, model_widths
 
-    dense = models["dense"]
     settings = {"batch_size": cfg.export.batch_size, "threads": cfg.export.threads}
-    layouts = ORT_LAYOUTS if cfg.export.onnxruntime_layout == "auto" else (cfg.export.onnxruntime_layout,)
-    table_path.parent.mkdir(parents=True, exist_ok=True)
-    tables = {layout: load_or_measure(table_path, dense.model, dense.model_name, grid_step=cfg.export.grid_step,
-                                      warmup=warmup, runs=runs, layout=layout, **settings) for layout in layouts}
+    tables = dense_tables(models, cfg, table_path, warmup, runs)
+    layouts = tuple(tables)
     fingerprint = next(iter(tables.values())).fingerprint
     rows = []
     for label, ckpt in models.items():
@@ -162,15 +173,11 @@ def reach_row(models: dict[str, Checkpoint], cfg: PipelineConfig, table_path: Pa
     prediction with every prunable layer at its floor (``selection.layer_floor``: ``min_channels``, and
     ``max_layer_ratio`` as the latency runs set it), against their prediction of the dense network. Layers
     whose time does not shrink with their width (conv1_1 reads a 3-channel full-resolution input) bound it."""
-    from compression.export import ORT_LAYOUTS
-    from compression.latency import fastest_prediction, load_or_measure, model_widths
+    from compression.latency import fastest_prediction, model_widths
     from compression.selection import layer_floor
 
     dense = models["dense"]
-    layouts = ORT_LAYOUTS if cfg.export.onnxruntime_layout == "auto" else (cfg.export.onnxruntime_layout,)
-    tables = {layout: load_or_measure(table_path, dense.model, dense.model_name, grid_step=cfg.export.grid_step,
-                                      warmup=warmup, runs=runs, layout=layout, batch_size=cfg.export.batch_size,
-                                      threads=cfg.export.threads) for layout in layouts}
+    tables = dense_tables(models, cfg, table_path, warmup, runs)
     widths = model_widths(dense.model, dense.model_name)
     floors = {name: layer_floor(n, cfg.stages.selection.min_channels, max_layer_ratio) for name, n in widths.items()}
     _, dense_ms = fastest_prediction(tables, widths)
@@ -308,29 +315,19 @@ def reach_markdown(reach: dict[str, Any]) -> str:
 
 def figure(rows: list[dict[str, Any]], path: Path) -> None:
     """Latency at batch 32 (one thread; the GPU's own) against mAP, or the FLOPs ratio when mAP is unknown."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     with_map = all(r["map_voc07"] is not None for r in rows)
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=90)
-    for runtime in sorted({r["runtime"] for r in rows}):
-        points = [r for r in rows if r["runtime"] == runtime and r["batch"] == 32 and r["threads"] in (1, None)]
-        points.sort(key=lambda r: r["e2e_ms"])
-        xs = [r["e2e_ms"] for r in points]
-        ys = [r["map_voc07"] if with_map else r["flops_ratio"] for r in points]
-        ax.plot(xs, ys, "-o", label=runtime, markersize=4)
-        for r, x, y in zip(points, xs, ys, strict=True):
-            ax.annotate(r["model"], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("end-to-end latency, batch 32, 1 thread (ms)")
-    ax.set_ylabel("mAP VOC07 (test)" if with_map else "FLOPs ratio (no mAP: random weights)")
-    ax.set_title("Latency vs " + ("mAP" if with_map else "FLOPs ratio") + ": dense, FLOPs- and latency-targeted")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    with plot(path, xlabel="end-to-end latency, batch 32, 1 thread (ms)",
+              ylabel="mAP VOC07 (test)" if with_map else "FLOPs ratio (no mAP: random weights)",
+              title="Latency vs " + ("mAP" if with_map else "FLOPs ratio") + ": dense, FLOPs- and latency-targeted",
+              size=(6.4, 4.0)) as ax:
+        for runtime in sorted({r["runtime"] for r in rows}):
+            points = [r for r in rows if r["runtime"] == runtime and r["batch"] == 32 and r["threads"] in (1, None)]
+            points.sort(key=lambda r: r["e2e_ms"])
+            xs = [r["e2e_ms"] for r in points]
+            ys = [r["map_voc07"] if with_map else r["flops_ratio"] for r in points]
+            ax.plot(xs, ys, "-o", label=runtime, markersize=4)
+            for r, x, y in zip(points, xs, ys, strict=True):
+                ax.annotate(r["model"], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
 
 
 def main() -> None:

@@ -559,13 +559,15 @@ def network_speedup(base: nn.Module, model: nn.Module, *, batch_size: int = 32, 
     from compression.export import ORT_LAYOUTS, onnx_session
     from compression.models import model_input_size
 
-    feed = {"images": np.random.default_rng(1).random([batch_size, 3, *model_input_size(base)], dtype=np.float32)}
+    # Each network at its own input size (a model retrained at a lower resolution runs on smaller images).
+    feeds = [{"images": np.random.default_rng(1).random([batch_size, 3, *model_input_size(m)], dtype=np.float32)}
+             for m in (base, model)]
     graphs = [network_onnx(m, batch_size).SerializeToString() for m in (base, model)]
 
     def open_sessions() -> dict[tuple[int, str], Callable[[], object]]:
         sessions = {(index, layout): onnx_session(graph, threads, layout)
                     for index, graph in enumerate(graphs) for layout in (layouts or ORT_LAYOUTS)}
-        return {key: (lambda s=session: s.run(None, feed)) for key, session in sessions.items()}
+        return {key: (lambda s=session, f=feeds[key[0]]: s.run(None, f)) for key, session in sessions.items()}
 
     times = fastest_in_passes(open_sessions, passes=passes, threads=threads, rounds=rounds, runs=runs)
     median = {key: float(np.median(values)) for key, values in times.items()}

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from compression import metrics as M
 from compression.checkpoint import Checkpoint, load_checkpoint, read_metadata
@@ -80,15 +81,24 @@ def choose_score_threshold(model, cfg: PipelineConfig, num_classes: int) -> dict
 
 
 def split_images(cfg: PipelineConfig, count: int, size: tuple[int, int], split: str = "test") -> torch.Tensor:
-    """The first ``count`` images of ``split`` of the config's data at the model's input size, (count, C, H, W)
-    in [0, 1]; the split is cycled when it has fewer. Latency is timed on them rather than on noise."""
+    """The first ``count`` images of ``split`` of the config's data at the model's input size ``size`` (height,
+    width), (count, C, H, W) in [0, 1]; the split is cycled when it has fewer. Latency is timed on them rather
+    than on noise. A detection split's images keep their own sizes (real VOC's vary), so each is resized to
+    ``size`` as a deployment does first (bilinear, as the SSD's own resize)."""
     from compression.data.loaders import build_loader
 
     # The dataset, not the loader: no worker processes to start for a few images (measure runs per checkpoint).
     dataset = build_loader(cfg.data, split, train=False, image_size=size[0], seed=cfg.seed).dataset
     if len(dataset) == 0:
         raise DataError(f"{cfg.data.name}: the {split} split has no images to time")
-    return torch.stack([dataset[index % len(dataset)][0] for index in range(count)]).float()
+
+    def at_size(image: torch.Tensor) -> torch.Tensor:
+        image = image.float()
+        if tuple(image.shape[-2:]) == tuple(size):
+            return image
+        return F.interpolate(image[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
+
+    return torch.stack([at_size(dataset[index % len(dataset)][0]) for index in range(count)])
 
 
 def measure(ckpt: Checkpoint, cfg: PipelineConfig, split: str = "test", *, latency: bool = True,

@@ -427,6 +427,54 @@ def test_the_timed_deployment_path_detects_what_pytorch_does_and_every_checkpoin
     assert again["latency_ort_b32_ms_ratio"] == pytest.approx(1.0)
 
 
+def _resize_voc_image(devkit, image_id: str, size: tuple[int, int]) -> None:
+    """Give one image of a VOC devkit another (width, height), its annotation's size and boxes with it."""
+    import xml.etree.ElementTree as ET
+
+    from PIL import Image
+
+    root = devkit / "VOC2007"
+    jpg, xml = root / "JPEGImages" / f"{image_id}.jpg", root / "Annotations" / f"{image_id}.xml"
+    with Image.open(jpg) as image:
+        old = image.size
+        image.convert("RGB").resize(size).save(jpg)
+    tree = ET.parse(xml)
+    tree.find("size/width").text, tree.find("size/height").text = str(size[0]), str(size[1])
+    for box in tree.iter("bndbox"):
+        for tag, axis in (("xmin", 0), ("xmax", 0), ("ymin", 1), ("ymax", 1)):
+            element = box.find(tag)
+            element.text = str(max(1, round(float(element.text) * size[axis] / old[axis])))
+    tree.write(xml)
+
+
+def test_latency_is_timed_on_images_of_other_sizes_than_the_models_input(tmp_path, digits_devkit):
+    """Real VOC's images vary in size, and a model may work at another size than its data's: the timed batch
+    holds the split's images resized to the model's input size (as the SSD resizes them), so stacking them
+    and feeding the fixed-size ONNX network works, where it failed before."""
+    import shutil
+
+    from compression.config import load_config
+    from compression.measure import measure, split_images
+
+    devkit = shutil.copytree(digits_devkit, tmp_path / "VOCdevkit")
+    test_ids = (devkit / "VOC2007" / "ImageSets" / "Main" / "test.txt").read_text().split()
+    _resize_voc_image(devkit, test_ids[1], (96, 80))
+    cfg = load_config("default", [f"data.root={devkit}", "data.builtin=null", "model.image_size=48",
+                                  "data.eval_batch_size=4"])
+    original = VOCDetection(devkit, ["2007:test"], CLASSES, transforms=eval_transforms())[1][0]
+    assert tuple(original.shape[-2:]) == (80, 96)
+    images = split_images(cfg, 3, (48, 48))
+    assert images.shape == (3, 3, 48, 48)
+    want = F.interpolate(original.float()[None], size=(48, 48), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(images[1], want)
+
+    args = {**LITE_ARGS, "image_size": 48}
+    torch.manual_seed(0)
+    model = _with_trained_like_batchnorm(build_model("ssd_vgg_lite", **args)).eval()
+    metrics = measure(Checkpoint(model=model, model_name="ssd_vgg_lite", model_args=args, class_names=CLASSES), cfg)
+    assert 0 < metrics["latency_ort_net_b32_ms"] < metrics["latency_ort_b32_ms"]
+
+
 def test_mlflow_model_runs_the_deployment_graph_with_the_stored_post_processing(tmp_path):
     from mlflow.pyfunc import PythonModelContext
 

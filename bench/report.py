@@ -19,7 +19,7 @@ from bench._common import RESULTS, portable  # noqa: E402
 ORDER = ["controls", "pretrain", "compress", "overhead", "quality", "speedup", "compress_latency", "compress_latency_2x",
          "compress_latency_two_phases", "compress_latency_3x",
          "compress_latency_3x_sensitivity", "latency_controls", "latency_controls_1_5x", "latency_controls_1_75x",
-         "latency_controls_2x_long", "latency_vs_flops_1_5x", "latency_pareto", "gpu",
+         "latency_controls_2x_long", "latency_vs_flops_1_5x", "latency_pareto", "latency_alternatives", "gpu",
          "budget", "budget_latency", "budget_latency_long", "budget_latency_2x_long"]
 TITLES = {
     "controls": "Controls: the seed method against a dense model trained as long, other criteria, scratch",
@@ -41,6 +41,8 @@ TITLES = {
     "latency_controls_1_75x": "The same at a 1.75x latency target",
     "latency_pareto": "Speed against accuracy: every controlled latency run of the default preset",
     "latency_controls_2x_long": "The same at a 2x latency target with 24 retraining epochs instead of 12",
+    "latency_alternatives": "Other ways to a faster network: a lower input resolution, removed layers, each against "
+                            "a dense control trained as long, over seeds",
     "latency_vs_flops_1_5x": "Filters chosen by time or by FLOPs: a 1.5x latency target, the same FLOPs cut, and a "
                              "dense control, over seeds (the speedup section's models)",
     "overhead": "Orchestration overhead: in-process vs Prefect + Ray Train + MLflow",

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,6 +73,22 @@ def write_result(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return path
+
+
+def mean_sd(values: list[float | None], scale: float = 1.0, digits: int = 3) -> str:
+    """"mean ± sample standard deviation" of the values given (``None`` skipped), each times ``scale``."""
+    values = [v * scale for v in values if v is not None]
+    if not values:
+        return ""
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+
+
+def markdown_rows(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> list[str]:
+    """A markdown table of ``rows`` (dicts) in ``columns``: floats to 4 significant digits, missing cells empty."""
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+            *("| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows)]
 
 
 @contextmanager

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -35,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import write_result  # noqa: E402
+from bench._common import markdown_rows, mean_sd, write_result  # noqa: E402
 
 QUICK_OVERRIDES = ["data.max_images=64"]
 
@@ -103,31 +102,20 @@ def run_unit(spec: dict[str, Any]) -> dict[str, Any]:
             "weights": {k: v.clone() for k, v in model.state_dict().items()}}
 
 
-def _mean_sd(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
-    values = [v * scale for v in values if v is not None]
-    if not values:
-        return ""
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
-
-
 def summarise(rows: list[dict[str, Any]], methods: list[str], epochs: int) -> str:
     columns = ("method", "seed", "input_size", "metric", "val_metric", "network_speedup")
-    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |"
-              for row in sorted(rows, key=lambda r: (methods.index(r["method"]), r["seed"]))]
+    lines = markdown_rows(sorted(rows, key=lambda r: (methods.index(r["method"]), r["seed"])), columns)
     dense = {r["seed"]: r for r in rows if r["method"] == "dense"}
     lines += ["", f"- every model trained {epochs} epochs from the base with the default preset's retraining "
                   f"settings; mAP: test VOC07 (validation in its own column)"]
     if dense:
-        lines.append(f"- dense control: test mAP {_mean_sd([r['metric'] for r in dense.values()])}")
+        lines.append(f"- dense control: test mAP {mean_sd([r['metric'] for r in dense.values()])}")
     for method in (m for m in methods if m != "dense"):
         ours = [r for r in rows if r["method"] == method]
         gaps = [dense[r["seed"]]["metric"] - r["metric"] for r in ours if r["seed"] in dense]
-        lines.append(f"- {method}: test mAP {_mean_sd([r['metric'] for r in ours])}, network "
-                     f"{_mean_sd([r.get('network_speedup') for r in ours], digits=2)}x faster than the base; "
-                     f"dense control minus it, same seed: {_mean_sd(gaps, 100, 2)} points")
+        lines.append(f"- {method}: test mAP {mean_sd([r['metric'] for r in ours])}, network "
+                     f"{mean_sd([r.get('network_speedup') for r in ours], digits=2)}x faster than the base; "
+                     f"dense control minus it, same seed: {mean_sd(gaps, 100, 2)} points")
     return "\n".join(lines)
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import write_result  # noqa: E402
+from bench._common import markdown_rows, mean_sd, write_result  # noqa: E402
 
 METHODS = ("latency", "flops", "dense")
 QUICK_OVERRIDES = ["data.max_images=64", "stages.sparsity.epochs=1", "stages.distill.epochs=1"]
@@ -94,21 +93,10 @@ def run_unit(spec: dict[str, Any]) -> dict[str, Any]:
             "score_threshold": metrics.get("score_threshold"), "wall_seconds": time.perf_counter() - started}
 
 
-def _mean_sd(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
-    values = [v * scale for v in values if v is not None]
-    if not values:
-        return ""
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
-
-
 def summarise(rows: list[dict[str, Any]], base: dict[str, Any], args) -> str:
     columns = ("method", "seed", "final_stage", "metric", "val_metric", "flops_ratio", "params_ratio",
                "network_speedup", "e2e_speedup", "score_threshold")
-    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |"
-              for row in sorted(rows, key=lambda r: (r["method"], r["seed"]))]
+    lines = markdown_rows(sorted(rows, key=lambda r: (r["method"], r["seed"])), columns)
     dense = [r for r in rows if r["method"] == "dense"]
     paired = {r["seed"]: r["metric"] for r in dense}
     lines += ["", f"- base (`--base`): test VOC07 mAP {base.get('map_voc07', float('nan')):.4f}, validation "
@@ -119,16 +107,16 @@ def summarise(rows: list[dict[str, Any]], base: dict[str, Any], args) -> str:
         gaps = [paired[r["seed"]] - r["metric"] for r in pruned if r["seed"] in paired]
         goal = f"{args.flops_target}x fewer FLOPs" if method == "flops" else f"{args.target}x lower network latency"
         lines += [
-            f"- {method}-targeted ({goal}): test mAP {_mean_sd([r['metric'] for r in pruned])}, "
-            f"{_mean_sd([r['flops_ratio'] for r in pruned], digits=2)}x fewer FLOPs, network "
-            f"{_mean_sd([r.get('network_speedup') for r in pruned], digits=2)}x and end to end "
-            f"{_mean_sd([r.get('e2e_speedup') for r in pruned], digits=2)}x faster than the base (ONNX Runtime, "
+            f"- {method}-targeted ({goal}): test mAP {mean_sd([r['metric'] for r in pruned])}, "
+            f"{mean_sd([r['flops_ratio'] for r in pruned], digits=2)}x fewer FLOPs, network "
+            f"{mean_sd([r.get('network_speedup') for r in pruned], digits=2)}x and end to end "
+            f"{mean_sd([r.get('e2e_speedup') for r in pruned], digits=2)}x faster than the base (ONNX Runtime, "
             f"batch 32, {args.threads} thread(s), timed in alternation with it)",
         ]
         if gaps:
-            lines.append(f"- dense control minus {method}-targeted, same seed: {_mean_sd(gaps, 100, 2)} points")
+            lines.append(f"- dense control minus {method}-targeted, same seed: {mean_sd(gaps, 100, 2)} points")
     if dense:
-        lines.append(f"- dense control ({dense[0]['final_stage']}): test mAP {_mean_sd([r['metric'] for r in dense])}")
+        lines.append(f"- dense control ({dense[0]['final_stage']}): test mAP {mean_sd([r['metric'] for r in dense])}")
     return "\n".join(lines)
 
 

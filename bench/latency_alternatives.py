@@ -1,13 +1,14 @@
 """Other ways to a faster network than removing filters, each against a dense control trained as long.
 
-    .venv/bin/python bench/latency_alternatives.py --base CKPT [--epochs 3] [--seeds 0 1 2] [--sizes 112 96]
-        [--remove conv1_2 conv1_2,conv2_2] [--jobs 2] [--result latency_alternatives] [--quick]
+    .venv/bin/python bench/latency_alternatives.py --base CKPT [--reference CKPT] [--epochs 3] [--seeds 0 1 2]
+        [--sizes 112 96] [--remove conv1_2 conv1_2,conv2_2] [--jobs 2] [--result latency_alternatives] [--quick]
 
 Filter pruning cannot take the default preset's network below its floors (bench/speedup.py's reach): the
 128 x 128 stage costs about as much with 4 filters as with 8. Two changes that do shrink it, from one
 pretrained model of the default preset (``--base``), for each seed:
 
-- ``dense``: the base trained ``--epochs`` more epochs with the preset's retraining settings: the control;
+- ``dense``: the base trained ``--epochs`` more epochs with the preset's retraining settings: the control
+  (``unchanged`` when ``--reference`` names another model: the base is then a pruned one);
 - ``input_<S>``: the same, with the model's input resized to S x S pixels (``--sizes``) for training and
   inference: every layer's work shrinks by (S / 128)^2. The default boxes are fractions of the image, so
   nothing else changes;
@@ -17,8 +18,10 @@ pretrained model of the default preset (``--base``), for each seed:
 
 Seeds change the data order and augmentation, not the base. Each model is scored on the validation and test
 splits (VOC07 mAP@0.5; no choice reads test) and, once every unit has trained, its network timed against the
-base's in ONNX Runtime at batch 32 on one thread, the two in alternation (``latency.network_speedup``; a
-lower-resolution network on its own smaller images, so the resize a deployment adds is not counted). Writes
+base's (``--reference``'s, when given: e.g. the dense model a pruned ``--base`` came from, so that layer
+removal on top of filter pruning is measured against where a user starts) in ONNX Runtime at batch 32 on
+one thread, the two in alternation (``latency.network_speedup``; a lower-resolution network on its own
+smaller images, so the resize a deployment adds is not counted). Writes
 bench/results/<--result>.json; run bench/report.py afterwards.
 """
 
@@ -59,7 +62,7 @@ def without_layers(model: Any, layers: list[str]) -> Any:
 
 
 def variant(spec: dict[str, Any]) -> Any:
-    """The base model changed as ``spec["method"]`` says (``dense``, ``input_<S>``, ``without_<a+b>``)."""
+    """The base model changed as ``spec["method"]`` says (``input_<S>``, ``without_<a+b>``; the control as it is)."""
     from compression.checkpoint import load_checkpoint
 
     model = load_checkpoint(spec["base"]).model
@@ -105,23 +108,29 @@ def run_unit(spec: dict[str, Any]) -> dict[str, Any]:
 def summarise(rows: list[dict[str, Any]], methods: list[str], epochs: int) -> str:
     columns = ("method", "seed", "input_size", "metric", "val_metric", "network_speedup")
     lines = markdown_rows(sorted(rows, key=lambda r: (methods.index(r["method"]), r["seed"])), columns)
-    dense = {r["seed"]: r for r in rows if r["method"] == "dense"}
+    control = methods[0]  # "dense", or "unchanged" for a pruned base
+    reference = "base" if control == "dense" else "reference"
+    dense = {r["seed"]: r for r in rows if r["method"] == control}
     lines += ["", f"- every model trained {epochs} epochs from the base with the default preset's retraining "
                   f"settings; mAP: test VOC07 (validation in its own column)"]
     if dense:
-        lines.append(f"- dense control: test mAP {mean_sd([r['metric'] for r in dense.values()])}")
-    for method in (m for m in methods if m != "dense"):
+        lines.append(f"- {control} control: test mAP {mean_sd([r['metric'] for r in dense.values()])}"
+                     + (f", network {mean_sd([r.get('network_speedup') for r in dense.values()], digits=2)}x faster "
+                        "than the reference" if control != "dense" else ""))
+    for method in methods[1:]:
         ours = [r for r in rows if r["method"] == method]
         gaps = [dense[r["seed"]]["metric"] - r["metric"] for r in ours if r["seed"] in dense]
         lines.append(f"- {method}: test mAP {mean_sd([r['metric'] for r in ours])}, network "
-                     f"{mean_sd([r.get('network_speedup') for r in ours], digits=2)}x faster than the base; "
-                     f"dense control minus it, same seed: {mean_sd(gaps, 100, 2)} points")
+                     f"{mean_sd([r.get('network_speedup') for r in ours], digits=2)}x faster than the {reference}; "
+                     f"{control} control minus it, same seed: {mean_sd(gaps, 100, 2)} points")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", type=Path, required=True, help="the default preset's pretrained checkpoint")
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="time every network against this model instead (the dense one a pruned --base came from)")
     parser.add_argument("--epochs", type=int, default=3, help="training epochs of every unit (the preset retrains 3)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--sizes", type=int, nargs="*", default=[112, 96], help="input sides to try (pixels)")
@@ -141,15 +150,17 @@ def main() -> None:
     from tasks.env import apply_env_defaults
 
     apply_env_defaults()
-    if not args.base.is_file():
-        sys.exit(f"error: --base {args.base}: no such checkpoint")
+    for flag, path in (("--base", args.base), ("--reference", args.reference)):
+        if path is not None and not path.is_file():
+            sys.exit(f"error: {flag} {path}: no such checkpoint")
     if any(not 32 <= size <= 1024 for size in args.sizes):
         sys.exit(f"error: --sizes {args.sizes}: each must be between 32 and 1024 pixels")
     if args.quick:  # a smoke run never replaces a measurement
         args.seeds, args.result = args.seeds[:1], f"{args.result}.quick"
-    methods = ["dense", *(f"input_{size}" for size in args.sizes),
+    methods = ["unchanged" if args.reference else "dense", *(f"input_{size}" for size in args.sizes),
                *(f"without_{'+'.join(v.split(','))}" for v in args.remove)]
     base = load_checkpoint(args.base)
+    reference = load_checkpoint(args.reference).model if args.reference else base.model
     for method in methods:  # bad --remove names fail here, before anything trains
         variant({"base": str(args.base), "method": method})
     cfg = load_config("default", QUICK_OVERRIDES if args.quick else [])
@@ -163,14 +174,14 @@ def main() -> None:
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
         rows = list(pool.map(run_unit, specs))
     training_seconds = time.perf_counter() - started
-    # Timed after training, nothing else running, each network in alternation with the base's.
+    # Timed after training, nothing else running, each network in alternation with the reference's.
     for row in rows:
         weights = row.pop("weights")
-        if row["method"] == "dense":
+        if row["method"] == "dense":  # the reference itself
             continue
         model = variant({"base": str(args.base), "method": row["method"]})
         model.load_state_dict(weights)
-        timed = network_speedup(base.model, model.eval(), batch_size=32, threads=cfg.export.threads,
+        timed = network_speedup(reference, model.eval(), batch_size=32, threads=cfg.export.threads,
                                 rounds=3 if args.quick else 5)
         row.update(network_speedup=timed["ratio"], network_ms=timed["model_ms"], base_network_ms=timed["base_ms"])
     markdown = summarise(rows, methods, args.epochs)

@@ -46,3 +46,13 @@ def test_each_model_is_compared_with_its_own_seeds_dense_control():
     assert "input_96: test mAP 0.800 ± 0.071, network 1.75 ± 0.07x" in text
     assert "same seed: 5.00 ± 0.00 points" in text
     assert "trained 3 epochs" in text
+
+
+def test_a_pruned_base_is_compared_with_itself_trained_as_long_and_timed_against_the_reference():
+    rows = [
+        {"method": "unchanged", "seed": 0, "metric": 0.91, "network_speedup": 1.8},
+        {"method": "without_conv1_2", "seed": 0, "metric": 0.90, "network_speedup": 2.1},
+    ]
+    text = summarise(rows, ["unchanged", "without_conv1_2"], 3)
+    assert "unchanged control: test mAP 0.910 ± 0.000, network 1.80 ± 0.00x faster than the reference" in text
+    assert "2.10 ± 0.00x faster than the reference; unchanged control minus it, same seed: 1.00 ± 0.00" in text

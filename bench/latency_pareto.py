@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/latency_pareto.py
 
-Reads what bench/latency_controls.py wrote (``latency_controls*.json``, ``latency_vs_flops*.json``) and the
+Reads what bench/latency_controls.py wrote (``latency_controls*.json``, ``latency_vs_flops*.json``,
+``speedup_models*.json``) and the
 one-seed 3x runs of bench/compress.py (``compress_latency_3x*.json``), all from one pretrained model of the
 default preset in one schedule (one phase over every prunable layer, ``max_layer_ratio`` 0.875). Each point
 is a pruned model's end-to-end speedup over the base (ONNX Runtime, batch 32, timed in alternation with it)
@@ -86,7 +87,7 @@ def figure(points: list[dict[str, Any]], path: Path) -> None:
 
 def main() -> None:
     loaded = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))
-              if p.stem.startswith(("latency_controls", "latency_vs_flops", "compress_latency_3x"))
+              if p.stem.startswith(("latency_controls", "latency_vs_flops", "speedup_models", "compress_latency_3x"))
               and ".quick" not in p.stem and ".partial" not in p.stem}
     controls = [r for name, r in loaded.items() if not name.startswith("compress_")]
     if not controls:

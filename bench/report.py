@@ -20,7 +20,7 @@ ORDER = ["controls", "pretrain", "compress", "overhead", "quality", "speedup", "
          "compress_latency_two_phases", "compress_latency_3x",
          "compress_latency_3x_sensitivity", "latency_controls", "latency_controls_1_5x", "latency_controls_1_75x",
          "latency_controls_2x_long", "latency_vs_flops_1_5x", "speedup_models_1_75x", "latency_pareto", "latency_alternatives",
-         "gpu",
+         "latency_alternatives_1_75x", "gpu",
          "budget", "budget_latency", "budget_latency_long", "budget_latency_2x_long"]
 TITLES = {
     "controls": "Controls: the seed method against a dense model trained as long, other criteria, scratch",
@@ -42,6 +42,8 @@ TITLES = {
     "latency_controls_1_75x": "The same at a 1.75x latency target",
     "latency_pareto": "Speed against accuracy: every controlled latency run of the default preset",
     "latency_controls_2x_long": "The same at a 2x latency target with 24 retraining epochs instead of 12",
+    "latency_alternatives_1_75x": "Layer removal on top of filter pruning: the speedup section's latency-targeted model "
+                                  "without conv1_2 (and conv3_3), against itself trained as long, over seeds",
     "speedup_models_1_75x": "The speedup section's models: seed 0 of a 1.75x latency target, the same FLOPs cut, and a "
                             "dense control",
     "latency_alternatives": "Other ways to a faster network: a lower input resolution, removed layers, each against "

@@ -360,9 +360,9 @@ class LatencyTable:
         return coarse * (fine / full_cin if full_cin > 0 else 1.0)
 
     def widths_of(self, widths: Mapping[str, int], name: str) -> tuple[int, int]:
-        """Site ``name``'s (input, output) widths with the prunable layers at ``widths``. In a blocked layout
-        (ONNX Runtime's NCHWc, and PyTorch's, whose oneDNN kernels block too) each is rounded up to the next
-        width the table timed for its layer (``fine_widths``): channels are padded to the block, so a width
+        """Site ``name``'s (input, output) widths with the prunable layers at ``widths``. In ONNX Runtime's
+        blocked NCHWc layout (and in tables of other runtimes) each is rounded up to the next width the
+        table timed for its layer (``fine_widths``): channels are padded to the block, so a width
         between two timed ones runs at the wider one's time; interpolating put a model of odd widths (7, 17,
         25, ...) 18% under its measured time, rounding up 7% over. The plain NCHW layout pads nothing, and
         there the widths are taken as they are (the sites interpolate): rounding up put a model of widths 5,
@@ -421,7 +421,7 @@ class LatencyTable:
 
     @property
     def layout(self) -> str | None:
-        return self.fingerprint.get("layout")
+        return self.data.get("fingerprint", {}).get("layout")  # a hand-built table may have no fingerprint
 
 
 def fastest_prediction(tables: Mapping[str, LatencyTable], widths: Mapping[str, int]) -> tuple[str, float]:

@@ -75,13 +75,18 @@ def write_result(name: str, payload: dict) -> Path:
     return path
 
 
+def mean_and_sd(values: list[float]) -> tuple[float, float]:
+    """The mean and the sample standard deviation (0 for a single value)."""
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def mean_sd(values: list[float | None], scale: float = 1.0, digits: int = 3) -> str:
     """"mean ± sample standard deviation" of the values given (``None`` skipped), each times ``scale``."""
     values = [v * scale for v in values if v is not None]
     if not values:
         return ""
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+    mean, spread = mean_and_sd(values)
+    return f"{mean:.{digits}f} ± {spread:.{digits}f}"
 
 
 def markdown_rows(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> list[str]:

@@ -16,20 +16,15 @@ model in every run). Writes bench/results/latency_pareto.json and .png; run benc
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import RESULTS, plot, write_result  # noqa: E402
+from bench._common import RESULTS, mean_and_sd, plot, write_result  # noqa: E402
 
 GOAL_SPEEDUP, GOAL_DROP = 3.0, 1.0  # the speed goal: 3x end to end, at most 1 point below the dense control
-
-
-def _stats(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def control_points(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -43,8 +38,8 @@ def control_points(result: dict[str, Any]) -> list[dict[str, Any]]:
         goal = (f"{result.get('flops_target')}x fewer FLOPs" if method == "flops"
                 else f"{result['target']}x latency")
         (speedup, speedup_sd), (gap, gap_sd) = (
-            _stats([row["e2e_speedup"] for row in rows]),
-            _stats([100 * (row["metric"] - dense[row["seed"]]) for row in rows]))
+            mean_and_sd([row["e2e_speedup"] for row in rows]),
+            mean_and_sd([100 * (row["metric"] - dense[row["seed"]]) for row in rows]))
         points.append({"result": result["benchmark"], "method": method, "label": goal,
                        "retrain_epochs": result["retrain_epochs"], "seeds": len(rows), "e2e_speedup": speedup,
                        "e2e_speedup_sd": speedup_sd, "vs_dense_points": gap, "vs_dense_points_sd": gap_sd})

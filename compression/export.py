@@ -528,6 +528,16 @@ class _SidecarPostprocess:
                    det["topk_candidates"], det["nms_thresh"], det["detections_per_img"])
 
 
+def resize_to_input(images: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """A deployment's first step: each (3, H, W) image in [0, 1], whatever its size, resized to the network's
+    input ``size`` (height, width) as the SSD resizes (bilinear), stacked into one float batch."""
+    import torch.nn.functional as F
+
+    return torch.stack([image.float() if tuple(image.shape[-2:]) == tuple(size) else
+                        F.interpolate(image.float()[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
+                        for image in images])
+
+
 def onnx_detect(session, sidecar: dict[str, Any], anchors: np.ndarray, images: torch.Tensor,
                 original_sizes: Sequence[tuple[int, int]] | None = None) -> list[dict[str, torch.Tensor]]:
     """Detections of an exported SSD in ONNX Runtime: ``images`` (B, 3, H, W) in [0, 1] at the model's input
@@ -685,8 +695,6 @@ def onnx_parity(checkpoint_path: Path | str, onnx_path: Path | str, batches: Ite
     ``max_abs_diff_scores`` over paired detections, ``unpaired`` detections and ``label_mismatches`` (a
     detection whose label has no counterpart), as plain floats/ints.
     """
-    import torch.nn.functional as F
-
     from compression.models import SSDNetwork
     from compression.ssd_fast import preprocess_batch, ssd_detect
 
@@ -703,8 +711,7 @@ def onnx_parity(checkpoint_path: Path | str, onnx_path: Path | str, batches: Ite
         images = [image.float() for image in images]
         original_sizes = [tuple(image.shape[-2:]) for image in images]
         reference = ssd_detect(model, images)
-        resized = torch.cat([F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)
-                             for image in images])
+        resized = resize_to_input(images, size)
         ours = onnx_detect(session, sidecar, anchors, resized, original_sizes)
         onnx_outputs = session.run(None, {"images": resized.numpy()})
         prepared, _ = preprocess_batch(model, images)

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from compression import metrics as M
 from compression.checkpoint import Checkpoint, load_checkpoint, read_metadata
@@ -86,19 +85,13 @@ def split_images(cfg: PipelineConfig, count: int, size: tuple[int, int], split: 
     than on noise. A detection split's images keep their own sizes (real VOC's vary), so each is resized to
     ``size`` as a deployment does first (bilinear, as the SSD's own resize)."""
     from compression.data.loaders import build_loader
+    from compression.export import resize_to_input
 
     # The dataset, not the loader: no worker processes to start for a few images (measure runs per checkpoint).
     dataset = build_loader(cfg.data, split, train=False, image_size=size[0], seed=cfg.seed).dataset
     if len(dataset) == 0:
         raise DataError(f"{cfg.data.name}: the {split} split has no images to time")
-
-    def at_size(image: torch.Tensor) -> torch.Tensor:
-        image = image.float()
-        if tuple(image.shape[-2:]) == tuple(size):
-            return image
-        return F.interpolate(image[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
-
-    return torch.stack([at_size(dataset[index % len(dataset)][0]) for index in range(count)])
+    return resize_to_input([dataset[index % len(dataset)][0] for index in range(count)], size)
 
 
 def measure(ckpt: Checkpoint, cfg: PipelineConfig, split: str = "test", *, latency: bool = True,

@@ -4,7 +4,8 @@
         [--methods latency dense] [--flops-target R] [--keep DIR] [--jobs 2] [--max-val-drop 0.005]
         [--result latency_controls] [--quick]
 
-From one pretrained model of the default preset (``--base``), for each seed:
+From one pretrained model of the default preset (``--base``; its width and input size are the model's, so a
+base trained at another ``model.width_mult`` works as it is), for each seed:
 
 - ``latency``: the default preset's pipeline with one phase over every prunable layer cut to ``--target``
   times lower network latency (the latency tables of this machine, measured once up front and shared),
@@ -58,7 +59,17 @@ def unit_config(spec: dict[str, Any]):
         f"export.score_threshold_max_val_drop={spec['max_val_drop']}",
         f"stages.phases=[{{name: phase1, layers: [{layers}], {target}, max_layer_ratio: 0.875}}]",
         *(QUICK_OVERRIDES if spec["quick"] else []),
+        *base_model_overrides(Path(spec["base"])),
     ])
+
+
+def base_model_overrides(base: Path) -> list[str]:
+    """The base's model options as config overrides: the config describes the model the units prune (a base
+    trained at another width or input size than the preset's)."""
+    from compression.checkpoint import read_metadata
+
+    options = read_metadata(base)["model_args"]
+    return [f"model.{key}={options[key]}" for key in ("width_mult", "image_size") if options.get(key) is not None]
 
 
 def run_unit(spec: dict[str, Any]) -> dict[str, Any]:
@@ -99,7 +110,8 @@ def summarise(rows: list[dict[str, Any]], base: dict[str, Any], args) -> str:
     lines = markdown_rows(sorted(rows, key=lambda r: (r["method"], r["seed"])), columns)
     dense = [r for r in rows if r["method"] == "dense"]
     paired = {r["seed"]: r["metric"] for r in dense}
-    lines += ["", f"- base (`--base`): test VOC07 mAP {base.get('map_voc07', float('nan')):.4f}, validation "
+    model = ", ".join(o.removeprefix("model.").replace("=", " ") for o in base_model_overrides(args.base))
+    lines += ["", f"- base (`--base`, ssd_vgg_lite {model}): test VOC07 mAP {base.get('map_voc07', float('nan')):.4f}, validation "
                   f"{base.get('val_map_voc07', float('nan')):.4f}; {args.retrain_epochs} retraining epochs, "
                   f"{len(args.seeds)} seed(s)"]
     for method in (m for m in METHODS if m != "dense" and m in args.methods):

@@ -190,7 +190,9 @@ def main() -> None:
             row.pop("path")
     base = stored_metrics(args.base)
     markdown = summarise(rows, base, args)
+    model = dict(o.removeprefix("model.").split("=", 1) for o in base_model_overrides(args.base))
     out = write_result(args.result, {"rows": rows, "base": {k: base.get(k) for k in ("map_voc07", "val_map_voc07")},
+                                     "model": {k: float(v) if k == "width_mult" else int(v) for k, v in model.items()},
                                      "target": args.target, "flops_target": args.flops_target,
                                      "methods": args.methods, "retrain_epochs": args.retrain_epochs,
                                      "seeds": args.seeds, "training_seconds": training_seconds,

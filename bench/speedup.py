@@ -4,6 +4,7 @@
     .venv/bin/python bench/speedup.py                # built models (random weights, no mAP), a few minutes
     .venv/bin/python bench/speedup.py --dense BASE --flops-target A --latency-target B   # trained checkpoints
     .venv/bin/python bench/speedup.py --set compute.use_gpu=true ...                   # adds the GPU table
+    .venv/bin/python bench/speedup.py ... --result speedup_w025                          # bench/results/<name>.json
 
 Three models of one SSD, each end to end (pre-processing, network, post-processing with the checkpoint's
 ``export.score_threshold`` / ``export.pre_nms_top_k``) on the first B images of the config's test split,
@@ -344,6 +345,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--runs", type=int, default=10, help="timed runs per measurement (the median is kept)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 warm-up, 2 timed runs, batch 1 and 8")
+    parser.add_argument("--result", default="speedup", help="bench/results/<name>.json and .png")
     args = parser.parse_args()
     given = {"dense": args.dense, "flops_target": args.flops_target, "latency_target": args.latency_target}
     if any(given.values()) and not all(given.values()):
@@ -366,7 +368,7 @@ def main() -> None:
         reach = reach_row(models, cfg, table_path, warmup, runs)
     except PrunepipeError as exc:
         sys.exit(f"error: {exc}")
-    name = "speedup_quick" if args.quick else "speedup"
+    name = f"{args.result}_quick" if args.quick else args.result
     weights = "the checkpoints given" if all(given.values()) else "random weights, pruned without retraining (built here)"
     notes = (f"Models: {weights}. {'SMOKE TEST (--quick): not a measurement. ' if args.quick else ''}"
              f"Median of {runs} runs after {warmup} warm-up(s); e2e = pre-processing, network and post-processing "

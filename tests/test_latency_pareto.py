@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.latency_pareto import control_points, one_seed_point
+from bench.latency_pareto import control_points, model_width, one_seed_point
 
 
 def _row(method: str, seed: int, metric: float, speedup: float | None = None) -> dict:
@@ -31,6 +31,19 @@ def test_a_one_seed_run_meets_the_dense_control_of_its_schedule():
     run = {"benchmark": "compress_latency_3x", "overrides": ["stages.retrain.epochs=12"],
            "rows": [{"stage": "pretrain"}, {"stage": "distill", "final": True, "map_voc07": 0.58}],
            "speedup": {"end_to_end": {"ratio": 2.7}}}
-    point = one_seed_point(run, {12: 0.90})
+    point = one_seed_point(run, {(0.125, 12): 0.90})
     assert point["vs_dense_points"] == pytest.approx(-32.0) and point["e2e_speedup"] == 2.7
-    assert one_seed_point(run, {24: 0.90}) is None  # no control trained in that schedule
+    assert point["width"] == 0.125  # the default preset's
+    assert one_seed_point(run, {(0.125, 24): 0.90}) is None  # no control trained in that schedule
+    # A control of a wider model is not this model's control.
+    assert one_seed_point(run, {(0.25, 12): 0.95}) is None
+
+
+def test_a_run_from_a_wider_base_is_its_own_series():
+    wide = {"benchmark": "latency_controls_w", "target": 3.0, "retrain_epochs": 12, "model": {"width_mult": 0.25},
+            "rows": [_row("dense", 0, 0.93), _row("latency", 0, 0.925, 3.1)]}
+    assert model_width(wide) == 0.25
+    assert model_width({"overrides": ["model.width_mult=0.5"]}) == 0.5
+    assert model_width({"rows": []}) == 0.125  # recorded before results named their model: the preset's
+    (point,) = control_points(wide)
+    assert point["width"] == 0.25 and point["vs_dense_points"] == pytest.approx(-0.5)

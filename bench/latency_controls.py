@@ -1,13 +1,15 @@
 """A latency-targeted model against a dense control trained as long, over seeds, with its measured speedup.
 
     .venv/bin/python bench/latency_controls.py --base CKPT [--target 2.0] [--retrain-epochs 12] [--seeds 0 1 2]
-        [--methods latency dense] [--flops-target R] [--keep DIR] [--jobs 2] [--max-val-drop 0.005]
+        [--methods latency dense] [--flops-target R] [--max-layer-ratio 0.875] [--keep DIR] [--jobs 2]
+        [--max-val-drop 0.005]
         [--result latency_controls] [--quick]
 
 From one pretrained model of the default preset (``--base``; its width and input size are the model's, so a
 base trained at another ``model.width_mult`` works as it is), for each seed:
 
-- ``latency``: the default preset's pipeline with one phase over every prunable layer cut to ``--target``
+- ``latency``: the default preset's pipeline with one phase over every prunable layer (none losing more than
+  ``--max-layer-ratio`` of its filters) cut to ``--target``
   times lower network latency (the latency tables of this machine, measured once up front and shared),
   ``--retrain-epochs`` retraining epochs, the preset's distillation, every checkpoint's score threshold
   chosen on validation (``export.score_threshold_max_val_drop``); its answer (distilled or not) is chosen on
@@ -57,7 +59,7 @@ def unit_config(spec: dict[str, Any]):
         f"stages.pretrain.checkpoint={spec['base']}", f"stages.retrain.epochs={spec['retrain_epochs']}",
         "stages.selection.out_of_reach=closest", f"export.latency_table={spec['table']}",
         f"export.score_threshold_max_val_drop={spec['max_val_drop']}",
-        f"stages.phases=[{{name: phase1, layers: [{layers}], {target}, max_layer_ratio: 0.875}}]",
+        f"stages.phases=[{{name: phase1, layers: [{layers}], {target}, max_layer_ratio: {spec['max_layer_ratio']}}}]",
         *(QUICK_OVERRIDES if spec["quick"] else []),
         *base_model_overrides(Path(spec["base"])),
     ])
@@ -113,6 +115,7 @@ def summarise(rows: list[dict[str, Any]], base: dict[str, Any], args) -> str:
     model = ", ".join(o.removeprefix("model.").replace("=", " ") for o in base_model_overrides(args.base))
     lines += ["", f"- base (`--base`, ssd_vgg_lite {model}): test VOC07 mAP {base.get('map_voc07', float('nan')):.4f}, validation "
                   f"{base.get('val_map_voc07', float('nan')):.4f}; {args.retrain_epochs} retraining epochs, "
+                  f"max_layer_ratio {args.max_layer_ratio}, "
                   f"{len(args.seeds)} seed(s)"]
     for method in (m for m in METHODS if m != "dense" and m in args.methods):
         pruned = [r for r in rows if r["method"] == method]
@@ -137,6 +140,8 @@ def main() -> None:
     parser.add_argument("--base", type=Path, required=True, help="the default preset's pretrained checkpoint")
     parser.add_argument("--target", type=float, default=2.0, help="times lower network latency")
     parser.add_argument("--retrain-epochs", type=int, default=12)
+    parser.add_argument("--max-layer-ratio", type=float, default=0.875,
+                        help="the most of any layer's filters the phase may remove")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=["latency", "dense"])
     parser.add_argument("--flops-target", type=float, default=None, help="times fewer FLOPs (method flops)")
@@ -171,6 +176,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="latency-controls-") as tmp:
         common = {"base": str(args.base.resolve()), "table": str(Path(tmp) / "latency_table.json"),
                   "target": args.target, "flops_target": args.flops_target, "retrain_epochs": args.retrain_epochs,
+                  "max_layer_ratio": args.max_layer_ratio,
                   "keep": str(args.keep.resolve()) if args.keep else None, "max_val_drop": args.max_val_drop,
                   "quick": args.quick, "work": tmp, "threads": max(1, torch.get_num_threads() // args.jobs)}
         cfg = unit_config({**common, "seed": 0, "method": "latency"})
@@ -194,6 +200,7 @@ def main() -> None:
     out = write_result(args.result, {"rows": rows, "base": {k: base.get(k) for k in ("map_voc07", "val_map_voc07")},
                                      "model": {k: float(v) if k == "width_mult" else int(v) for k, v in model.items()},
                                      "target": args.target, "flops_target": args.flops_target,
+                                     "max_layer_ratio": args.max_layer_ratio,
                                      "methods": args.methods, "retrain_epochs": args.retrain_epochs,
                                      "seeds": args.seeds, "training_seconds": training_seconds,
                                      "total_seconds": time.perf_counter() - started, "markdown": markdown})

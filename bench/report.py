@@ -20,7 +20,7 @@ ORDER = ["controls", "pretrain", "compress", "overhead", "quality", "speedup", "
          "compress_latency_two_phases", "compress_latency_3x",
          "compress_latency_3x_sensitivity", "latency_controls", "latency_controls_1_5x", "latency_controls_1_75x",
          "latency_controls_2x_long", "latency_vs_flops_1_5x", "speedup_models_1_75x", "latency_pareto", "latency_alternatives",
-         "latency_alternatives_1_75x", "gpu",
+         "latency_alternatives_1_75x", "latency_controls_w025", "speedup_models_w025", "speedup_w025", "gpu",
          "budget", "budget_latency", "budget_latency_long", "budget_latency_2x_long"]
 TITLES = {
     "controls": "Controls: the seed method against a dense model trained as long, other criteria, scratch",
@@ -40,7 +40,12 @@ TITLES = {
     "latency_controls": "A latency-targeted model against a dense control trained as long, over seeds",
     "latency_controls_1_5x": "The same at a 1.5x latency target",
     "latency_controls_1_75x": "The same at a 1.75x latency target",
-    "latency_pareto": "Speed against accuracy: every controlled latency run of the default preset",
+    "latency_pareto": "Speed against accuracy: every controlled latency run of ssd_vgg_lite on digits-voc",
+    "latency_controls_w025": "A model with room to prune: ssd_vgg_lite at width 0.25 (twice the default preset's), a 3.2x "
+                             "latency target against a dense control trained as long, over seeds",
+    "speedup_models_w025": "The wider model's speedup models: the same FLOPs cut as its latency-targeted model, and "
+                           "a dense control (seed 0)",
+    "speedup_w025": "Real CPU speedup of the wider model's pruned models",
     "latency_controls_2x_long": "The same at a 2x latency target with 24 retraining epochs instead of 12",
     "latency_alternatives_1_75x": "Layer removal on top of filter pruning: the speedup section's latency-targeted model "
                                   "without conv1_2 (and conv3_3), against itself trained as long, over seeds",
@@ -253,7 +258,8 @@ def _speedup_targets(r: dict) -> list[tuple[str, bool]]:
     return checks
 
 
-TARGETS = {"controls": _controls_targets, "speedup": _speedup_targets, "pretrain": _pretrain_targets, "compress": _compress_targets, "overhead": _overhead_targets,
+TARGETS = {"controls": _controls_targets, "speedup": _speedup_targets, "speedup_w025": _speedup_targets,
+           "latency_controls_w025": _latency_controls_targets, "speedup_models_w025": _latency_controls_targets, "pretrain": _pretrain_targets, "compress": _compress_targets, "overhead": _overhead_targets,
            "budget": _budget_targets, "budget_latency": _budget_targets, "budget_latency_long": _budget_targets,
            "budget_latency_2x_long": _budget_targets,
            "compress_latency_two_phases": _latency_compress_targets,

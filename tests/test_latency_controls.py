@@ -11,7 +11,8 @@ DIGITS = [str(i) for i in range(10)]
 
 def _spec(base, method="latency"):
     return {"seed": 1, "method": method, "base": str(base), "retrain_epochs": 2, "table": "table.json",
-            "target": 3.0, "flops_target": None, "max_val_drop": 0.005, "quick": False}
+            "target": 3.0, "flops_target": None, "max_val_drop": 0.005, "quick": False,
+            "max_layer_ratio": 0.6}
 
 
 def test_a_base_at_another_width_sets_the_units_model_to_it(tmp_path):
@@ -21,5 +22,5 @@ def test_a_base_at_another_width_sets_the_units_model_to_it(tmp_path):
     assert base_model_overrides(base) == ["model.width_mult=0.25", "model.image_size=96"]
     cfg = unit_config(_spec(base))
     assert (cfg.model.width_mult, cfg.model.image_size) == (0.25, 96)  # the preset says 0.125 and 128
-    assert cfg.stages.phases[0].target_latency_ratio == 3.0
+    assert (cfg.stages.phases[0].target_latency_ratio, cfg.stages.phases[0].max_layer_ratio) == (3.0, 0.6)
     assert str(cfg.stages.pretrain.checkpoint) == str(base)

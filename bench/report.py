@@ -69,7 +69,9 @@ collected by `bench/report.py`; none is typed in. Re-run a script, then `bench/r
 Each section names the commit it was measured at. The controls and the end-to-end run of the default preset
 measure the current method (BatchNorm-aware stage 2, early stopping on validation, every choice on the
 validation split), and so do the latency sections from `latency_controls` on and the speedup section (its
-models are those of `speedup_models_1_75x`).
+models are those of `speedup_models_1_75x`). The `_w025` sections prune ssd_vgg_lite at width 0.25 (twice
+the preset's), pretrained with `bench/pretrain.py --set model.width_mult=0.25 --keep
+bench/checkpoints/base_w025.safetensors`.
 The quality and budget sections were measured before those changes and are history: they have no dense
 control trained for the same epochs.
 """

@@ -65,13 +65,17 @@ def unit_config(spec: dict[str, Any]):
     ])
 
 
-def base_model_overrides(base: Path) -> list[str]:
-    """The base's model options as config overrides: the config describes the model the units prune (a base
-    trained at another width or input size than the preset's)."""
+def base_model(base: Path) -> dict[str, Any]:
+    """The base's width and input size (a base may be trained at another width or input size than the preset's)."""
     from compression.checkpoint import read_metadata
 
     options = read_metadata(base)["model_args"]
-    return [f"model.{key}={options[key]}" for key in ("width_mult", "image_size") if options.get(key) is not None]
+    return {key: options[key] for key in ("width_mult", "image_size") if options.get(key) is not None}
+
+
+def base_model_overrides(base: Path) -> list[str]:
+    """The base's model options as config overrides: the config describes the model the units prune."""
+    return [f"model.{key}={value}" for key, value in base_model(base).items()]
 
 
 def run_unit(spec: dict[str, Any]) -> dict[str, Any]:
@@ -112,7 +116,7 @@ def summarise(rows: list[dict[str, Any]], base: dict[str, Any], args) -> str:
     lines = markdown_rows(sorted(rows, key=lambda r: (r["method"], r["seed"])), columns)
     dense = [r for r in rows if r["method"] == "dense"]
     paired = {r["seed"]: r["metric"] for r in dense}
-    model = ", ".join(o.removeprefix("model.").replace("=", " ") for o in base_model_overrides(args.base))
+    model = ", ".join(f"{key} {value}" for key, value in base_model(args.base).items())
     lines += ["", f"- base (`--base`, ssd_vgg_lite {model}): test VOC07 mAP {base.get('map_voc07', float('nan')):.4f}, validation "
                   f"{base.get('val_map_voc07', float('nan')):.4f}; {args.retrain_epochs} retraining epochs, "
                   f"max_layer_ratio {args.max_layer_ratio}, "
@@ -196,9 +200,8 @@ def main() -> None:
             row.pop("path")
     base = stored_metrics(args.base)
     markdown = summarise(rows, base, args)
-    model = dict(o.removeprefix("model.").split("=", 1) for o in base_model_overrides(args.base))
     out = write_result(args.result, {"rows": rows, "base": {k: base.get(k) for k in ("map_voc07", "val_map_voc07")},
-                                     "model": {k: float(v) if k == "width_mult" else int(v) for k, v in model.items()},
+                                     "model": base_model(args.base),
                                      "target": args.target, "flops_target": args.flops_target,
                                      "max_layer_ratio": args.max_layer_ratio,
                                      "methods": args.methods, "retrain_epochs": args.retrain_epochs,

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/latency_controls.py --base CKPT [--target 2.0] [--retrain-epochs 12] [--seeds 0 1 2]
         [--methods latency dense] [--flops-target R] [--max-layer-ratio 0.875] [--keep DIR] [--jobs 2]
-        [--max-val-drop 0.005]
+        [--max-val-drop 0.005] [--remove-layers CONV ...]
         [--result latency_controls] [--quick]
 
 From one pretrained model of the default preset (``--base``; its width and input size are the model's, so a
@@ -13,7 +13,8 @@ base trained at another ``model.width_mult`` works as it is), for each seed:
   times lower network latency (the latency tables of this machine, measured once up front and shared),
   ``--retrain-epochs`` retraining epochs, the preset's distillation, every checkpoint's score threshold
   chosen on validation (``export.score_threshold_max_val_drop``); its answer (distilled or not) is chosen on
-  validation;
+  validation. With ``--remove-layers`` the phase first removes those convs whole (layer pruning), and the
+  target counts from the model without them;
 - ``flops`` (with ``--flops-target``): the same pipeline with the phase cut to ``--flops-target`` times fewer
   FLOPs instead: the same criterion and schedule, filters chosen by FLOPs rather than by time;
 - ``dense``: the base trained for as many extra epochs (sparsity + retraining + distillation) with the
@@ -54,12 +55,14 @@ def unit_config(spec: dict[str, Any]):
     layers = ", ".join(prunable_layers("ssd_vgg_lite"))
     target = (f"target_flops_ratio: {spec['flops_target']}" if spec["method"] == "flops"
               else f"target_latency_ratio: {spec['target']}")
+    removal = f", remove_layers: [{', '.join(spec['remove_layers'])}]" if spec.get("remove_layers") else ""
     return load_config("default", [
         f"seed={spec['seed']}", f"stages.selection.seed={spec['seed']}",
         f"stages.pretrain.checkpoint={spec['base']}", f"stages.retrain.epochs={spec['retrain_epochs']}",
         "stages.selection.out_of_reach=closest", f"export.latency_table={spec['table']}",
         f"export.score_threshold_max_val_drop={spec['max_val_drop']}",
-        f"stages.phases=[{{name: phase1, layers: [{layers}], {target}, max_layer_ratio: {spec['max_layer_ratio']}}}]",
+        f"stages.phases=[{{name: phase1, layers: [{layers}], {target}, max_layer_ratio: {spec['max_layer_ratio']}"
+        f"{removal}}}]",
         *(QUICK_OVERRIDES if spec["quick"] else []),
         *base_model_overrides(Path(spec["base"])),
     ])
@@ -120,7 +123,8 @@ def summarise(rows: list[dict[str, Any]], base: dict[str, Any], args) -> str:
     lines += ["", f"- base (`--base`, ssd_vgg_lite {model}): test VOC07 mAP {base.get('map_voc07', float('nan')):.4f}, validation "
                   f"{base.get('val_map_voc07', float('nan')):.4f}; {args.retrain_epochs} retraining epochs, "
                   f"max_layer_ratio {args.max_layer_ratio}, "
-                  f"{len(args.seeds)} seed(s)"]
+                  + (f"without {', '.join(args.remove_layers)}, " if args.remove_layers else "")
+                  + f"{len(args.seeds)} seed(s)"]
     for method in (m for m in METHODS if m != "dense" and m in args.methods):
         pruned = [r for r in rows if r["method"] == method]
         gaps = [paired[r["seed"]] - r["metric"] for r in pruned if r["seed"] in paired]
@@ -146,6 +150,8 @@ def main() -> None:
     parser.add_argument("--retrain-epochs", type=int, default=12)
     parser.add_argument("--max-layer-ratio", type=float, default=0.875,
                         help="the most of any layer's filters the phase may remove")
+    parser.add_argument("--remove-layers", nargs="+", default=[], metavar="CONV",
+                        help="convs the pruned models lose whole first (layer pruning), e.g. conv1_2")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=["latency", "dense"])
     parser.add_argument("--flops-target", type=float, default=None, help="times fewer FLOPs (method flops)")
@@ -161,7 +167,9 @@ def main() -> None:
     from bench.compress import speedup_against_base
     from compression.checkpoint import load_checkpoint
     from compression.data.loaders import ensure_builtin_data
+    from compression.errors import ModelError
     from compression.measure import stored_metrics
+    from compression.models import remove_layers
     from compression.stages import latency_tables_for
     from tasks.env import apply_env_defaults
 
@@ -172,6 +180,11 @@ def main() -> None:
         sys.exit("error: --methods flops needs --flops-target (times fewer FLOPs)")
     if args.keep and args.keep.exists() and any(args.keep.glob("*_*.safetensors")):
         sys.exit(f"error: --keep {args.keep}: holds checkpoints already; name an empty or new folder")
+    tabled = load_checkpoint(args.base)  # the selection's input: the base without --remove-layers
+    try:
+        remove_layers(tabled.model_name, tabled.model, args.remove_layers)
+    except ModelError as exc:
+        sys.exit(f"error: --remove-layers: {exc}")
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
     if args.quick:  # a smoke run never replaces a measurement
@@ -180,13 +193,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="latency-controls-") as tmp:
         common = {"base": str(args.base.resolve()), "table": str(Path(tmp) / "latency_table.json"),
                   "target": args.target, "flops_target": args.flops_target, "retrain_epochs": args.retrain_epochs,
-                  "max_layer_ratio": args.max_layer_ratio,
+                  "max_layer_ratio": args.max_layer_ratio, "remove_layers": args.remove_layers,
                   "keep": str(args.keep.resolve()) if args.keep else None, "max_val_drop": args.max_val_drop,
                   "quick": args.quick, "work": tmp, "threads": max(1, torch.get_num_threads() // args.jobs)}
         cfg = unit_config({**common, "seed": 0, "method": "latency"})
         args.threads = cfg.export.threads
         ensure_builtin_data(cfg.data)
-        latency_tables_for(load_checkpoint(args.base), cfg, Path(tmp))  # once, before anything trains
+        latency_tables_for(tabled, cfg, Path(tmp))  # once, before anything trains
         specs = [{**common, "seed": seed, "method": method} for seed in args.seeds for method in args.methods]
         # spawn: the units' torch must not inherit this process's thread pools (the tables ran here).
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
@@ -204,6 +217,7 @@ def main() -> None:
                                      "model": base_model(args.base),
                                      "target": args.target, "flops_target": args.flops_target,
                                      "max_layer_ratio": args.max_layer_ratio,
+                                     "remove_layers": args.remove_layers,
                                      "methods": args.methods, "retrain_epochs": args.retrain_epochs,
                                      "seeds": args.seeds, "training_seconds": training_seconds,
                                      "total_seconds": time.perf_counter() - started, "markdown": markdown})

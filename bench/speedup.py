@@ -99,7 +99,7 @@ def built_models(cfg: PipelineConfig, flops_ratio: float, latency_ratio: float, 
     def pruned(select: Callable[[nn.Module, dict[str, list[float]], Any], tuple[dict, dict]]) -> nn.Module:
         model = copy.deepcopy(dense)
         dg = build_dependency_graph(model)
-        layers = resolve_layers(model, name, prunable_layers(name), dg=dg)
+        layers = resolve_layers(model, name, prunable_layers(name, model), dg=dg)
         selection, _ = select(model, rank_filters("l1_norm", model, dg, layers), dg)
         return prune_filters(model, selection, dg=dg).eval()
 

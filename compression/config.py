@@ -233,6 +233,19 @@ class PhaseConfig(_Strict):
         None, gt=1, description="this phase's stages.selection.target_latency_ratio (latency of the phase's input model)"
     )
     max_layer_ratio: float | None = Field(None, gt=0, le=1, description="this phase's stages.selection.max_layer_ratio")
+    remove_layers: list[str] = Field(
+        default_factory=list,
+        description="convs removed whole before the phase prunes filters (layer pruning; ssd_vgg_lite: a conv after "
+                    "the first of its VGG stage); the phase's targets count from the model without them",
+    )
+
+    def identity(self) -> dict[str, Any]:
+        """What names this phase's outputs besides its λ / γ / cuts (which reach each stage's own settings):
+        its name and layers, and the layers it removes when it removes any (keys of earlier runs unchanged)."""
+        identity: dict[str, Any] = {"name": self.name, "layers": list(self.layers)}
+        if self.remove_layers:
+            identity["remove_layers"] = list(self.remove_layers)
+        return identity
 
 
 class StagesConfig(_Strict):

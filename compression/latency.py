@@ -155,7 +155,7 @@ def _sites(model: nn.Module, model_name: str, graph_model: Any) -> list[Site]:
     from compression.pruning import build_dependency_graph, consumers_of, resolve_layers
 
     dg = build_dependency_graph(model)
-    prunable = dict(resolve_layers(model, model_name, prunable_layers(model_name), dg=dg))
+    prunable = dict(resolve_layers(model, model_name, prunable_layers(model_name, model), dg=dg))
     producer_of: dict[str, str] = {}
     for name, layer in prunable.items():
         for consumer, _module, kind in consumers_of(dg, layer):
@@ -193,7 +193,8 @@ def model_widths(model: nn.Module, model_name: str) -> dict[str, int]:
     from compression.models import prunable_layers
     from compression.pruning import layer_channels, resolve_layers
 
-    return {name: layer_channels(layer) for name, layer in resolve_layers(model, model_name, prunable_layers(model_name))}
+    return {name: layer_channels(layer)
+            for name, layer in resolve_layers(model, model_name, prunable_layers(model_name, model))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,7 +440,7 @@ def _quarter_width(model: nn.Module, model_name: str) -> nn.Module:
 
     quarter = copy.deepcopy(model)
     dg = build_dependency_graph(quarter)
-    layers = resolve_layers(quarter, model_name, prunable_layers(model_name), dg=dg)
+    layers = resolve_layers(quarter, model_name, prunable_layers(model_name, quarter), dg=dg)
     return prune_filters(quarter, select_by_ratio(rank_filters("l1_norm", quarter, dg, layers), _ANCHOR_CUT), dg=dg)
 
 

@@ -2,9 +2,9 @@
 
     pretrain
     for each phase (criterion seed / l1_norm / bn_scale / random / group_norm):
-        sparsity -> selection -> prune -> retrain
+        [remove_layers ->] sparsity -> selection -> prune -> retrain
     for each phase (criterion taylor):
-        taylor -> retrain
+        [remove_layers ->] taylor -> retrain
     distill (if enabled; the teacher is the pretrained model)
 
 ``build_plan(cfg)`` returns that sequence as ``Step`` s: the stage (its function in ``compression.stages``,
@@ -61,6 +61,8 @@ class Stage:
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("pretrain", S.pretrain, "checkpoint", ("pretrain",), trains=True, against_base=False),
+    # Layer pruning: the phase's remove_layers (its identity) name its output; no stage section does.
+    Stage("remove_layers", S.remove_layers, "checkpoint", (), trains=False),
     Stage("sparsity", S.induce_sparsity, "checkpoint", ("sparsity",), trains=True),
     Stage("selection", S.select_filters, "selection", ("selection",), trains=False, against_base=False),
     Stage("prune", S.prune, "checkpoint", ("selection",), trains=False),
@@ -102,6 +104,8 @@ def build_plan(cfg: PipelineConfig) -> list[Step]:
 
     pretrained = current = add("pretrain")
     for phase in phases:
+        if phase.remove_layers:
+            current = add("remove_layers", phase, input_path=current)
         if cfg.for_phase(phase).stages.selection.criterion == "taylor":
             pruned = add("taylor", phase, input_path=current)
         else:
@@ -136,7 +140,7 @@ def stage_settings(cfg: PipelineConfig, stage: str, phase: PhaseConfig | None = 
     # The phase's own λ / γ / ratios reached the stage sections above (for_phase); what else of it names the
     # output is which layers it prunes. (Its whole dump made a budget trial's selection knob on a phase
     # redo the sparsity stage that the trials of one λ share.)
-    data["phase"] = {"name": phase.name, "layers": list(phase.layers)} if phase is not None else None
+    data["phase"] = phase.identity() if phase is not None else None
     if stage == "sparsity":  # it trains with GroupNormPruner's regulariser for group_norm, with L1 otherwise
         criterion = cfg.for_phase(phase).stages.selection.criterion
         data["regulariser"] = "group_norm" if criterion == "group_norm" else "l1"

@@ -138,11 +138,16 @@ def _phase_name(phase: PhaseConfig | None) -> str | None:
 
 
 def _phase_layers(ckpt: Checkpoint, phase: PhaseConfig) -> list[str]:
-    """Module paths of the phase's layers in ``ckpt``'s model (one-line ConfigError for a bad name)."""
+    """Module paths of the phase's layers in ``ckpt``'s model, without the ones removed whole (layer pruning:
+    a phase may list every layer and remove some); one-line ConfigError for a bad name."""
+    from compression.models import layer_names
     from compression.pruning import resolve_layers
 
+    paper = layer_names(ckpt.model_name)
+    removed = {paper.get(name, name) for name in ckpt.model_args.get("removed_layers", [])}
     try:
-        return [path for path, _ in resolve_layers(ckpt.model, ckpt.model_name, phase.layers)]
+        return [path for path, _ in resolve_layers(ckpt.model, ckpt.model_name,
+                                                   [name for name in phase.layers if paper.get(name, name) not in removed])]
     except ConfigError as exc:
         raise ConfigError(f"stages.phases ({phase.name}): {exc}") from None
 
@@ -166,6 +171,37 @@ def _val_metric_fn(ckpt: Checkpoint, cfg: PipelineConfig):
                         fast_ssd=cfg.compute.fast_ssd)[key]
 
     return metric
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1b: layer removal (a phase's remove_layers)
+
+
+def remove_layers(input_path: Path, cfg: PipelineConfig, out: Path, *, phase: PhaseConfig,
+                  base_metrics: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
+    """Layer pruning: the phase's ``remove_layers`` convs go whole (``models.remove_layers``), before the phase
+    prunes filters; the phase's sparsity training and retraining then train the model without them.
+
+    The checkpoint records every removed layer in its ``model_args`` (``removed_layers``), so it rebuilds.
+    Refuses (one line) a layer removed already and one whose input and output widths no longer agree (an
+    earlier phase pruned its filters or its input's).
+    """
+    from compression.errors import ModelError
+    from compression.models import remove_layers as remove
+
+    started = time.perf_counter()
+    input_path, out = Path(input_path), Path(out)
+    refuse_same_file(input_path, out)
+    ckpt = load_checkpoint(input_path, expect_model=cfg.model.name)
+    try:
+        remove(ckpt.model_name, ckpt.model, list(phase.remove_layers))
+    except ModelError as exc:
+        raise StageError(f"stages.phases ({phase.name}).remove_layers: {input_path}: {exc}") from None
+    removed = [*ckpt.model_args.get("removed_layers", []), *phase.remove_layers]
+    layered = ckpt.derive(ckpt.model, stage="remove_layers", phase=phase.name, removed_layers=list(phase.remove_layers))
+    layered.model_args["removed_layers"] = removed
+    return _finish(layered, cfg, out, base_metrics, time.perf_counter() - started,
+                   {"layers_removed": len(phase.remove_layers)})
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
     preflight (config, the method's settings, Ray address, MLflow, what the cluster can offer, data)
     MLflow parent run (a local Ray starts at the first stage, once, and serves every stage)
     pretrain (its measurements are the base every ratio refers to)
-    for each phase: sparsity -> selection -> prune -> retrain   (criterion taylor: taylor -> retrain)
+    for each phase: [remove_layers ->] sparsity -> selection -> prune -> retrain   (criterion taylor: taylor -> retrain)
     distill (if enabled; teacher = the pretrained model)
     the answer: the distilled or the retrained model, whichever scores higher on the validation split
     -> registered in MLflow -> checkpoint table artifact
@@ -234,7 +234,7 @@ class StageRunner:
             run_id = T.log_checkpoint(
                 self.tracker, path.stem, stage=step.stage.name, phase=phase.name if phase else None,
                 checkpoint=str(path), metrics={**metrics, **({"resumed_from_epoch": resumed_from} if resumed_from else {})},
-                params={**params, **({"layers": phase.layers} if phase else {}), **nodes},
+                params={**params, **({k: v for k, v in phase.identity().items() if k != "name"} if phase else {}), **nodes},
                 history=history, selection=selection["path"] if selection else None, cached=result["cached"],
             )
         except Exception as exc:

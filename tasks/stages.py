@@ -81,7 +81,7 @@ class StageInputs(CachePolicy):
                 # Which layers; its λ / γ / cuts reach the key through the stage's settings above, where they
                 # matter. (Its whole dump here made trials differing only in a phase's cut each retrain the
                 # sparsity stage they share.)
-                payload[key] = {"name": value.name, "layers": list(value.layers)}
+                payload[key] = value.identity()
             else:
                 payload[key] = value
         return hash_objects(json.dumps(payload, sort_keys=True, default=str), raise_on_failure=True)

@@ -246,6 +246,25 @@ def test_load_or_measure_reuses_a_matching_table(tmp_path):
         load_or_measure(path, small, "ssd_vgg_lite", batch_size=2)
 
 
+def test_a_model_without_a_layer_gets_a_table_of_its_own(tmp_path):
+    from compression.models import remove_layers
+
+    torch.manual_seed(0)
+    small = build_model("ssd_vgg_lite", num_classes=3, width_mult=0.0625, image_size=64).eval()
+    path = tmp_path / "latency.json"
+    dense = load_or_measure(path, small, "ssd_vgg_lite", batch_size=2, threads=1, warmup=1, runs=2)
+    without = remove_layers("ssd_vgg_lite", copy.deepcopy(small), ["conv1_2"])
+    assert "backbone.conv1_2" not in model_widths(without, "ssd_vgg_lite")
+    assert not dense.covers("ssd_vgg_lite", (64, 64), model_widths(without, "ssd_vgg_lite"))
+    table = load_or_measure(path, without, "ssd_vgg_lite", batch_size=2, threads=1, warmup=1, runs=2)
+    assert "backbone.conv1_2" not in table.sites
+    # conv1_1 now carries the pooling conv1_2 did, and conv2_1 reads it
+    assert table.sites["backbone.conv1_1"]["ops"] == ["Conv", "Relu", "MaxPool"]
+    assert table.sites["backbone.conv2_1"]["producer"] == "backbone.conv1_1"
+    stored = json.loads(path.read_text())
+    assert [len(tables) for tables in stored["tables"].values()] == [2]  # beside the dense model's, same device
+
+
 def test_torch_runtime_is_the_gpus():
     with pytest.raises(ConfigError, match="torch runtime is the GPU's"):
         measure_latency_table(build_model("ssd_vgg_lite", num_classes=3), "ssd_vgg_lite", runtime="torch")

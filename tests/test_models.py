@@ -320,6 +320,68 @@ def test_lite_prunes_conv4_3_with_l2norm_pruner(digits, recwarn):
     assert len(detections["boxes"]) > 0
 
 
+# ---------------------------------------------------------------- layer removal (ssd_vgg_lite)
+
+
+def test_lite_layer_removal_skips_the_conv_and_rebuilds_from_its_options():
+    from compression.export import network_onnx
+    from compression.models import remove_layers
+
+    torch.manual_seed(0)
+    dense = build_model("ssd_vgg_lite", 11).eval()
+    removed = remove_layers("ssd_vgg_lite", copy.deepcopy(dense), ["conv1_2", "conv4_3"]).eval()
+    backbone = removed.backbone
+    assert backbone.removed == ("conv1_2", "conv4_3")
+    assert isinstance(backbone.conv1_2, nn.Identity) and isinstance(backbone.conv1_2_bn, nn.Identity)
+    # conv2_1 now reads conv1_1 directly; the first feature map is conv4_2's
+    assert backbone.out_channels == dense.backbone.out_channels
+    paths = prunable_layers("ssd_vgg_lite", removed)
+    assert paths == [p for p in prunable_layers("ssd_vgg_lite") if p not in ("backbone.conv1_2", "backbone.conv4_3")]
+    x = torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        features = backbone(x)
+        assert [f.shape for f in features.values()] == [f.shape for f in dense.backbone(x).values()]
+        assert len(removed(list(x))) == 2
+    # the removed convs leave nothing in the deployment graph: two convs and two ReLUs fewer
+    ops = {name: [n.op_type for n in network_onnx(m, 1).graph.node] for name, m in (("dense", dense), ("removed", removed))}
+    assert ops["dense"].count("Conv") - ops["removed"].count("Conv") == 2
+    assert ops["dense"].count("Relu") - ops["removed"].count("Relu") == 2
+    # the builder option rebuilds the same architecture: the state fits strictly
+    rebuilt = build_model("ssd_vgg_lite", 11, removed_layers=["conv1_2", "conv4_3"])
+    rebuilt.load_state_dict(removed.state_dict(), strict=True)
+    assert not any(key.startswith(("backbone.conv1_2", "backbone.conv4_3.")) for key in removed.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("names", "needle"),
+    [
+        (["conv2_1"], "cannot remove 'conv2_1'"),  # a stage's first conv changes the width
+        (["fc7"], "cannot remove 'fc7'"),
+        (["conv3_2", "conv3_2"], "removed already"),
+        ("conv1_2", "must be a list"),
+    ],
+)
+def test_lite_layer_removal_refuses_what_it_cannot_remove(names, needle):
+    with pytest.raises(ModelError, match=needle) as info:
+        build_model("ssd_vgg_lite", 11, removed_layers=names)
+    assert "\n" not in str(info.value)
+
+
+def test_layer_removal_refuses_a_pruned_width_and_other_models():
+    from compression.models import remove_layers
+
+    model = build_model("ssd_vgg_lite", 11)
+    network = SSDNetwork(model)
+    graph = tp.DependencyGraph().build_dependency(
+        network, example_inputs=torch.randn(1, 3, 128, 128), **dependency_graph_options(network))
+    graph.get_pruning_group(model.backbone.conv1_2, tp.prune_conv_out_channels, idxs=[0, 1]).prune()
+    with pytest.raises(ModelError, match="maps 8 channels to 6"):
+        remove_layers("ssd_vgg_lite", model, ["conv1_2"])
+    assert isinstance(model.backbone.conv1_2, nn.Conv2d)  # nothing changed
+    with pytest.raises(ModelError, match="ssd_vgg_lite only"):
+        remove_layers("vgg16_cifar", build_model("vgg16_cifar", 10, width_mult=0.0625), ["conv1_2"])
+
+
 # ---------------------------------------------------------------- vgg16_cifar
 
 

@@ -396,6 +396,58 @@ def test_stage_functions_refuse_what_they_cannot_do(cls_root, cls_pretrained, tm
         "phase1", "phase2", "phase3", "phase4"]
 
 
+def test_a_phase_removes_layers_whole_before_it_prunes_filters(devkit, ssd_pretrained, tmp_path):
+    removed = ["conv1_2", "conv3_3"]
+    raw = _with(_ssd_raw(devkit), pretrain={"checkpoint": str(ssd_pretrained)}, distill={"enabled": False},
+                phases=[{**SSD_PHASES[0], "remove_layers": removed}])  # the phase lists them too: skipped
+    rows = run_pipeline_in_process(validate_config(raw), tmp_path / "run")
+    assert [(r["stage"], r["phase"]) for r in rows] == [
+        ("pretrain", None), ("remove_layers", "all"), ("sparsity", "all"), ("prune", "all"), ("retrain", "all")]
+    base, layered = rows[0]["metrics"], rows[1]["metrics"]
+    assert layered["layers_removed"] == 2
+    assert layered["flops"] < base["flops"] and layered["params"] < base["params"] and layered["flops_ratio"] > 1
+    assert read_metadata(rows[2]["path"])["parent"] == rows[1]["path"]  # sparsity trains the model without them
+    selection = json.loads(Path(rows[3]["selection"]).read_text())
+    assert not {f"backbone.{name}" for name in removed} & set(selection["layers"])
+    assert len(selection["layers"]) == len(SSD_PHASES[0]["layers"]) - 2
+    for row in rows[1:]:  # every later checkpoint rebuilds without them
+        ckpt = load_checkpoint(row["path"])
+        assert ckpt.model_args["removed_layers"] == removed
+        assert all(isinstance(getattr(ckpt.model.backbone, name), torch.nn.Identity) for name in removed)
+        with torch.no_grad():
+            ckpt.model.eval()([torch.rand(3, 64, 64)])
+
+
+def test_the_plan_removes_layers_first_in_their_phase_and_keys_the_output_by_them(devkit):
+    from compression.plan import build_plan, stage_settings
+
+    phases = [{"name": "p1", "layers": ["conv1_1", "conv2_1"], "remove_layers": ["conv1_2"]},
+              {"name": "p2", "layers": ["conv3_1"]}]
+    cfg = validate_config(_with(_ssd_raw(devkit), phases=phases))
+    steps = build_plan(cfg)
+    assert [step.name for step in steps] == ["00_pretrain", "01_remove_layers_p1", "02_sparsity_p1", "03_selection_p1",
+                                             "04_prune_p1", "05_retrain_p1", "06_sparsity_p2", "07_selection_p2",
+                                             "08_prune_p2", "09_retrain_p2", "10_distill"]
+    assert steps[1].inputs == {"input_path": "00_pretrain"} and steps[2].inputs == {"input_path": "01_remove_layers_p1"}
+    other = PhaseConfig(name="p1", layers=["conv1_1", "conv2_1"], remove_layers=["conv3_2"])
+    assert stage_settings(cfg, "remove_layers", cfg.stages.phases[0]) != stage_settings(cfg, "remove_layers", other)
+    # a phase that removes nothing is named as before the option existed (earlier runs' cache keys hold)
+    assert cfg.stages.phases[1].identity() == {"name": "p2", "layers": ["conv3_1"]}
+
+
+def test_removing_a_layer_whose_filters_were_pruned_is_refused(ssd_run, tmp_path):
+    pruned = next(row for row in ssd_run["rows"] if row["stage"] == "prune")
+    backbone = load_checkpoint(pruned["path"]).model.backbone
+    narrowed = [name for name in ("conv1_2", "conv2_2", "conv3_2", "conv3_3", "conv4_2", "conv4_3", "conv5_2", "conv5_3")
+                if getattr(backbone, name).in_channels != getattr(backbone, name).out_channels]
+    assert narrowed, "the pruned model has no removable layer of unequal widths to test with"
+    cfg = validate_config(ssd_run["raw"])
+    phase = PhaseConfig(name="later", layers=["conv1_1"], remove_layers=narrowed[:1])
+    with pytest.raises(StageError, match=rf"stages.phases \(later\).remove_layers: .*cannot remove '{narrowed[0]}'"):
+        S.remove_layers(Path(pruned["path"]), cfg, tmp_path / "out.safetensors", phase=phase)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input through the CLI: one line, exit code 2, nothing written or overwritten
 
@@ -408,6 +460,11 @@ def test_stage_functions_refuse_what_they_cannot_do(cls_root, cls_pretrained, tm
         ("stages.selection.gamma=0", ["stages.selection.gamma"]),
         ("stages.selection.gamma=1.5", ["stages.selection.gamma"]),
         ("stages.sparsity.l1_lambda=-0.1", ["stages.sparsity.l1_lambda"]),
+        ("stages.phases=[{name: p1, layers: [conv1_1], remove_layers: [conv2_1]}]",
+         ["stages.phases.0 (p1).remove_layers", "cannot remove 'conv2_1'"]),
+        ("stages.phases=[{name: p1, layers: [conv1_1], remove_layers: [conv1_2]}, "
+         "{name: p2, layers: [conv2_1], remove_layers: [conv1_2]}]",
+         ["stages.phases.1 (p2).remove_layers", "removed already"]),
     ],
 )
 def test_bad_settings_fail_before_any_work(devkit, tmp_path, capsys, override, needles):

@@ -28,6 +28,7 @@ from compression.models.ssd import (
     load_weights,
     postprocess_settings,
     read_state_dict,
+    remove_lite_layers,
     ssd300_vgg16,
     ssd_default_boxes,
     ssd_feature_sizes,
@@ -54,6 +55,7 @@ __all__ = [
     "prunable_layers",
     "prune_to_match",
     "read_state_dict",
+    "remove_layers",
     "ssd_default_boxes",
     "ssd_feature_sizes",
 ]
@@ -69,7 +71,7 @@ _LAYER_PATHS = {
 # Options each builder accepts besides num_classes.
 _OPTIONS: dict[str, tuple[str, ...]] = {
     "ssd300_vgg16": ("weights_path",),
-    "ssd_vgg_lite": ("width_mult", "image_size", "weights_path", "batch_norm"),
+    "ssd_vgg_lite": ("width_mult", "image_size", "weights_path", "batch_norm", "removed_layers"),
     "vgg16_cifar": ("width_mult", "image_size", "weights_path"),
 }
 
@@ -137,9 +139,22 @@ def layer_names(model_name: str) -> dict[str, str]:
     return dict(_LAYER_PATHS[_check_name(model_name)])
 
 
-def prunable_layers(model_name: str) -> list[str]:
-    """Module paths of the convs whose output channels may be removed (never the SSD head's), in forward order."""
-    return list(_LAYER_PATHS[_check_name(model_name)].values())
+def prunable_layers(model_name: str, model: nn.Module | None = None) -> list[str]:
+    """Module paths of the convs whose output channels may be removed (never the SSD head's), in forward order;
+    with ``model``, those it still has (a conv removed whole is an identity: ``remove_layers``)."""
+    paths = list(_LAYER_PATHS[_check_name(model_name)].values())
+    if model is None:
+        return paths
+    modules = dict(model.named_modules())
+    return [path for path in paths if not isinstance(modules.get(path), nn.Identity)]
+
+
+def remove_layers(model_name: str, model: nn.Module, names: list[str]) -> nn.Module:
+    """Remove the convs ``names`` (paper names) from ``model`` whole, in place (layer pruning; one-line
+    ModelError for a model or a layer that does not allow it)."""
+    if _check_name(model_name) != "ssd_vgg_lite":
+        raise ModelError(f"{model_name}: layer removal is implemented for ssd_vgg_lite only")
+    return remove_lite_layers(model, names)
 
 
 def prune_to_match(model_name: str, model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
@@ -159,7 +174,7 @@ def prune_to_match(model_name: str, model: nn.Module, state: dict[str, Tensor]) 
         graph = tp.DependencyGraph().build_dependency(
             network, example_inputs=torch.zeros(1, 3, height, width), verbose=False, **options
         )
-        for path in prunable_layers(model_name):
+        for path in prunable_layers(model_name, model):
             saved = state.get(f"{path}.weight")
             conv = model.get_submodule(path)
             if saved is None or saved.ndim != 4 or not 0 < saved.shape[0] < conv.out_channels:

@@ -63,6 +63,14 @@ SSD300_LAYER_PATHS: dict[str, str] = {
     "conv11_1": "backbone.extra.4.0", "conv11_2": "backbone.extra.4.2",
 }  # fmt: skip
 LITE_LAYER_PATHS: dict[str, str] = {name: f"backbone.{name}" for name in SSD_LAYER_ORDER}
+# The VGG stages of the lite backbone: convs that run one after another at one resolution.
+LITE_STAGES: tuple[tuple[str, ...], ...] = (
+    ("conv1_1", "conv1_2"), ("conv2_1", "conv2_2"), ("conv3_1", "conv3_2", "conv3_3"),
+    ("conv4_1", "conv4_2", "conv4_3"), ("conv5_1", "conv5_2", "conv5_3"),
+)  # fmt: skip
+# Layer pruning (``remove_lite_layers``): a conv after the first of its VGG stage maps as many channels in
+# as out, so it can go whole and its neighbours meet directly.
+LITE_REMOVABLE_LAYERS: tuple[str, ...] = tuple(name for stage in LITE_STAGES for name in stage[1:])
 
 
 class L2Norm(nn.Module):
@@ -272,6 +280,7 @@ class LiteVGGFeatureExtractor(nn.Module):
         super().__init__()
         w = {name: _width(name, width_mult) for name in SSD_LAYER_ORDER}
         self.batch_norm = batch_norm
+        self.removed: tuple[str, ...] = ()  # convs removed whole (``remove_lite_layers``): identities, skipped
 
         def conv(name: str, in_ch: int, kernel: int = 3, **kwargs) -> nn.Conv2d:
             return nn.Conv2d(in_ch, w[name], kernel_size=kernel, **kwargs)
@@ -313,6 +322,8 @@ class LiteVGGFeatureExtractor(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def _conv_relu(self, name: str, x: Tensor) -> Tensor:
+        if name in self.removed:  # no op at all in the exported graph, not even a ReLU
+            return x
         x = getattr(self, name)(x)
         if self.batch_norm:
             x = getattr(self, f"{name}_bn")(x)
@@ -321,8 +332,9 @@ class LiteVGGFeatureExtractor(nn.Module):
     @property
     def out_channels(self) -> list[int]:
         """Channels of the six feature maps (read from the convs, so it stays true after pruning)."""
+        stage4 = [getattr(self, name) for name in LITE_STAGES[3]]
         return [
-            self.conv4_3.out_channels,
+            [conv for conv in stage4 if isinstance(conv, nn.Conv2d)][-1].out_channels,  # conv4_3 may be removed
             self.fc7.out_channels,
             self.conv8_2.out_channels,
             self.conv9_2.out_channels,
@@ -357,10 +369,13 @@ def ssd_vgg_lite(
     image_size: int = 128,
     weights_path: str | Path | None = None,
     batch_norm: bool = True,
+    removed_layers: Sequence[str] = (),
 ) -> SSD:
     """A narrow SSD (torchvision's ``SSD`` on ``LiteVGGFeatureExtractor``) for small square images.
 
     ``num_classes`` includes background. Default boxes: SSD300's aspect ratios and ``LITE_ANCHOR_SCALES``.
+    ``removed_layers``: backbone convs removed whole (``remove_lite_layers``; a layer-pruned checkpoint
+    records them so that it rebuilds).
     """
     _check_num_classes(num_classes, minimum=2)
     if not (isinstance(width_mult, int | float) and 0 < width_mult <= 4):
@@ -368,6 +383,7 @@ def ssd_vgg_lite(
     if not (isinstance(image_size, int) and 32 <= image_size <= 1024):
         raise ModelError(f"ssd_vgg_lite: image_size must be an integer in [32, 1024], got {image_size!r}")
     backbone = LiteVGGFeatureExtractor(width_mult, batch_norm=batch_norm)
+    _remove_from_backbone(backbone, removed_layers)
     anchor_generator = DefaultBoxGenerator(SSD_ASPECT_RATIOS, scales=LITE_ANCHOR_SCALES)
     head = SSDHead(backbone.out_channels, anchor_generator.num_anchors_per_location(), num_classes)
     model = SSD(
@@ -385,6 +401,36 @@ def ssd_vgg_lite(
     )
     if weights_path is not None:
         load_weights(model, weights_path)
+    return model
+
+
+def _remove_from_backbone(backbone: LiteVGGFeatureExtractor, names: Sequence[str]) -> None:
+    if isinstance(names, str) or not all(isinstance(name, str) for name in names):
+        raise ModelError(f"ssd_vgg_lite: removed_layers must be a list of conv names, got {names!r}")
+    for name in names:
+        if name not in LITE_REMOVABLE_LAYERS:
+            raise ModelError(f"ssd_vgg_lite: cannot remove {name!r}; removable convs (each after the first of its "
+                             f"VGG stage): {', '.join(LITE_REMOVABLE_LAYERS)}")
+        if name in backbone.removed:
+            raise ModelError(f"ssd_vgg_lite: {name!r} is removed already")
+        conv = getattr(backbone, name)
+        if conv.in_channels != conv.out_channels:
+            raise ModelError(f"ssd_vgg_lite: cannot remove {name!r}: it maps {conv.in_channels} channels to "
+                             f"{conv.out_channels} (filter pruning changed its width); remove layers before "
+                             "pruning their filters")
+        setattr(backbone, name, nn.Identity())
+        if backbone.batch_norm:
+            setattr(backbone, f"{name}_bn", nn.Identity())
+        backbone.removed = (*backbone.removed, name)
+
+
+def remove_lite_layers(model: SSD, names: Sequence[str]) -> SSD:
+    """Layer pruning of an ``ssd_vgg_lite`` model, in place: the convs ``names`` (each after the first of its
+    VGG stage, input width equal to output width) and their BatchNorms go whole; the layers before and after
+    meet directly. The conv's time goes with it, where filter pruning stops at a layer's floor (layer
+    against filter pruning for latency: Elkerdawy et al., ACCV 2020). One-line ModelError for a name that
+    cannot go."""
+    _remove_from_backbone(model.backbone, names)
     return model
 
 

@@ -20,8 +20,12 @@ L2Norm, pooling that feeds two branches, the head's reshapes); ``scale`` holds h
 differ from the same ops inside a network. With one anchor (``fixed_ms`` = network - sites at full width)
 that difference, a few percent of the full network, landed whole on a pruned network of a quarter its
 time: beside a training process the sites summed to 4% over the network (19.7 against 18.9 ms), and the
-table predicted the 0.75-pruned network 25% too fast; the line through the two networks, 4%. Where noisy
-timings tilt that line below the origin, it is refitted through the origin (``calibration_line``).
+table predicted the 0.75-pruned network 25% too fast; the line through the two networks, 4%. ``fixed_ms``
+may be negative: each site timed alone pays its own session call and layout reorders, which a network
+pays once, and on a CPU with AVX2 only that overhead outweighed what the sites miss (sites 105.7 and 31.1 ms
+for networks of 86.9 and 21.4 ms: a line 6 ms below the origin, through both networks). Only where the line
+would put the narrowest network the table can express (every prunable layer at its narrowest timed width)
+at no time or less is it refitted through the origin (``calibration_line``).
 
 ONNX Runtime on x86 runs convs in one of two layouts (``export.ORT_LAYOUTS``): blocked NCHWc, channels
 padded to the vector block, or plain NCHW. The layout is part of the target (of the fingerprint): a table
@@ -444,19 +448,21 @@ def _quarter_width(model: nn.Module, model_name: str) -> nn.Module:
     return prune_filters(quarter, select_by_ratio(rank_filters("l1_norm", quarter, dg, layers), _ANCHOR_CUT), dg=dg)
 
 
-def calibration_line(full: Mapping[str, float], quarter: Mapping[str, float]) -> tuple[float, float]:
+def calibration_line(full: Mapping[str, float], quarter: Mapping[str, float],
+                     narrowest_sites_ms: float = 0.0) -> tuple[float, float]:
     """(scale, fixed_ms): the line ``network = scale x sites + fixed_ms`` through the two calibration networks.
-    What the sites do not hold cannot take negative time, so where noisy timings tilt that line below the
-    origin (a narrow enough network would be predicted to run in no time or less) the line is refitted
+    ``fixed_ms`` may be negative (sites timed alone each pay overheads a network pays once), but no network
+    the table can express may be predicted to run in no time or less: where the line would put the
+    narrowest one (``narrowest_sites_ms`` of sites) there, the timings were noisy, and the line is refitted
     through the origin, least squares over both networks, with a warning."""
     scale = (full["network_ms"] - quarter["network_ms"]) / (full["sites_ms"] - quarter["sites_ms"] or math.nan)
     fixed = full["network_ms"] - scale * full["sites_ms"]
-    if scale > 0 and fixed >= 0:
+    if scale > 0 and scale * narrowest_sites_ms + fixed >= 0:
         return scale, fixed
     warnings.warn(f"latency table: the two calibration networks ({full['network_ms']:.2f} and "
                   f"{quarter['network_ms']:.2f} ms, sites {full['sites_ms']:.2f} and {quarter['sites_ms']:.2f} ms) "
-                  "put the line below the origin: the timings were noisy; fitted through the origin instead",
-                  stacklevel=3)
+                  f"put the narrowest network (sites {narrowest_sites_ms:.2f} ms) at no time or less: the timings "
+                  "were noisy; fitted through the origin instead", stacklevel=3)
     points = (full, quarter)
     scale = sum(p["network_ms"] * p["sites_ms"] for p in points) / sum(p["sites_ms"] ** 2 for p in points)
     return scale, 0.0
@@ -529,7 +535,8 @@ def measure_latency_table(model: nn.Module, model_name: str, *, runtime: str = "
                                 "sites_ms": sites.sites_ms(anchor_widths)})
         data["network_ms"] = calibration[0]["network_ms"]
         data["calibration"] = calibration
-        data["scale"], data["fixed_ms"] = calibration_line(*calibration)
+        narrowest = sites.sites_ms({name: entry["fine_widths"][0] for name, entry in table_sites.items() if entry["prunable"]})
+        data["scale"], data["fixed_ms"] = calibration_line(*calibration, narrowest_sites_ms=narrowest)
     finally:
         torch.set_num_threads(previous)
     data["measured_seconds"] = time.perf_counter() - started

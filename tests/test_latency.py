@@ -12,6 +12,7 @@ import copy
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -198,11 +199,20 @@ def test_the_calibration_line_never_predicts_negative_time():
     # Two clean networks: the line through them (what the sites miss is a positive constant).
     scale, fixed = calibration_line({"network_ms": 80.0, "sites_ms": 82.0}, {"network_ms": 23.0, "sites_ms": 22.0})
     assert scale == pytest.approx(57 / 60) and fixed == pytest.approx(80 - 82 * 57 / 60) and fixed > 0
-    # Noise made the narrow network look too fast: the line through both would cross below the origin (a
-    # network of 3 ms of sites in -3.8 ms); it goes through the origin instead, with a warning.
+    # Sites timed alone that each pay more overhead than the network does (an AVX2-only CPU): the line lies below
+    # the origin and still goes through both networks, since the narrowest network the table can express
+    # (12 ms of sites) is predicted at a positive time.
+    avx2 = {"network_ms": 86.91, "sites_ms": 105.65}, {"network_ms": 21.36, "sites_ms": 31.10}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scale, fixed = calibration_line(*avx2, narrowest_sites_ms=12.0)
+    assert fixed < 0 and scale * 12.0 + fixed > 0
+    assert [scale * p["sites_ms"] + fixed for p in avx2] == pytest.approx([p["network_ms"] for p in avx2])
+    # Noise made the narrow network look too fast: the line through both would put a network of 3 ms of
+    # sites at -3.8 ms; it goes through the origin instead, with a warning.
     noisy = {"network_ms": 10.0, "sites_ms": 8.0}, {"network_ms": 1.0, "sites_ms": 4.0}
-    with pytest.warns(UserWarning, match="below the origin"):
-        scale, fixed = calibration_line(*noisy)
+    with pytest.warns(UserWarning, match="no time or less"):
+        scale, fixed = calibration_line(*noisy, narrowest_sites_ms=3.0)
     assert fixed == 0.0 and scale == pytest.approx((10 * 8 + 1 * 4) / (8**2 + 4**2))
     # Sites that did not shrink (equal sums) give no slope at all: the same fallback, not a division by zero.
     with pytest.warns(UserWarning):

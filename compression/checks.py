@@ -74,23 +74,21 @@ def check_phase_layers(model_name: str, width_mult: float | None, image_size: in
     """Resolve every phase's layers on a freshly built model (the class count does not matter here), each
     phase's ``remove_layers`` removed from it first (a removed layer a phase lists is skipped, as the stages do)."""
     from compression.errors import ModelError
-    from compression.models import build_model, layer_names, remove_layers
+    from compression.models import build_model, present_layers, remove_layers
     from compression.pruning import build_dependency_graph, resolve_layers
 
     options = {k: v for k, v in (("width_mult", width_mult), ("image_size", image_size)) if v is not None}
     model = build_model(model_name, num_classes=2, **options)
     dg = build_dependency_graph(model)
-    paper, removed = layer_names(model_name), set()
     for index, (name, layers, remove) in enumerate(phases):
         if remove:
             try:
                 remove_layers(model_name, model, list(remove))
             except ModelError as exc:
                 raise ConfigError(f"stages.phases.{index} ({name}).remove_layers: {exc}") from None
-            removed |= {paper.get(layer, layer) for layer in remove}
             dg = build_dependency_graph(model)
         try:
-            resolve_layers(model, model_name, [layer for layer in layers if paper.get(layer, layer) not in removed], dg=dg)
+            resolve_layers(model, model_name, present_layers(model_name, model, list(layers)), dg=dg)
         except ConfigError as exc:
             raise ConfigError(f"stages.phases.{index} ({name}): {exc}") from None
 

@@ -140,14 +140,12 @@ def _phase_name(phase: PhaseConfig | None) -> str | None:
 def _phase_layers(ckpt: Checkpoint, phase: PhaseConfig) -> list[str]:
     """Module paths of the phase's layers in ``ckpt``'s model, without the ones removed whole (layer pruning:
     a phase may list every layer and remove some); one-line ConfigError for a bad name."""
-    from compression.models import layer_names
+    from compression.models import present_layers
     from compression.pruning import resolve_layers
 
-    paper = layer_names(ckpt.model_name)
-    removed = {paper.get(name, name) for name in ckpt.model_args.get("removed_layers", [])}
+    layers = present_layers(ckpt.model_name, ckpt.model, phase.layers)
     try:
-        return [path for path, _ in resolve_layers(ckpt.model, ckpt.model_name,
-                                                   [name for name in phase.layers if paper.get(name, name) not in removed])]
+        return [path for path, _ in resolve_layers(ckpt.model, ckpt.model_name, layers)]
     except ConfigError as exc:
         raise ConfigError(f"stages.phases ({phase.name}): {exc}") from None
 

@@ -52,6 +52,7 @@ __all__ = [
     "model_input_size",
     "model_task",
     "postprocess_settings",
+    "present_layers",
     "prunable_layers",
     "prune_to_match",
     "read_state_dict",
@@ -143,10 +144,14 @@ def prunable_layers(model_name: str, model: nn.Module | None = None) -> list[str
     """Module paths of the convs whose output channels may be removed (never the SSD head's), in forward order;
     with ``model``, those it still has (a conv removed whole is an identity: ``remove_layers``)."""
     paths = list(_LAYER_PATHS[_check_name(model_name)].values())
-    if model is None:
-        return paths
-    modules = dict(model.named_modules())
-    return [path for path in paths if not isinstance(modules.get(path), nn.Identity)]
+    return paths if model is None else present_layers(model_name, model, paths)
+
+
+def present_layers(model_name: str, model: nn.Module, names: list[str]) -> list[str]:
+    """``names`` (paper names or module paths) less the convs ``model`` has lost whole (identities:
+    ``remove_layers``), in the order given."""
+    paper, modules = layer_names(model_name), dict(model.named_modules())
+    return [name for name in names if not isinstance(modules.get(paper.get(name, name)), nn.Identity)]
 
 
 def remove_layers(model_name: str, model: nn.Module, names: list[str]) -> nn.Module:

@@ -106,9 +106,9 @@ def built_models(cfg: PipelineConfig, flops_ratio: float, latency_ratio: float, 
     settings = {"min_channels": cfg.stages.selection.min_channels, "max_layer_ratio": 0.75}
     flops = pruned(lambda m, scores, dg: select_by_flops(m, scores, flops_ratio, dg=dg, **settings))
     table_path.parent.mkdir(parents=True, exist_ok=True)
-    table = load_or_measure(table_path, dense, name, batch_size=cfg.export.batch_size,
-                            threads=cfg.export.threads, grid_step=cfg.export.grid_step, warmup=1 if quick else 2,
-                            runs=2 if quick else 5)
+    (table,) = load_or_measure(table_path, dense, name, batch_size=cfg.export.batch_size,
+                               threads=cfg.export.threads, grid_step=cfg.export.grid_step, warmup=1 if quick else 2,
+                               runs=2 if quick else 5).values()
     latency = pruned(lambda m, scores, _dg: select_by_latency(m, scores, latency_ratio, table, model_name=name,
                                                                  **settings))
     return {label: Checkpoint(model=model, model_name=name, model_args=args, class_names=classes)
@@ -132,16 +132,15 @@ def checkpoint_models(paths: dict[str, Path]) -> dict[str, Checkpoint]:
 def dense_tables(models: dict[str, Checkpoint], cfg: PipelineConfig, table_path: Path, warmup: int,
                  runs: int) -> dict[str, Any]:
     """The dense model's latency tables in ``table_path``, measured there once (one per ONNX Runtime layout
-    with ``export.onnxruntime_layout: auto``), keyed by layout."""
+    with ``export.onnxruntime_layout: auto``, together), keyed by layout."""
     from compression.export import ORT_LAYOUTS
     from compression.latency import load_or_measure
 
     dense = models["dense"]
     layouts = ORT_LAYOUTS if cfg.export.onnxruntime_layout == "auto" else (cfg.export.onnxruntime_layout,)
     table_path.parent.mkdir(parents=True, exist_ok=True)
-    return {layout: load_or_measure(table_path, dense.model, dense.model_name, grid_step=cfg.export.grid_step,
-                                    warmup=warmup, runs=runs, layout=layout, batch_size=cfg.export.batch_size,
-                                    threads=cfg.export.threads) for layout in layouts}
+    return load_or_measure(table_path, dense.model, dense.model_name, layouts=layouts, grid_step=cfg.export.grid_step,
+                           warmup=warmup, runs=runs, batch_size=cfg.export.batch_size, threads=cfg.export.threads)
 
 
 def prediction_rows(models: dict[str, Checkpoint], cfg: PipelineConfig, table_path: Path, warmup: int,

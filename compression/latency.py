@@ -30,7 +30,10 @@ at no time or less is it refitted through the origin (``calibration_line``).
 ONNX Runtime on x86 runs convs in one of two layouts (``export.ORT_LAYOUTS``): blocked NCHWc, channels
 padded to the vector block, or plain NCHW. The layout is part of the target (of the fingerprint): a table
 holds one. With ``export.onnxruntime_layout: auto`` a model is measured in both, a network is predicted in
-whichever its tables say is faster (``fastest_prediction``), and that is the layout it is deployed in.
+whichever its tables say is faster (``fastest_prediction``), and that is the layout it is deployed in. The
+two tables are measured together, each timing taken in both layouts in turn (``measure_latency_tables``):
+a prediction in one set against a base in the other is a ratio across tables, and load that differs
+between two measurements would land on it whole.
 
 Post-processing is not in the table: what it costs follows how many boxes clear the score threshold, i.e.
 the trained model and the images, not the widths (``export.deployment_latency`` times it end to end).
@@ -59,6 +62,7 @@ import json
 import math
 import platform
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -73,7 +77,8 @@ from compression.errors import ConfigError, ModelError
 from compression.export import network_onnx
 from compression.metrics import fastest_in_passes, timed_runs_ms, timing_clock
 
-__all__ = ["LatencyTable", "device_fingerprint", "fastest_prediction", "load_or_measure", "measure_latency_table", "measure_network_ms",
+__all__ = ["LatencyTable", "device_fingerprint", "fastest_prediction", "load_or_measure", "measure_latency_table",
+           "measure_latency_tables", "measure_network_ms",
            "model_widths", "network_speedup", "timing_clock"]
 
 TABLE_FORMAT = "prunepipe-latency/1"
@@ -468,19 +473,44 @@ def calibration_line(full: Mapping[str, float], quarter: Mapping[str, float],
     return scale, 0.0
 
 
-def measure_latency_table(model: nn.Module, model_name: str, *, runtime: str = "onnxruntime", batch_size: int = 32,
-                          threads: int = 1, grid_step: int = 8, warmup: int = 2, runs: int = 5,
-                          device: str = "cpu", layout: str = "nchwc") -> LatencyTable:
-    """Measure ``model``'s latency table on this machine (see the module docstring) in ``layout`` (ONNX
-    Runtime's, ``export.ORT_LAYOUTS``); ``model`` is unchanged."""
-    from compression.models import model_input_size
+def _site_entry(timer: _Timer, site: Site, grid_step: int) -> dict[str, Any]:
+    """One site's table entry: its coarse grid and, when prunable, its fine profile, timed on ``timer``."""
+    cin_grid = _grid(site.in_channels, grid_step) if site.producer else [site.in_channels]
+    cout_grid = _grid(site.out_channels, grid_step) if site.prunable else [site.out_channels]
+    ms = [[timer.site_ms(site, cin, cout) for cout in cout_grid] for cin in cin_grid]
+    entry = {"in_channels": site.in_channels, "out_channels": site.out_channels, "producer": site.producer,
+             "prunable": site.prunable, "input_hw": list(site.input_hw),
+             "ops": [site.conv.op_type, *(f.op_type for f in site.followers)],
+             "cin_grid": cin_grid, "cout_grid": cout_grid, "ms": ms}
+    if site.prunable:
+        fine = _fine(site.out_channels, grid_step)
+        known = dict(zip(cout_grid, ms[-1], strict=True))
+        entry["fine_widths"] = fine
+        entry["fine_ms"] = [known[w] if w in known else timer.site_ms(site, site.in_channels, w) for w in fine]
+    return entry
 
+
+def measure_latency_tables(model: nn.Module, model_name: str, *, layouts: tuple[str, ...] = ("nchwc",),
+                           runtime: str = "onnxruntime", batch_size: int = 32, threads: int = 1, grid_step: int = 8,
+                           warmup: int = 2, runs: int = 5, device: str = "cpu") -> dict[str, LatencyTable]:
+    """Measure ``model``'s latency tables on this machine (see the module docstring), one per ONNX Runtime
+    ``layouts`` (``export.ORT_LAYOUTS``; the torch runtime's one table is keyed by ``device``); ``model`` is
+    unchanged.
+
+    The layouts' tables are measured together, every site and anchor timed in each layout in turn, so that
+    they share one time base: a network is predicted in one layout's table and set against its base
+    predicted in the other's (``fastest_prediction``), and a difference in the machine's state between two
+    measurements then lands whole on the ratio. Measured one after the other on a VM whose host load came
+    and went, the plain-layout table ran 9% slow against the blocked one, and a 0.875-pruned network's
+    speedup was predicted 16% short. Tables measured together share a ``time_base`` token."""
     if runtime == "torch" and not device.startswith("cuda"):
         raise ConfigError("latency: the torch runtime is the GPU's; on the CPU the deployment runs ONNX Runtime")
+    keys = tuple(dict.fromkeys(layouts)) if runtime == "onnxruntime" else (device,)
     started = time.perf_counter()
     model = copy.deepcopy(model).cpu().float().eval()
-    fingerprint = device_fingerprint(runtime, batch_size, threads, device, layout)
-    timer = _Timer(runtime, batch_size, threads, warmup, runs, device, layout)
+    fingerprints = {key: device_fingerprint(runtime, batch_size, threads, device, key if runtime == "onnxruntime"
+                                            else "nchwc") for key in keys}
+    timers = {key: _Timer(runtime, batch_size, threads, warmup, runs, device, key) for key in keys}
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -491,56 +521,78 @@ def measure_latency_table(model: nn.Module, model_name: str, *, runtime: str = "
         # network can run 12% faster than the next on a quiet machine, and another process's load makes
         # some slower: each anchor is timed in _ANCHOR_SESSIONS sessions spread over the sites'
         # measurement, and the median is kept. Timings further apart than _NETWORK_DRIFT are reported.
-        network_timer = _Timer(runtime, batch_size, threads, warmup, max(runs, _NETWORK_RUNS), device, layout)
+        network_timers = {key: _Timer(runtime, batch_size, threads, warmup, max(runs, _NETWORK_RUNS), device, key)
+                          for key in keys}
         anchors = [model, _quarter_width(model, model_name)]
-        network_times: list[list[float]] = [[network_timer.network_ms(m)] for m in anchors]
+        network_times: dict[str, list[list[float]]] = {key: [[] for _ in anchors] for key in keys}
+
+        def time_anchors() -> None:
+            for key in keys:
+                for times, anchor in zip(network_times[key], anchors, strict=True):
+                    times.append(network_timers[key].network_ms(anchor))
+
+        time_anchors()
         between = {len(sites) * k // (_ANCHOR_SESSIONS - 1) for k in range(1, _ANCHOR_SESSIONS - 1)}
-        widths = {site.name: site.out_channels for site in sites if site.prunable}
-        table_sites = {}
+        table_sites: dict[str, dict[str, Any]] = {key: {} for key in keys}
         for index, site in enumerate(sites):
             if index in between:
-                for times, anchor in zip(network_times, anchors, strict=True):
-                    times.append(network_timer.network_ms(anchor))
-            cin_grid = _grid(site.in_channels, grid_step) if site.producer else [site.in_channels]
-            cout_grid = _grid(site.out_channels, grid_step) if site.prunable else [site.out_channels]
-            ms = [[timer.site_ms(site, cin, cout) for cout in cout_grid] for cin in cin_grid]
-            entry = {"in_channels": site.in_channels, "out_channels": site.out_channels, "producer": site.producer,
-                     "prunable": site.prunable, "input_hw": list(site.input_hw),
-                     "ops": [site.conv.op_type, *(f.op_type for f in site.followers)],
-                     "cin_grid": cin_grid, "cout_grid": cout_grid, "ms": ms}
-            if site.prunable:
-                fine = _fine(site.out_channels, grid_step)
-                known = dict(zip(cout_grid, ms[-1], strict=True))
-                entry["fine_widths"] = fine
-                entry["fine_ms"] = [known[w] if w in known else timer.site_ms(site, site.in_channels, w) for w in fine]
-            table_sites[site.name] = entry
-        for times, anchor in zip(network_times, anchors, strict=True):
-            times.append(network_timer.network_ms(anchor))
-        drift = max(max(times) / min(times) - 1 for times in network_times)
-        if drift > _NETWORK_DRIFT:
-            timings = "; ".join(" / ".join(f"{t:.2f}" for t in times) for times in network_times)
-            warnings.warn(f"latency: the whole {model_name} and its quarter-width copy took {timings} ms in "
-                          f"{len(network_times[0])} timings each ({fingerprint['clock']} clock): the machine was "
-                          f"busy or its sessions differed, and this table's predictions may be off by {drift:.0%}",
-                          stacklevel=2)
-        data = {"format": TABLE_FORMAT, "fingerprint": fingerprint,
-                "model": {"name": model_name, "input_size": list(model_input_size(model)), "widths": widths},
-                "sites": table_sites, "network_drift": drift,
-                "timing": {"warmup": warmup, "runs": runs, "clock": fingerprint["clock"]}}
-        sites = LatencyTable(data)  # its sites alone: the line through the two networks is fitted next
-        calibration = []
-        for anchor, times in zip(anchors, network_times, strict=True):
-            anchor_widths = model_widths(anchor, model_name)
-            calibration.append({"widths": anchor_widths, "network_ms": float(np.median(times)),
-                                "sites_ms": sites.sites_ms(anchor_widths)})
-        data["network_ms"] = calibration[0]["network_ms"]
-        data["calibration"] = calibration
-        narrowest = sites.sites_ms({name: entry["fine_widths"][0] for name, entry in table_sites.items() if entry["prunable"]})
-        data["scale"], data["fixed_ms"] = calibration_line(*calibration, narrowest_sites_ms=narrowest)
+                time_anchors()
+            for key in keys:
+                table_sites[key][site.name] = _site_entry(timers[key], site, grid_step)
+        time_anchors()
+        time_base = uuid.uuid4().hex[:12]
+        tables = {}
+        for key in keys:
+            tables[key] = _fit_table(model, model_name, fingerprints[key], table_sites[key], anchors,
+                                     network_times[key], warmup, runs, time_base)
     finally:
         torch.set_num_threads(previous)
-    data["measured_seconds"] = time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    for table in tables.values():
+        table.data["measured_seconds"] = seconds
+    return tables
+
+
+def _fit_table(model: nn.Module, model_name: str, fingerprint: dict[str, Any], table_sites: dict[str, Any],
+               anchors: list[nn.Module], network_times: list[list[float]], warmup: int, runs: int,
+               time_base: str) -> LatencyTable:
+    """The table of one layout from its timed sites and anchors: the line through the anchors fitted."""
+    from compression.models import model_input_size
+
+    drift = max(max(times) / min(times) - 1 for times in network_times)
+    if drift > _NETWORK_DRIFT:
+        timings = "; ".join(" / ".join(f"{t:.2f}" for t in times) for times in network_times)
+        layout = f" ({fingerprint['layout']} layout)" if "layout" in fingerprint else ""
+        warnings.warn(f"latency: the whole {model_name} and its quarter-width copy{layout} took {timings} ms in "
+                      f"{len(network_times[0])} timings each ({fingerprint['clock']} clock): the machine was "
+                      f"busy or its sessions differed, and this table's predictions may be off by {drift:.0%}",
+                      stacklevel=3)
+    widths = {name: entry["out_channels"] for name, entry in table_sites.items() if entry["prunable"]}
+    data = {"format": TABLE_FORMAT, "fingerprint": fingerprint,
+            "model": {"name": model_name, "input_size": list(model_input_size(model)), "widths": widths},
+            "sites": table_sites, "network_drift": drift, "time_base": time_base,
+            "timing": {"warmup": warmup, "runs": runs, "clock": fingerprint["clock"]}}
+    sites = LatencyTable(data)  # its sites alone: the line through the two networks is fitted next
+    calibration = []
+    for anchor, times in zip(anchors, network_times, strict=True):
+        anchor_widths = model_widths(anchor, model_name)
+        calibration.append({"widths": anchor_widths, "network_ms": float(np.median(times)),
+                            "sites_ms": sites.sites_ms(anchor_widths)})
+    data["network_ms"] = calibration[0]["network_ms"]
+    data["calibration"] = calibration
+    narrowest = sites.sites_ms({name: entry["fine_widths"][0] for name, entry in table_sites.items() if entry["prunable"]})
+    data["scale"], data["fixed_ms"] = calibration_line(*calibration, narrowest_sites_ms=narrowest)
     return LatencyTable(data)
+
+
+def measure_latency_table(model: nn.Module, model_name: str, *, runtime: str = "onnxruntime", batch_size: int = 32,
+                          threads: int = 1, grid_step: int = 8, warmup: int = 2, runs: int = 5,
+                          device: str = "cpu", layout: str = "nchwc") -> LatencyTable:
+    """``model``'s latency table in one ONNX Runtime ``layout`` (or the torch runtime's): see
+    ``measure_latency_tables``."""
+    tables = measure_latency_tables(model, model_name, layouts=(layout,), runtime=runtime, batch_size=batch_size,
+                                    threads=threads, grid_step=grid_step, warmup=warmup, runs=runs, device=device)
+    return next(iter(tables.values()))
 
 
 def measure_network_ms(model: nn.Module, *, runtime: str = "onnxruntime", batch_size: int = 32, threads: int = 1,
@@ -593,16 +645,22 @@ def network_speedup(base: nn.Module, model: nn.Module, *, batch_size: int = 32, 
             "model_layout": model_key[1], "pass_ratios": pass_ratios}
 
 
-def load_or_measure(path: Path | str, model: nn.Module, model_name: str, *, runtime: str = "onnxruntime",
-                    batch_size: int = 32, threads: int = 1, grid_step: int = 8, warmup: int = 2, runs: int = 5,
-                    device: str = "cpu", layout: str = "nchwc") -> LatencyTable:
-    """The table in ``path`` for this device fingerprint when it covers ``model`` (same model and input size,
-    widths no wider than the table's); otherwise measured now and added to ``path`` (written atomically)."""
+def load_or_measure(path: Path | str, model: nn.Module, model_name: str, *, layouts: tuple[str, ...] = ("nchwc",),
+                    runtime: str = "onnxruntime", batch_size: int = 32, threads: int = 1, grid_step: int = 8,
+                    warmup: int = 2, runs: int = 5, device: str = "cpu") -> dict[str, LatencyTable]:
+    """The tables in ``path`` for this device, one per ONNX Runtime ``layouts`` (the torch runtime's one,
+    keyed by ``device``), when they cover ``model`` (same model and input size, widths no wider than the
+    table's) and, for several layouts, were measured together (one ``time_base``, see
+    ``measure_latency_tables``); otherwise all are measured now, together, and added to ``path`` (written
+    atomically)."""
     from compression.files import write_json_atomic
     from compression.models import model_input_size
 
     path = Path(path)
-    key = _fingerprint_key(device_fingerprint(runtime, batch_size, threads, device, layout))
+    keys = tuple(dict.fromkeys(layouts)) if runtime == "onnxruntime" else (device,)
+    fingerprint_keys = {key: _fingerprint_key(device_fingerprint(runtime, batch_size, threads, device,
+                                                                 key if runtime == "onnxruntime" else "nchwc"))
+                        for key in keys}
     stored: dict[str, Any] = {"format": TABLE_FORMAT, "tables": {}}
     if path.exists():
         try:
@@ -612,12 +670,19 @@ def load_or_measure(path: Path | str, model: nn.Module, model_name: str, *, runt
         if stored.get("format") != TABLE_FORMAT or not isinstance(stored.get("tables"), dict):
             raise ConfigError(f"{path}: is not a {TABLE_FORMAT} latency table file")
     widths = model_widths(model, model_name)
-    for data in stored["tables"].get(key, []):
-        table = LatencyTable(data)
-        if table.covers(model_name, model_input_size(model), widths):
-            return table
-    table = measure_latency_table(model, model_name, runtime=runtime, batch_size=batch_size, threads=threads,
-                                  grid_step=grid_step, warmup=warmup, runs=runs, device=device, layout=layout)
-    stored["tables"].setdefault(key, []).append(table.data)
+    covering = {key: [LatencyTable(data) for data in stored["tables"].get(fingerprint_keys[key], [])
+                      if LatencyTable(data).covers(model_name, model_input_size(model), widths)] for key in keys}
+    if len(keys) == 1 and covering[keys[0]]:
+        return {keys[0]: covering[keys[0]][0]}
+    for first in covering[keys[0]]:
+        base = first.data.get("time_base")
+        together = {key: next((t for t in covering[key] if base and t.data.get("time_base") == base), None)
+                    for key in keys}
+        if all(together.values()):
+            return together  # type: ignore[return-value]
+    tables = measure_latency_tables(model, model_name, layouts=keys, runtime=runtime, batch_size=batch_size,
+                                    threads=threads, grid_step=grid_step, warmup=warmup, runs=runs, device=device)
+    for key, table in tables.items():
+        stored["tables"].setdefault(fingerprint_keys[key], []).append(table.data)
     write_json_atomic(path, stored)
-    return table
+    return tables

@@ -378,17 +378,18 @@ def latency_tables_for(ckpt: Checkpoint, cfg: PipelineConfig, run_dir: Path) -> 
     by layout: ONNX Runtime on the CPU in ``export.onnxruntime_layout`` (``auto``: one table per layout, the
     network runs in whichever is faster), torch on the GPU with ``compute.use_gpu`` (one table, key
     ``cuda``), at ``export.batch_size`` and ``export.threads``; kept in ``export.latency_table`` (default
-    ``run_dir``/latency_table.json) and reused while they cover the model."""
+    ``run_dir``/latency_table.json) and reused while they cover the model; the layouts' tables are
+    measured together, on one time base."""
     from compression.export import ORT_LAYOUTS
     from compression.latency import load_or_measure
 
     path = Path(cfg.export.latency_table) if cfg.export.latency_table else Path(run_dir) / LATENCY_TABLE
     common = {"batch_size": cfg.export.batch_size, "threads": cfg.export.threads, "grid_step": cfg.export.grid_step}
     if default_device(cfg.compute.use_gpu).type == "cuda":
-        return {"cuda": load_or_measure(path, ckpt.model, ckpt.model_name, runtime="torch", device="cuda", **common)}
+        return load_or_measure(path, ckpt.model, ckpt.model_name, runtime="torch", device="cuda", **common)
     layout = cfg.export.onnxruntime_layout
-    return {name: load_or_measure(path, ckpt.model, ckpt.model_name, runtime="onnxruntime", layout=name, **common)
-            for name in (ORT_LAYOUTS if layout == "auto" else (layout,))}
+    return load_or_measure(path, ckpt.model, ckpt.model_name, runtime="onnxruntime",
+                           layouts=ORT_LAYOUTS if layout == "auto" else (layout,), **common)
 
 
 def predicted_speedup(base: Checkpoint, ckpt: Checkpoint, cfg: PipelineConfig, run_dir: Path) -> float:

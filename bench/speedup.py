@@ -85,7 +85,8 @@ def built_models(cfg: PipelineConfig, flops_ratio: float, latency_ratio: float, 
     """The config's model with random weights, and two l1_norm-pruned copies (see the module docstring); the
     latency table is read from (or measured into) ``table_path``."""
     from compression.criteria import rank_filters, select_by_flops, select_by_latency
-    from compression.latency import load_or_measure
+    from compression.export import layouts_of
+    from compression.latency import fastest_prediction, load_or_measure, model_widths
     from compression.pruning import build_dependency_graph, prune_filters, resolve_layers
 
     name = cfg.model.name
@@ -106,9 +107,12 @@ def built_models(cfg: PipelineConfig, flops_ratio: float, latency_ratio: float, 
     settings = {"min_channels": cfg.stages.selection.min_channels, "max_layer_ratio": 0.75}
     flops = pruned(lambda m, scores, dg: select_by_flops(m, scores, flops_ratio, dg=dg, **settings))
     table_path.parent.mkdir(parents=True, exist_ok=True)
-    (table,) = load_or_measure(table_path, dense, name, batch_size=cfg.export.batch_size,
-                               threads=cfg.export.threads, grid_step=cfg.export.grid_step, warmup=1 if quick else 2,
-                               runs=2 if quick else 5).values()
+    # The config's layouts measured together (as dense_tables reads them); the cut is planned in the table
+    # of the layout the dense network runs fastest in.
+    tables = load_or_measure(table_path, dense, name, layouts=layouts_of(cfg.export.onnxruntime_layout),
+                             batch_size=cfg.export.batch_size, threads=cfg.export.threads,
+                             grid_step=cfg.export.grid_step, warmup=1 if quick else 2, runs=2 if quick else 5)
+    table = tables[fastest_prediction(tables, model_widths(dense, name))[0]]
     latency = pruned(lambda m, scores, _dg: select_by_latency(m, scores, latency_ratio, table, model_name=name,
                                                                  **settings))
     return {label: Checkpoint(model=model, model_name=name, model_args=args, class_names=classes)
@@ -133,13 +137,13 @@ def dense_tables(models: dict[str, Checkpoint], cfg: PipelineConfig, table_path:
                  runs: int) -> dict[str, Any]:
     """The dense model's latency tables in ``table_path``, measured there once (one per ONNX Runtime layout
     with ``export.onnxruntime_layout: auto``, together), keyed by layout."""
-    from compression.export import ORT_LAYOUTS
+    from compression.export import layouts_of
     from compression.latency import load_or_measure
 
     dense = models["dense"]
-    layouts = ORT_LAYOUTS if cfg.export.onnxruntime_layout == "auto" else (cfg.export.onnxruntime_layout,)
     table_path.parent.mkdir(parents=True, exist_ok=True)
-    return load_or_measure(table_path, dense.model, dense.model_name, layouts=layouts, grid_step=cfg.export.grid_step,
+    return load_or_measure(table_path, dense.model, dense.model_name,
+                           layouts=layouts_of(cfg.export.onnxruntime_layout), grid_step=cfg.export.grid_step,
                            warmup=warmup, runs=runs, batch_size=cfg.export.batch_size, threads=cfg.export.threads)
 
 

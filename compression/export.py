@@ -478,6 +478,11 @@ def read_sidecar(onnx_path: Path | str) -> tuple[dict[str, Any], np.ndarray | No
 ORT_LAYOUTS: tuple[str, ...] = ("nchwc", "nchw")
 
 
+def layouts_of(setting: str) -> tuple[str, ...]:
+    """The layouts ``export.onnxruntime_layout`` may deploy in: ``auto``, every one; otherwise the one named."""
+    return ORT_LAYOUTS if setting == "auto" else (setting,)
+
+
 def _check_layout(layout: str) -> str:
     if layout not in ORT_LAYOUTS:
         raise ConfigError(f"ONNX Runtime layout {layout!r} is not one of {', '.join(ORT_LAYOUTS)}")

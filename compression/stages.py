@@ -380,16 +380,15 @@ def latency_tables_for(ckpt: Checkpoint, cfg: PipelineConfig, run_dir: Path) -> 
     ``cuda``), at ``export.batch_size`` and ``export.threads``; kept in ``export.latency_table`` (default
     ``run_dir``/latency_table.json) and reused while they cover the model; the layouts' tables are
     measured together, on one time base."""
-    from compression.export import ORT_LAYOUTS
+    from compression.export import layouts_of
     from compression.latency import load_or_measure
 
     path = Path(cfg.export.latency_table) if cfg.export.latency_table else Path(run_dir) / LATENCY_TABLE
     common = {"batch_size": cfg.export.batch_size, "threads": cfg.export.threads, "grid_step": cfg.export.grid_step}
     if default_device(cfg.compute.use_gpu).type == "cuda":
         return load_or_measure(path, ckpt.model, ckpt.model_name, runtime="torch", device="cuda", **common)
-    layout = cfg.export.onnxruntime_layout
     return load_or_measure(path, ckpt.model, ckpt.model_name, runtime="onnxruntime",
-                           layouts=ORT_LAYOUTS if layout == "auto" else (layout,), **common)
+                           layouts=layouts_of(cfg.export.onnxruntime_layout), **common)
 
 
 def predicted_speedup(base: Checkpoint, ckpt: Checkpoint, cfg: PipelineConfig, run_dir: Path) -> float:

@@ -177,7 +177,7 @@ def fastest_in_passes(open_calls: Callable[[], Mapping[K, Callable[[], object]]]
     """``fastest_in_alternation`` repeated over ``passes`` fresh sets of calls (``open_calls()`` opens one,
     e.g. new ONNX Runtime sessions): each key's fastest time in every pass. Load that lasts a whole pass (a
     second or so) does not weigh on a large network as on a small one, so a ratio of two networks read in
-    one pass can be off by a fifth; the median over passes is not."""
+    one pass can be off by a fifth; the fastest over passes is not (interference only adds time)."""
     if passes < 1:
         raise ValueError(f"timing needs at least one pass, got {passes}")
     times: dict[K, list[float]] = {}

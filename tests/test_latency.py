@@ -186,9 +186,9 @@ def test_network_speedup_times_the_two_networks_in_alternation(lite, busy_machin
     assert lower["ratio"] > 1.3, lower
 
 
-def test_speedups_are_the_median_over_passes_of_fresh_sessions(lite):
-    # A pass in which load lasts throughout shifts one network's time more than the other's; the speedup is
-    # the median over passes, each in its own sessions.
+def test_speedups_are_the_fastest_over_passes_of_fresh_sessions(lite):
+    # A pass in which load lasts throughout, or a session that runs slow for its whole life, shifts one
+    # network's time more than the other's; each network's time is its fastest pass, each in its own sessions.
     from compression.metrics import fastest_in_passes
 
     opened = []
@@ -201,9 +201,9 @@ def test_speedups_are_the_median_over_passes_of_fresh_sessions(lite):
     assert opened == [0, 1, 2] and all(len(values) == 3 for values in times.values())
     assert min(times["slow"]) > max(times["fast"])
     measured = network_speedup(lite, _pruned(lite, 0.5), batch_size=8, rounds=2, passes=3)
-    assert len(measured["pass_ratios"]) == 3
-    assert sorted(measured["pass_ratios"])[1] == pytest.approx(measured["ratio"], rel=0.15)
-    assert min(measured["pass_ratios"]) > 1
+    assert len(measured["pass_ratios"]) == 3 and min(measured["pass_ratios"]) > 1
+    assert measured["ratio"] == pytest.approx(measured["base_ms"] / measured["model_ms"])
+    assert min(measured["pass_ratios"]) * 0.85 <= measured["ratio"] <= max(measured["pass_ratios"]) * 1.15
 
 
 def test_the_calibration_line_never_predicts_negative_time():

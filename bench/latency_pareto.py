@@ -51,6 +51,8 @@ def control_points(result: dict[str, Any]) -> list[dict[str, Any]]:
                 else f"{result['target']}x latency")
         if result.get("max_layer_ratio", 0.875) != 0.875:  # the schedule's cap, unless another was given
             goal += f", max_layer_ratio {result['max_layer_ratio']}"
+        if result.get("remove_layers"):
+            goal += f", without {'+'.join(result['remove_layers'])}"
         (speedup, speedup_sd), (gap, gap_sd) = (
             mean_and_sd([row["e2e_speedup"] for row in rows]),
             mean_and_sd([100 * (row["metric"] - dense[row["seed"]]) for row in rows]))

@@ -20,7 +20,8 @@ ORDER = ["controls", "pretrain", "compress", "overhead", "quality", "speedup", "
          "compress_latency_two_phases", "compress_latency_3x",
          "compress_latency_3x_sensitivity", "latency_controls", "latency_controls_1_5x", "latency_controls_1_75x",
          "latency_controls_2x_long", "latency_vs_flops_1_5x", "speedup_models_1_75x", "latency_pareto", "latency_alternatives",
-         "latency_alternatives_1_75x", "latency_controls_w025", "latency_controls_w025_3_5x", "speedup_models_w025",
+         "latency_alternatives_1_75x", "latency_controls_w025", "latency_controls_w025_3_5x", "latency_controls_w025_rm",
+         "speedup_models_w025",
          "speedup_w025", "gpu",
          "budget", "budget_latency", "budget_latency_long", "budget_latency_2x_long"]
 TITLES = {
@@ -46,6 +47,8 @@ TITLES = {
                              "latency target against a dense control trained as long, over seeds",
     "latency_controls_w025_3_5x": "The same wider model at a 3.5x latency target, no layer losing more than 70% of "
                                   "its filters",
+    "latency_controls_w025_rm": "The same wider model without conv1_2 (removed whole before filter selection), the "
+                                "rest pruned to a 3.2x latency target",
     "speedup_models_w025": "The wider model's speedup models: the same FLOPs cut as its latency-targeted model, and "
                            "a dense control (seed 0)",
     "speedup_w025": "Real CPU speedup of the wider model's pruned models",
@@ -265,6 +268,7 @@ def _speedup_targets(r: dict) -> list[tuple[str, bool]]:
 
 TARGETS = {"controls": _controls_targets, "speedup": _speedup_targets, "speedup_w025": _speedup_targets,
            "latency_controls_w025": _latency_controls_targets, "latency_controls_w025_3_5x": _latency_controls_targets,
+           "latency_controls_w025_rm": _latency_controls_targets,
            "speedup_models_w025": _latency_controls_targets,
            "pretrain": _pretrain_targets, "compress": _compress_targets, "overhead": _overhead_targets,
            "budget": _budget_targets, "budget_latency": _budget_targets, "budget_latency_long": _budget_targets,

@@ -507,6 +507,14 @@ def _faster_entry(first: dict[str, Any], second: dict[str, Any]) -> dict[str, An
     return entry
 
 
+def _table_layouts(runtime: str, layouts: tuple[str, ...], device: str) -> dict[str, str]:
+    """Each table's key and the layout it is timed in: one table per ONNX Runtime layout (repeats dropped);
+    the torch runtime's one table is keyed by its device and has no layout of its own."""
+    if runtime == "onnxruntime":
+        return {layout: layout for layout in layouts}
+    return {device: "nchwc"}
+
+
 def measure_latency_tables(model: nn.Module, model_name: str, *, layouts: tuple[str, ...] = ("nchwc",),
                            runtime: str = "onnxruntime", batch_size: int = 32, threads: int = 1, grid_step: int = 8,
                            warmup: int = 2, runs: int = 5, device: str = "cpu") -> dict[str, LatencyTable]:
@@ -522,12 +530,12 @@ def measure_latency_tables(model: nn.Module, model_name: str, *, layouts: tuple[
     speedup was predicted 16% short. Tables measured together share a ``time_base`` token."""
     if runtime == "torch" and not device.startswith("cuda"):
         raise ConfigError("latency: the torch runtime is the GPU's; on the CPU the deployment runs ONNX Runtime")
-    keys = tuple(dict.fromkeys(layouts)) if runtime == "onnxruntime" else (device,)
+    layout_of = _table_layouts(runtime, layouts, device)
+    keys = tuple(layout_of)
     started = time.perf_counter()
     model = copy.deepcopy(model).cpu().float().eval()
-    fingerprints = {key: device_fingerprint(runtime, batch_size, threads, device, key if runtime == "onnxruntime"
-                                            else "nchwc") for key in keys}
-    timers = {key: _Timer(runtime, batch_size, threads, warmup, runs, device, key) for key in keys}
+    fingerprints = {key: device_fingerprint(runtime, batch_size, threads, device, layout_of[key]) for key in keys}
+    timers = {key: _Timer(runtime, batch_size, threads, warmup, runs, device, layout_of[key]) for key in keys}
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -540,8 +548,8 @@ def measure_latency_tables(model: nn.Module, model_name: str, *, layouts: tuple[
         # anchor is timed in _ANCHOR_SESSIONS sessions spread over the sites' measurement, and the fastest is
         # kept (a median was slow whenever three of five were). Timings further apart than _NETWORK_DRIFT
         # are reported.
-        network_timers = {key: _Timer(runtime, batch_size, threads, warmup, max(runs, _NETWORK_RUNS), device, key)
-                          for key in keys}
+        network_timers = {key: _Timer(runtime, batch_size, threads, warmup, max(runs, _NETWORK_RUNS), device,
+                                      layout_of[key]) for key in keys}
         anchors = [model, _quarter_width(model, model_name)]
         network_times: dict[str, list[list[float]]] = {key: [[] for _ in anchors] for key in keys}
 
@@ -642,7 +650,7 @@ def network_speedup(base: nn.Module, model: nn.Module, *, batch_size: int = 32, 
     each network's fastest pass kept: in one pass a dense network ran 20% over its usual time while its
     pruned copy ran at its own, and the ratio read 4.1 where it is 3.4; and some sessions run slow for
     their whole life (1.5x on an AVX2-only CPU), so that a median over three passes was slow whenever two
-    of a network's sessions were, and an 0.5-pruned network's speedup read 19% short. Interference only
+    of a network's sessions were. Interference only
     adds time, as for the runs within a pass (``_fastest_ms``). Passes disagreeing by more than
     ``_NETWORK_DRIFT`` are warned of. Returns ``{"ratio", "base_ms", "model_ms", "base_layout",
     "model_layout", "pass_ratios"}``."""
@@ -683,10 +691,10 @@ def load_or_measure(path: Path | str, model: nn.Module, model_name: str, *, layo
     from compression.models import model_input_size
 
     path = Path(path)
-    keys = tuple(dict.fromkeys(layouts)) if runtime == "onnxruntime" else (device,)
-    fingerprint_keys = {key: _fingerprint_key(device_fingerprint(runtime, batch_size, threads, device,
-                                                                 key if runtime == "onnxruntime" else "nchwc"))
-                        for key in keys}
+    layout_of = _table_layouts(runtime, layouts, device)
+    keys = tuple(layout_of)
+    fingerprint_keys = {key: _fingerprint_key(device_fingerprint(runtime, batch_size, threads, device, layout))
+                        for key, layout in layout_of.items()}
     stored: dict[str, Any] = {"format": TABLE_FORMAT, "tables": {}}
     if path.exists():
         try:
@@ -696,8 +704,8 @@ def load_or_measure(path: Path | str, model: nn.Module, model_name: str, *, layo
         if stored.get("format") != TABLE_FORMAT or not isinstance(stored.get("tables"), dict):
             raise ConfigError(f"{path}: is not a {TABLE_FORMAT} latency table file")
     widths = model_widths(model, model_name)
-    covering = {key: [LatencyTable(data) for data in stored["tables"].get(fingerprint_keys[key], [])
-                      if LatencyTable(data).covers(model_name, model_input_size(model), widths)] for key in keys}
+    covering = {key: [table for table in map(LatencyTable, stored["tables"].get(fingerprint_keys[key], []))
+                      if table.covers(model_name, model_input_size(model), widths)] for key in keys}
     if len(keys) == 1 and covering[keys[0]]:
         return {keys[0]: covering[keys[0]][0]}
     for first in covering[keys[0]]:

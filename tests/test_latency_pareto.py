@@ -47,3 +47,10 @@ def test_a_run_from_a_wider_base_is_its_own_series():
     assert model_width({"rows": []}) == 0.125  # recorded before results named their model: the preset's
     (point,) = control_points(wide)
     assert point["width"] == 0.25 and point["vs_dense_points"] == pytest.approx(-0.5)
+
+
+def test_a_run_that_removed_layers_says_so_in_its_label():
+    run = {"benchmark": "latency_controls_rm", "target": 3.2, "retrain_epochs": 12, "max_layer_ratio": 0.6,
+           "remove_layers": ["conv1_2", "conv2_2"], "rows": [_row("dense", 0, 0.9), _row("latency", 0, 0.9, 3.1)]}
+    (point,) = control_points(run)
+    assert point["label"] == "3.2x latency, max_layer_ratio 0.6, without conv1_2+conv2_2"

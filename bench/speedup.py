@@ -3,6 +3,7 @@
     .venv/bin/python bench/speedup.py --quick        # smoke test: built models, 1 warm-up, 2 runs (not a measurement)
     .venv/bin/python bench/speedup.py                # built models (random weights, no mAP), a few minutes
     .venv/bin/python bench/speedup.py --dense BASE --flops-target A --latency-target B   # trained checkpoints
+    .venv/bin/python bench/speedup.py --dense BASE --latency-target B                    # without a FLOPs model
     .venv/bin/python bench/speedup.py --set compute.use_gpu=true ...                   # adds the GPU table
     .venv/bin/python bench/speedup.py ... --result speedup_w025                          # bench/results/<name>.json
 
@@ -322,7 +323,8 @@ def figure(rows: list[dict[str, Any]], path: Path) -> None:
     with_map = all(r["map_voc07"] is not None for r in rows)
     with plot(path, xlabel="end-to-end latency, batch 32, 1 thread (ms)",
               ylabel="mAP VOC07 (test)" if with_map else "FLOPs ratio (no mAP: random weights)",
-              title="Latency vs " + ("mAP" if with_map else "FLOPs ratio") + ": dense, FLOPs- and latency-targeted",
+              title="Latency vs " + ("mAP" if with_map else "FLOPs ratio") + ": "
+                    + ", ".join(dict.fromkeys(r["model"] for r in rows)),
               size=(6.4, 4.0)) as ax:
         for runtime in sorted({r["runtime"] for r in rows}):
             points = [r for r in rows if r["runtime"] == runtime and r["batch"] == 32 and r["threads"] in (1, None)]
@@ -339,7 +341,7 @@ def main() -> None:
     parser.add_argument("--config", default="default", help="preset or YAML (the model, export.* and compute.use_gpu)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="KEY.PATH=VALUE override")
     parser.add_argument("--dense", type=Path, help="trained dense checkpoint (with the two targets below)")
-    parser.add_argument("--flops-target", type=Path, help="checkpoint pruned with target_flops_ratio")
+    parser.add_argument("--flops-target", type=Path, help="checkpoint pruned with target_flops_ratio (optional)")
     parser.add_argument("--latency-target", type=Path, help="checkpoint pruned with target_latency_ratio")
     parser.add_argument("--flops-ratio", type=float, default=4.4, help="built models: the FLOPs target")
     parser.add_argument("--latency-ratio", type=float, default=2.5, help="built models: the latency target")
@@ -351,15 +353,16 @@ def main() -> None:
     parser.add_argument("--result", default="speedup", help="bench/results/<name>.json and .png")
     args = parser.parse_args()
     given = {"dense": args.dense, "flops_target": args.flops_target, "latency_target": args.latency_target}
-    if any(given.values()) and not all(given.values()):
-        parser.error("give all of --dense, --flops-target and --latency-target, or none")
+    if any(given.values()) and not (args.dense and args.latency_target):
+        parser.error("give --dense and --latency-target (and --flops-target if you have one), or none")
+    given = {label: path for label, path in given.items() if path}
     warmup, runs = (1, 2) if args.quick else (args.warmup, args.runs)
     batches = [1, 8] if args.quick else args.batches
     try:
         cfg = load_config(args.config, args.overrides)
         devices = bench_devices(cfg.compute.use_gpu)
-        if all(given.values()):
-            models = checkpoint_models(given)  # type: ignore[arg-type]
+        if given:
+            models = checkpoint_models(given)
         else:
             models = built_models(cfg, args.flops_ratio, args.latency_ratio, args.quick)
             for ckpt in models.values():
@@ -372,7 +375,7 @@ def main() -> None:
     except PrunepipeError as exc:
         sys.exit(f"error: {exc}")
     name = f"{args.result}_quick" if args.quick else args.result
-    weights = "the checkpoints given" if all(given.values()) else "random weights, pruned without retraining (built here)"
+    weights = "the checkpoints given" if given else "random weights, pruned without retraining (built here)"
     notes = (f"Models: {weights}. {'SMOKE TEST (--quick): not a measurement. ' if args.quick else ''}"
              f"Median of {runs} runs after {warmup} warm-up(s); e2e = pre-processing, network and post-processing "
              "of the test split's first images as one prepared batch at the model's input size; one thread on the "

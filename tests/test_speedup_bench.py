@@ -4,6 +4,7 @@ real ONNX Runtime; one run each, so the times themselves are not checked)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,6 +80,24 @@ def test_rows_compare_dense_flops_and_latency_targets(tmp_path, digits_devkit):
     assert reach["floors"] == {name: max(1, -(-n // 2)) for name, n in widths.items()}  # min_channels=1: half
     assert reach["floor_ms"] > 0 and reach["speedup"] == reach["dense_ms"] / reach["floor_ms"]
     assert f"at most {reach['speedup']:.2f}x faster" in reach_markdown(reach)
+
+    # Without a FLOPs-targeted model (a user may have only the dense and the latency-targeted checkpoints).
+    pair = {label: models[label] for label in ("dense", "latency_target")}
+    rows = measure_rows(pair, [torch.device("cpu")], batches=[1], threads=[1], warmup=0, runs=1, cfg=cfg)
+    assert {r["model"] for r in rows} == set(pair) and len(rows) == 2 * len(CPU_RUNTIMES)
+    assert "| flops_target |" not in markdown(rows, "")
+
+
+def test_checkpoints_need_the_dense_and_the_latency_targeted_model(tmp_path):
+    import subprocess
+    import sys
+
+    ckpt = tmp_path / "a.safetensors"
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "bench/speedup.py", "--dense", str(ckpt), "--flops-target", str(ckpt)],
+                          capture_output=True, text=True, timeout=120, cwd=root)
+    assert done.returncode == 2 and "give --dense and --latency-target" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_models_are_timed_on_test_images_not_noise(tmp_path, digits_devkit):

@@ -650,9 +650,8 @@ def network_speedup(base: nn.Module, model: nn.Module, *, batch_size: int = 32, 
     each network's fastest pass kept: in one pass a dense network ran 20% over its usual time while its
     pruned copy ran at its own, and the ratio read 4.1 where it is 3.4; and some sessions run slow for
     their whole life (1.5x on an AVX2-only CPU), so that a median over three passes was slow whenever two
-    of a network's sessions were. Interference only
-    adds time, as for the runs within a pass (``_fastest_ms``). Passes disagreeing by more than
-    ``_NETWORK_DRIFT`` are warned of. Returns ``{"ratio", "base_ms", "model_ms", "base_layout",
+    of a network's sessions were. Interference only adds time, as for the runs within a pass
+    (``_fastest_ms``). Passes disagreeing by more than ``_NETWORK_DRIFT`` are warned of. Returns ``{"ratio", "base_ms", "model_ms", "base_layout",
     "model_layout", "pass_ratios"}``."""
     from compression.export import ORT_LAYOUTS, onnx_session
     from compression.models import model_input_size

@@ -651,8 +651,8 @@ def network_speedup(base: nn.Module, model: nn.Module, *, batch_size: int = 32, 
     pruned copy ran at its own, and the ratio read 4.1 where it is 3.4; and some sessions run slow for
     their whole life (1.5x on an AVX2-only CPU), so that a median over three passes was slow whenever two
     of a network's sessions were. Interference only adds time, as for the runs within a pass
-    (``_fastest_ms``). Passes disagreeing by more than ``_NETWORK_DRIFT`` are warned of. Returns ``{"ratio", "base_ms", "model_ms", "base_layout",
-    "model_layout", "pass_ratios"}``."""
+    (``_fastest_ms``). Passes disagreeing by more than ``_NETWORK_DRIFT`` are warned of. Returns
+    ``{"ratio", "base_ms", "model_ms", "base_layout", "model_layout", "pass_ratios"}``."""
     from compression.export import ORT_LAYOUTS, onnx_session
     from compression.models import model_input_size
 

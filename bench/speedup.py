@@ -134,14 +134,13 @@ def checkpoint_models(paths: dict[str, Path]) -> dict[str, Checkpoint]:
 # The latency table's prediction
 
 
-def dense_tables(models: dict[str, Checkpoint], cfg: PipelineConfig, table_path: Path, warmup: int,
+def dense_tables(dense: Checkpoint, cfg: PipelineConfig, table_path: Path, warmup: int,
                  runs: int) -> dict[str, Any]:
     """The dense model's latency tables in ``table_path``, measured there once (one per ONNX Runtime layout
     with ``export.onnxruntime_layout: auto``, together), keyed by layout."""
     from compression.export import layouts_of
     from compression.latency import load_or_measure
 
-    dense = models["dense"]
     table_path.parent.mkdir(parents=True, exist_ok=True)
     return load_or_measure(table_path, dense.model, dense.model_name,
                            layouts=layouts_of(cfg.export.onnxruntime_layout), grid_step=cfg.export.grid_step,
@@ -153,15 +152,17 @@ def prediction_rows(models: dict[str, Checkpoint], cfg: PipelineConfig, table_pa
     """Each model's network time as the dense model's latency tables predict it (in the layout they predict
     fastest, ``latency.fastest_prediction``; one table per ONNX Runtime layout with
     ``export.onnxruntime_layout: auto``), and as measured in the same runtime, batch, threads and clock, in
-    the layout it runs fastest in (``latency.measure_network_ms``)."""
+    the layout it runs fastest in (``latency.measure_network_ms``). A model that lost whole convs is
+    predicted in the tables of the dense model without them (``stages.with_layers_of``, measured once)."""
     from compression.latency import fastest_prediction, measure_network_ms, model_widths
+    from compression.stages import with_layers_of
 
     settings = {"batch_size": cfg.export.batch_size, "threads": cfg.export.threads}
-    tables = dense_tables(models, cfg, table_path, warmup, runs)
-    layouts = tuple(tables)
-    fingerprint = next(iter(tables.values())).fingerprint
     rows = []
     for label, ckpt in models.items():
+        tables = dense_tables(with_layers_of(models["dense"], ckpt), cfg, table_path, warmup, runs)
+        layouts = tuple(tables)
+        fingerprint = next(iter(tables.values())).fingerprint
         predicted_layout, predicted = fastest_prediction(tables, model_widths(ckpt.model, ckpt.model_name))
         timed = {layout: measure_network_ms(ckpt.model, warmup=warmup, runs=runs, layout=layout, **settings)
                  for layout in layouts}
@@ -182,7 +183,7 @@ def reach_row(models: dict[str, Checkpoint], cfg: PipelineConfig, table_path: Pa
     from compression.selection import layer_floor
 
     dense = models["dense"]
-    tables = dense_tables(models, cfg, table_path, warmup, runs)
+    tables = dense_tables(dense, cfg, table_path, warmup, runs)
     widths = model_widths(dense.model, dense.model_name)
     floors = {name: layer_floor(n, cfg.stages.selection.min_channels, max_layer_ratio) for name, n in widths.items()}
     _, dense_ms = fastest_prediction(tables, widths)

@@ -14,8 +14,10 @@ trainer writes what it trained to a hidden scratch file next to it, and ``_finis
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -391,15 +393,28 @@ def latency_tables_for(ckpt: Checkpoint, cfg: PipelineConfig, run_dir: Path) -> 
                            layouts=layouts_of(cfg.export.onnxruntime_layout), **common)
 
 
+def with_layers_of(reference: Checkpoint, ckpt: Checkpoint) -> Checkpoint:
+    """``reference`` without the convs ``ckpt`` has lost whole (``remove_layers``); ``reference`` itself when
+    it has lost none. Its latency tables are the ones that cover ``ckpt``'s network: a removed conv takes
+    its site with it and changes what the next one reads, which a table of the whole network cannot say."""
+    from compression.models import remove_layers, removed_from
+
+    removed = removed_from(reference.model_name, reference.model, ckpt.model)
+    if not removed:
+        return reference
+    return replace(reference, model=remove_layers(reference.model_name, copy.deepcopy(reference.model), removed))
+
+
 def predicted_speedup(base: Checkpoint, ckpt: Checkpoint, cfg: PipelineConfig, run_dir: Path) -> float:
     """How much faster the latency tables (``latency_tables_for``, the ones the selection read) predict
     ``ckpt``'s network than ``base``'s, each in its fastest layout: what a latency target aimed at, to set
-    beside the measured ratio."""
+    beside the measured ratio. A network that lost whole convs is predicted in the tables of the base
+    without them (``with_layers_of``), as its phase's selection was."""
     from compression.latency import fastest_prediction, model_widths
 
-    tables = latency_tables_for(base, cfg, run_dir)
-    return (fastest_prediction(tables, model_widths(base.model, base.model_name))[1]
-            / fastest_prediction(tables, model_widths(ckpt.model, ckpt.model_name))[1])
+    base_ms = fastest_prediction(latency_tables_for(base, cfg, run_dir), model_widths(base.model, base.model_name))[1]
+    tables = latency_tables_for(with_layers_of(base, ckpt), cfg, run_dir)
+    return base_ms / fastest_prediction(tables, model_widths(ckpt.model, ckpt.model_name))[1]
 
 
 def _best_latency_plan(plans: list[tuple[dict[str, Any], dict[str, Any]]]) -> tuple[dict[str, Any], dict[str, Any]]:

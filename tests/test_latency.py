@@ -305,6 +305,42 @@ def test_a_model_without_a_layer_gets_a_table_of_its_own(tmp_path):
     assert [len(tables) for tables in stored["tables"].values()] == [2]  # beside the dense model's, same device
 
 
+def test_a_network_without_a_layer_is_predicted_in_the_tables_of_the_base_without_it(tmp_path, digits_devkit):
+    from compression.checkpoint import Checkpoint
+    from compression.models import remove_layers, removed_from
+    from compression.stages import LATENCY_TABLE, predicted_speedup, with_layers_of
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path, digits_devkit, "export.batch_size=2")
+    torch.manual_seed(0)
+    small = build_model("ssd_vgg_lite", num_classes=3, width_mult=0.0625, image_size=64).eval()
+    base = Checkpoint(model=small, model_name="ssd_vgg_lite", model_args={}, class_names=["a", "b"])
+    without = remove_layers("ssd_vgg_lite", _pruned(small, 0.5), ["conv1_2", "conv2_2"])
+    assert removed_from("ssd_vgg_lite", small, without) == ["conv1_2", "conv2_2"]
+    assert removed_from("ssd_vgg_lite", small, _pruned(small, 0.5)) == []
+    assert with_layers_of(base, replace_model(base, small)) is base  # nothing removed: the base's own tables
+    reference = with_layers_of(base, replace_model(base, without))
+    assert set(model_widths(reference.model, "ssd_vgg_lite")) == set(model_widths(without, "ssd_vgg_lite"))
+    assert "backbone.conv1_2" in model_widths(small, "ssd_vgg_lite")  # the base itself is left whole
+
+    ratio = predicted_speedup(base, replace_model(base, without), cfg, tmp_path)
+    # One file, two sets of tables (one per layout each): the base's, and the base's without the two convs.
+    stored = json.loads((tmp_path / LATENCY_TABLE).read_text())
+    tables = [LatencyTable(data) for group in stored["tables"].values() for data in group]
+    whole = {t.layout: t for t in tables if "backbone.conv1_2" in t.sites}
+    reduced = {t.layout: t for t in tables if "backbone.conv1_2" not in t.sites}
+    assert set(whole) == set(reduced) == {"nchwc", "nchw"} and len(tables) == 4
+    assert all(t.covers("ssd_vgg_lite", (64, 64), model_widths(without, "ssd_vgg_lite")) for t in reduced.values())
+    assert ratio == pytest.approx(fastest_prediction(whole, model_widths(small, "ssd_vgg_lite"))[1]
+                                  / fastest_prediction(reduced, model_widths(without, "ssd_vgg_lite"))[1])
+
+
+def replace_model(ckpt, model):
+    import dataclasses
+
+    return dataclasses.replace(ckpt, model=model)
+
+
 def test_torch_runtime_is_the_gpus():
     with pytest.raises(ConfigError, match="torch runtime is the GPU's"):
         measure_latency_table(build_model("ssd_vgg_lite", num_classes=3), "ssd_vgg_lite", runtime="torch")

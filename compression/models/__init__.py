@@ -162,6 +162,14 @@ def remove_layers(model_name: str, model: nn.Module, names: list[str]) -> nn.Mod
     return remove_lite_layers(model, names)
 
 
+def removed_from(model_name: str, reference: nn.Module, model: nn.Module) -> list[str]:
+    """Paper names of the convs ``reference`` has and ``model`` has lost whole (``remove_layers``), in forward
+    order."""
+    kept = set(prunable_layers(model_name, model))
+    return [name for name, path in layer_names(model_name).items()
+            if path in set(prunable_layers(model_name, reference)) - kept]
+
+
 def prune_to_match(model_name: str, model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
     """Shrink a freshly built ``model`` in place so a pruned model's ``state`` fits it.
 

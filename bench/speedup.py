@@ -61,6 +61,7 @@ from torch import nn  # noqa: E402
 from bench._common import CHECKPOINTS, RESULTS, plot, write_result  # noqa: E402
 from compression.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from compression.config import PipelineConfig, load_config  # noqa: E402
+from compression.data.loaders import ensure_builtin_data  # noqa: E402
 from compression.device import default_device  # noqa: E402
 from compression.errors import PrunepipeError  # noqa: E402
 from compression.measure import split_images  # noqa: E402
@@ -361,6 +362,7 @@ def main() -> None:
     batches = [1, 8] if args.quick else args.batches
     try:
         cfg = load_config(args.config, args.overrides)
+        ensure_builtin_data(cfg.data)  # the models are timed on the test split's images
         devices = bench_devices(cfg.compute.use_gpu)
         if given:
             models = checkpoint_models(given)

@@ -21,8 +21,7 @@ ORDER = ["controls", "pretrain", "compress", "overhead", "quality", "speedup", "
          "compress_latency_3x_sensitivity", "latency_controls", "latency_controls_1_5x", "latency_controls_1_75x",
          "latency_controls_2x_long", "latency_vs_flops_1_5x", "speedup_models_1_75x", "latency_pareto", "latency_alternatives",
          "latency_alternatives_1_75x", "latency_controls_w025", "latency_controls_w025_3_5x", "latency_controls_w025_rm",
-         "speedup_models_w025",
-         "speedup_w025", "speedup_w025_rm", "gpu",
+         "speedup_models_w025", "speedup_w025", "speedup_w025_rm", "gpu",
          "budget", "budget_latency", "budget_latency_long", "budget_latency_2x_long"]
 TITLES = {
     "controls": "Controls: the seed method against a dense model trained as long, other criteria, scratch",

@@ -165,9 +165,9 @@ def remove_layers(model_name: str, model: nn.Module, names: list[str]) -> nn.Mod
 def removed_from(model_name: str, reference: nn.Module, model: nn.Module) -> list[str]:
     """Paper names of the convs ``reference`` has and ``model`` has lost whole (``remove_layers``), in forward
     order."""
-    kept = set(prunable_layers(model_name, model))
-    return [name for name, path in layer_names(model_name).items()
-            if path in set(prunable_layers(model_name, reference)) - kept]
+    names = list(layer_names(model_name))
+    kept = set(present_layers(model_name, model, names))
+    return [name for name in present_layers(model_name, reference, names) if name not in kept]
 
 
 def prune_to_match(model_name: str, model: nn.Module, state: dict[str, Tensor]) -> nn.Module:

@@ -13,19 +13,23 @@ on the target, in the deployment runtime and layout, at the configured batch siz
   staircase of vector widths and blocked layouts) and names the site's *fast widths*: those that run faster than every wider one. A width between
   two of these is predicted at the wider one's time, input and output alike.
 
-The network's time is predicted from the sum of its sites' times by a line, ``scale`` x sites + ``fixed_ms``,
-fitted through two whole networks timed on the target: the model, and a copy cut to a quarter of every
-prunable width (``calibration``). ``fixed_ms`` holds what the sites do not (the input normalisation, SSD's
-L2Norm, pooling that feeds two branches, the head's reshapes); ``scale`` holds how the sites, timed alone,
-differ from the same ops inside a network. With one anchor (``fixed_ms`` = network - sites at full width)
-that difference, a few percent of the full network, landed whole on a pruned network of a quarter its
-time: beside a training process the sites summed to 4% over the network (19.7 against 18.9 ms), and the
-table predicted the 0.75-pruned network 25% too fast; the line through the two networks, 4%. ``fixed_ms``
-may be negative: each site timed alone pays its own session call and layout reorders, which a network
-pays once, and on a CPU with AVX2 only that overhead outweighed what the sites miss (sites 105.7 and 31.1 ms
-for networks of 86.9 and 21.4 ms: a line 6 ms below the origin, through both networks). Only where the line
-would put the narrowest network the table can express (every prunable layer at its narrowest timed width)
-at no time or less is it refitted through the origin (``calibration_line``).
+The network's time is predicted from the sum of its sites' times through whole networks timed on the
+target (``calibration``): the model, and copies cut to a quarter and to an eighth of every prunable width.
+Between two of them the prediction is the line through both (``knots``: sites, network), a slope and an
+offset. The offset holds what the sites do not (the input normalisation, SSD's L2Norm, pooling that feeds
+two branches, the head's reshapes); the slope how the sites, timed alone, differ from the same ops inside a
+network. With one anchor (offset = network - sites at full width) that difference, a few percent of the
+full network, landed whole on a pruned network of a quarter its time: beside a training process the sites
+summed to 4% over the network (19.7 against 18.9 ms), and the table predicted the 0.75-pruned network 25%
+too fast; the line through two networks, 4%. A line extrapolated past its narrower anchor doubles that
+anchor's error at half its width: with two anchors, a quarter anchor timed ~10% slow put an eighth-width
+network 22% over its time, and in a test run under load a 0.875-pruned network was predicted 32% over;
+the eighth-width anchor holds that end too. The offset may be negative: each site timed alone pays its own
+session call and layout reorders, which a network pays once, and on a CPU with AVX2 only that overhead
+outweighed what the sites miss (sites 105.7 and 31.1 ms for networks of 86.9 and 21.4 ms: a line 6 ms below
+the origin, through both networks). Below the narrowest anchor the lowest line goes on, unless it would put
+the narrowest network the table can express (every prunable layer at its narrowest timed width) at no time
+or less; then that stretch runs to the origin (``calibration_knots``).
 
 ONNX Runtime on x86 runs convs in one of two layouts (``export.ORT_LAYOUTS``): blocked NCHWc, channels
 padded to the vector block, or plain NCHW. The layout is part of the target (of the fingerprint): a table
@@ -60,6 +64,7 @@ from __future__ import annotations
 import bisect
 import copy
 import hashlib
+import itertools
 import json
 import math
 import platform
@@ -91,7 +96,8 @@ _COARSE_FRACTIONS = (0.25, 0.5, 0.75)
 _NETWORK_RUNS = 20  # at least, for the whole network (see measure_latency_table)
 _NETWORK_DRIFT = 0.10  # the whole network's timings disagreeing by more say the machine was busy
 _ANCHOR_SESSIONS = 5  # ONNX Runtime sessions each whole network is timed in (see measure_latency_table)
-_ANCHOR_CUT = 0.75  # the calibration's second network: every prunable layer keeps a quarter of its filters
+# The calibration's narrower networks: every prunable layer keeps a quarter, and an eighth, of its filters.
+_ANCHOR_CUTS = (0.75, 0.875)
 # Every site is timed in this many passes over the network, each point's fastest kept. Load from outside
 # the process (a VM's host, a sibling hyperthread) slows the calling thread's CPU clock too, in bursts of
 # seconds. With one pass, in a test run whose whole networks agreed within 10%, the plain table predicted a
@@ -394,25 +400,28 @@ class LatencyTable:
             cout = snap(site["fine_widths"], widths.get(name, cout))
         return cin, cout
 
-    @property
-    def scale(self) -> float:
-        # Tables measured before the two-network calibration have none: their sites count as they were timed.
-        return float(self.data.get("scale", 1.0))
-
     def sites_ms(self, widths: Mapping[str, int]) -> float:
         """The sum of the sites' timed times with the prunable layers at ``widths`` (others: full width)."""
         return sum(self.site_ms(name, *self.widths_of(widths, name)) for name in self.sites)
 
     def network_ms(self, widths: Mapping[str, int]) -> float:
         """Predicted network time (ms per batch) with the prunable layers at ``widths`` (others: full width)."""
-        return self.scale * self.sites_ms(widths) + self.data["fixed_ms"]
+        return self.predict_from_sites(self.sites_ms(widths))
+
+    def predict_from_sites(self, sites_ms: float) -> float:
+        """The network time (ms per batch) of a network whose sites sum to ``sites_ms``: on the calibration's
+        knots (``calibration_knots``)."""
+        if "knots" not in self.data:  # measured before the knots: one line, scale x sites + fixed_ms
+            return float(self.data.get("scale", 1.0)) * sites_ms + self.data["fixed_ms"]
+        return _on_knots(self.data["knots"], sites_ms)
 
     def layer_ms(self, widths: Mapping[str, int], layer: str, width: int) -> float:
-        """The network time of every site ``layer``'s width enters (its own, its readers') with ``layer`` at
-        ``width``."""
+        """The time of the sites ``layer``'s width enters (its own, its readers'), as timed alone, with
+        ``layer`` at ``width``. Selection compares these only within one network (what each move saves), so
+        the calibration's slope there, a factor common to all, is left out."""
         changed = {**widths, layer: width}
-        return self.scale * sum(self.site_ms(name, *self.widths_of(changed, name))
-                                for name, site in self.sites.items() if name == layer or site["producer"] == layer)
+        return sum(self.site_ms(name, *self.widths_of(changed, name))
+                   for name, site in self.sites.items() if name == layer or site["producer"] == layer)
 
     def fast_widths(self, layer: str) -> list[int]:
         """The widths of ``layer`` the table shows the device runs faster than every wider one, ascending: the
@@ -448,37 +457,45 @@ def fastest_prediction(tables: Mapping[str, LatencyTable], widths: Mapping[str, 
     return min(((layout, table.network_ms(widths)) for layout, table in tables.items()), key=lambda item: item[1])
 
 
-def _quarter_width(model: nn.Module, model_name: str) -> nn.Module:
-    """A copy of ``model`` with every prunable layer cut to a quarter of its filters (the largest by L1 norm
-    kept, at least one): the calibration's second network, near the widths a 3-4x latency target reaches."""
+def _cut_copy(model: nn.Module, model_name: str, cut: float) -> nn.Module:
+    """A copy of ``model`` with every prunable layer's ``cut`` of its filters removed (the largest by L1 norm
+    kept, at least one): a calibration network (``_ANCHOR_CUTS``)."""
     from compression.criteria import rank_filters, select_by_ratio
     from compression.models import prunable_layers
     from compression.pruning import build_dependency_graph, prune_filters, resolve_layers
 
-    quarter = copy.deepcopy(model)
-    dg = build_dependency_graph(quarter)
-    layers = resolve_layers(quarter, model_name, prunable_layers(model_name, quarter), dg=dg)
-    return prune_filters(quarter, select_by_ratio(rank_filters("l1_norm", quarter, dg, layers), _ANCHOR_CUT), dg=dg)
+    copied = copy.deepcopy(model)
+    dg = build_dependency_graph(copied)
+    layers = resolve_layers(copied, model_name, prunable_layers(model_name, copied), dg=dg)
+    return prune_filters(copied, select_by_ratio(rank_filters("l1_norm", copied, dg, layers), cut), dg=dg)
 
 
-def calibration_line(full: Mapping[str, float], quarter: Mapping[str, float],
-                     narrowest_sites_ms: float = 0.0) -> tuple[float, float]:
-    """(scale, fixed_ms): the line ``network = scale x sites + fixed_ms`` through the two calibration networks.
-    ``fixed_ms`` may be negative (sites timed alone each pay overheads a network pays once), but no network
-    the table can express may be predicted to run in no time or less: where the line would put the
-    narrowest one (``narrowest_sites_ms`` of sites) there, the timings were noisy, and the line is refitted
-    through the origin, least squares over both networks, with a warning."""
-    scale = (full["network_ms"] - quarter["network_ms"]) / (full["sites_ms"] - quarter["sites_ms"] or math.nan)
-    fixed = full["network_ms"] - scale * full["sites_ms"]
-    if scale > 0 and scale * narrowest_sites_ms + fixed >= 0:
-        return scale, fixed
-    warnings.warn(f"latency table: the two calibration networks ({full['network_ms']:.2f} and "
-                  f"{quarter['network_ms']:.2f} ms, sites {full['sites_ms']:.2f} and {quarter['sites_ms']:.2f} ms) "
-                  f"put the narrowest network (sites {narrowest_sites_ms:.2f} ms) at no time or less: the timings "
-                  "were noisy; fitted through the origin instead", stacklevel=3)
-    points = (full, quarter)
-    scale = sum(p["network_ms"] * p["sites_ms"] for p in points) / sum(p["sites_ms"] ** 2 for p in points)
-    return scale, 0.0
+def _on_knots(knots: list[list[float]], sites_ms: float) -> float:
+    """The network time at ``sites_ms`` on the lines between the knots (sites, network), ascending; the end
+    lines go on past the end knots."""
+    index = min(max(bisect.bisect_left([k[0] for k in knots], sites_ms), 1), len(knots) - 1)
+    (s0, n0), (s1, n1) = knots[index - 1], knots[index]
+    return n0 + (n1 - n0) * (sites_ms - s0) / (s1 - s0)
+
+
+def calibration_knots(points: list[Mapping[str, float]], narrowest_sites_ms: float = 0.0) -> list[list[float]]:
+    """The knots ``[sites_ms, network_ms]`` a table predicts networks on (``_on_knots``): the calibration
+    networks ``points`` (``{"sites_ms", "network_ms"}``), ascending. Below the narrowest network the line
+    through the two narrowest goes on, unless it would put the narrowest network the table can express
+    (``narrowest_sites_ms`` of sites) at no time or less: that stretch then runs to the origin. A network
+    with more sites timed no slower than one with fewer says the timings were noisy: then one line through
+    the origin, least squares over all the networks, with a warning."""
+    ordered = sorted(points, key=lambda p: p["sites_ms"])
+    knots = [[float(p["sites_ms"]), float(p["network_ms"])] for p in ordered]
+    if all(s1 > s0 and n1 > n0 for (s0, n0), (s1, n1) in itertools.pairwise(knots)):
+        if _on_knots(knots, narrowest_sites_ms) <= 0:
+            knots.insert(0, [0.0, 0.0])
+        return knots
+    timings = ", ".join(f"{n:.2f} ms (sites {s:.2f})" for s, n in knots)
+    warnings.warn(f"latency table: the calibration networks took {timings}: a wider network no slower than a "
+                  "narrower one, the timings were noisy; fitted through the origin instead", stacklevel=3)
+    scale = sum(s * n for s, n in knots) / sum(s**2 for s, _ in knots)
+    return [[0.0, 0.0], [knots[-1][0], scale * knots[-1][0]]]
 
 
 def _site_entry(timer: _Timer, site: Site, grid_step: int) -> dict[str, Any]:
@@ -540,9 +557,8 @@ def measure_latency_tables(model: nn.Module, model_name: str, *, layouts: tuple[
     torch.set_num_threads(threads)
     try:
         sites = _sites(model, model_name, network_onnx(model, batch_size))
-        # The two whole networks anchor the line every prediction is read from, and the line extrapolates
-        # past the quarter-width anchor, doubling its error at an eighth of the width (in a test run a
-        # quarter anchor ~10% slow put such a network 22% over its time). Some ONNX Runtime sessions of a
+        # The whole networks anchor the lines every prediction is read from, and a line doubles an
+        # anchor's error at half that anchor's width (see the module docstring). Some ONNX Runtime sessions of a
         # network run slow for their whole life (on an AVX2-only CPU, quietly: 6.6 / 10.2 / 6.7 / 6.7 /
         # 10.3 ms for five sessions of one network), and another process's load slows some more: each
         # anchor is timed in _ANCHOR_SESSIONS sessions spread over the sites' measurement, and the fastest is
@@ -550,7 +566,7 @@ def measure_latency_tables(model: nn.Module, model_name: str, *, layouts: tuple[
         # are reported.
         network_timers = {key: _Timer(runtime, batch_size, threads, warmup, max(runs, _NETWORK_RUNS), device,
                                       layout_of[key]) for key in keys}
-        anchors = [model, _quarter_width(model, model_name)]
+        anchors = [model, *(_cut_copy(model, model_name, cut) for cut in _ANCHOR_CUTS)]
         network_times: dict[str, list[list[float]]] = {key: [[] for _ in anchors] for key in keys}
 
         def time_anchors() -> None:
@@ -587,15 +603,15 @@ def measure_latency_tables(model: nn.Module, model_name: str, *, layouts: tuple[
 def _fit_table(model: nn.Module, model_name: str, fingerprint: dict[str, Any], table_sites: dict[str, Any],
                anchors: list[nn.Module], network_times: list[list[float]], warmup: int, runs: int,
                time_base: str) -> LatencyTable:
-    """The table of one layout from its timed sites and anchors: the line through the anchors fitted."""
+    """The table of one layout from its timed sites and anchors: the knots through the anchors."""
     from compression.models import model_input_size
 
     drift = max(max(times) / min(times) - 1 for times in network_times)
     if drift > _NETWORK_DRIFT:
         timings = "; ".join(" / ".join(f"{t:.2f}" for t in times) for times in network_times)
         layout = f" ({fingerprint['layout']} layout)" if "layout" in fingerprint else ""
-        warnings.warn(f"latency: the whole {model_name} and its quarter-width copy{layout} took {timings} ms in "
-                      f"{len(network_times[0])} timings each ({fingerprint['clock']} clock): the machine was "
+        warnings.warn(f"latency: the whole {model_name} and its quarter- and eighth-width copies{layout} took "
+                      f"{timings} ms in {len(network_times[0])} timings each ({fingerprint['clock']} clock): the machine was "
                       f"busy or its sessions differed, and this table's predictions may be off by {drift:.0%}",
                       stacklevel=3)
     widths = {name: entry["out_channels"] for name, entry in table_sites.items() if entry["prunable"]}
@@ -612,7 +628,7 @@ def _fit_table(model: nn.Module, model_name: str, fingerprint: dict[str, Any], t
     data["network_ms"] = calibration[0]["network_ms"]
     data["calibration"] = calibration
     narrowest = sites.sites_ms({name: entry["fine_widths"][0] for name, entry in table_sites.items() if entry["prunable"]})
-    data["scale"], data["fixed_ms"] = calibration_line(*calibration, narrowest_sites_ms=narrowest)
+    data["knots"] = calibration_knots(calibration, narrowest_sites_ms=narrowest)
     return LatencyTable(data)
 
 

@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from compression.criteria import rank_filters, select_by_latency, select_by_rati
 from compression.errors import ConfigError
 from compression.latency import (
     LatencyTable,
-    calibration_line,
+    calibration_knots,
     device_fingerprint,
     fastest_prediction,
     load_or_measure,
@@ -73,18 +74,20 @@ def test_table_covers_every_conv_and_is_quick(lite, table):
     head = table.sites["head.classification_head.module_list.0"]
     assert not head["prunable"] and head["producer"] == "backbone.conv4_3"
     assert table.fingerprint == device_fingerprint("onnxruntime", 8, 1)
-    # The line predictions are read from passes through the two whole networks timed: the model and a copy
-    # with a quarter of every prunable layer's filters.
-    full, quarter = table.data["calibration"]
+    # Predictions are read from the lines between the whole networks timed: the model and copies with a
+    # quarter and an eighth of every prunable layer's filters.
+    full, quarter, eighth = table.data["calibration"]
     assert full["widths"] == model_widths(lite, "ssd_vgg_lite")
-    assert all(quarter["widths"][name] == max(1, round(width / 4)) for name, width in full["widths"].items())
-    for anchor in (full, quarter):
+    assert quarter["widths"] == model_widths(_pruned(lite, 0.75), "ssd_vgg_lite")
+    assert eighth["widths"] == model_widths(_pruned(lite, 0.875), "ssd_vgg_lite")
+    for anchor in (full, quarter, eighth):
         assert table.network_ms(anchor["widths"]) == pytest.approx(anchor["network_ms"])
 
 
 @pytest.mark.parametrize("ratio,layers", [
     (0.5, None),
     (0.75, None),
+    (0.82, None),  # between the quarter- and eighth-width anchors
     (0.6, ["backbone.conv1_1", "backbone.conv1_2", "backbone.conv2_2", "backbone.conv4_3", "backbone.fc7"]),
 ])
 def test_table_predicts_the_pruned_network_time(lite, table, ratio, layers):
@@ -206,29 +209,41 @@ def test_speedups_are_the_fastest_over_passes_of_fresh_sessions(lite):
     assert min(measured["pass_ratios"]) * 0.85 <= measured["ratio"] <= max(measured["pass_ratios"]) * 1.15
 
 
-def test_the_calibration_line_never_predicts_negative_time():
-    # Two clean networks: the line through them (what the sites miss is a positive constant).
-    scale, fixed = calibration_line({"network_ms": 80.0, "sites_ms": 82.0}, {"network_ms": 23.0, "sites_ms": 22.0})
-    assert scale == pytest.approx(57 / 60) and fixed == pytest.approx(80 - 82 * 57 / 60) and fixed > 0
-    # Sites timed alone that each pay more overhead than the network does (an AVX2-only CPU): the line lies below
-    # the origin and still goes through both networks, since the narrowest network the table can express
+def test_the_calibration_knots_never_predict_negative_time():
+    def on(knots, sites):
+        return LatencyTable({"sites": {}, "knots": knots}).predict_from_sites(sites)
+
+    # Three clean networks: a line through each neighbouring two, and the lowest one goes on below.
+    clean = [{"network_ms": 80.0, "sites_ms": 82.0}, {"network_ms": 23.0, "sites_ms": 22.0},
+             {"network_ms": 12.0, "sites_ms": 11.0}]
+    knots = calibration_knots(clean, narrowest_sites_ms=4.0)
+    assert knots == [[11.0, 12.0], [22.0, 23.0], [82.0, 80.0]]
+    assert [on(knots, p["sites_ms"]) for p in clean] == pytest.approx([p["network_ms"] for p in clean])
+    assert on(knots, 52.0) == pytest.approx(23 + 57 / 2) and on(knots, 16.5) == pytest.approx(17.5)
+    assert on(knots, 4.0) == pytest.approx(12 - 7) and on(knots, 90.0) == pytest.approx(80 + 8 * 57 / 60)
+    # Sites timed alone that each pay more overhead than the network does (an AVX2-only CPU): the lines lie
+    # below the origin and still go through every network, since the narrowest network the table can express
     # (12 ms of sites) is predicted at a positive time.
-    avx2 = {"network_ms": 86.91, "sites_ms": 105.65}, {"network_ms": 21.36, "sites_ms": 31.10}
+    avx2 = [{"network_ms": 86.91, "sites_ms": 105.65}, {"network_ms": 21.36, "sites_ms": 31.10},
+            {"network_ms": 11.02, "sites_ms": 18.40}]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        scale, fixed = calibration_line(*avx2, narrowest_sites_ms=12.0)
-    assert fixed < 0 and scale * 12.0 + fixed > 0
-    assert [scale * p["sites_ms"] + fixed for p in avx2] == pytest.approx([p["network_ms"] for p in avx2])
-    # Noise made the narrow network look too fast: the line through both would put a network of 3 ms of
-    # sites at -3.8 ms; it goes through the origin instead, with a warning.
-    noisy = {"network_ms": 10.0, "sites_ms": 8.0}, {"network_ms": 1.0, "sites_ms": 4.0}
-    with pytest.warns(UserWarning, match="no time or less"):
-        scale, fixed = calibration_line(*noisy, narrowest_sites_ms=3.0)
-    assert fixed == 0.0 and scale == pytest.approx((10 * 8 + 1 * 4) / (8**2 + 4**2))
-    # Sites that did not shrink (equal sums) give no slope at all: the same fallback, not a division by zero.
-    with pytest.warns(UserWarning):
-        scale, fixed = calibration_line({"network_ms": 10.0, "sites_ms": 8.0}, {"network_ms": 9.0, "sites_ms": 8.0})
-    assert scale > 0 and fixed == 0.0
+        knots = calibration_knots(avx2, narrowest_sites_ms=12.0)
+    assert len(knots) == 3 and 0 < on(knots, 12.0) < 11.02
+    # A narrowest network the lowest line would put at no time: the stretch below the narrowest anchor runs to
+    # the origin, and the anchors keep their times.
+    steep = [{"network_ms": 10.0, "sites_ms": 8.0}, {"network_ms": 1.0, "sites_ms": 4.0}]
+    knots = calibration_knots(steep, narrowest_sites_ms=3.0)
+    assert knots == [[0.0, 0.0], [4.0, 1.0], [8.0, 10.0]] and on(knots, 3.0) == pytest.approx(0.75)
+    # A wider network timed no slower than a narrower one (or sites that did not shrink): noise. One line
+    # through the origin, least squares over the networks, with a warning (not a division by zero).
+    for noisy in ([{"network_ms": 10.0, "sites_ms": 8.0}, {"network_ms": 9.0, "sites_ms": 8.0}],
+                  [{"network_ms": 10.0, "sites_ms": 8.0}, {"network_ms": 4.0, "sites_ms": 4.0},
+                   {"network_ms": 4.5, "sites_ms": 2.0}]):
+        with pytest.warns(UserWarning, match="noisy"):
+            knots = calibration_knots(noisy)
+        scale = sum(p["network_ms"] * p["sites_ms"] for p in noisy) / sum(p["sites_ms"] ** 2 for p in noisy)
+        assert knots[0] == [0.0, 0.0] and on(knots, 5.0) == pytest.approx(5 * scale)
 
 
 def test_several_threads_are_timed_by_the_wall_clock():
@@ -318,12 +333,12 @@ def test_a_network_without_a_layer_is_predicted_in_the_tables_of_the_base_withou
     without = remove_layers("ssd_vgg_lite", _pruned(small, 0.5), ["conv1_2", "conv2_2"])
     assert removed_from("ssd_vgg_lite", small, without) == ["conv1_2", "conv2_2"]
     assert removed_from("ssd_vgg_lite", small, _pruned(small, 0.5)) == []
-    assert with_layers_of(base, replace_model(base, small)) is base  # nothing removed: the base's own tables
-    reference = with_layers_of(base, replace_model(base, without))
+    assert with_layers_of(base, replace(base, model=small)) is base  # nothing removed: the base's own tables
+    reference = with_layers_of(base, replace(base, model=without))
     assert set(model_widths(reference.model, "ssd_vgg_lite")) == set(model_widths(without, "ssd_vgg_lite"))
     assert "backbone.conv1_2" in model_widths(small, "ssd_vgg_lite")  # the base itself is left whole
 
-    ratio = predicted_speedup(base, replace_model(base, without), cfg, tmp_path)
+    ratio = predicted_speedup(base, replace(base, model=without), cfg, tmp_path)
     # One file, two sets of tables (one per layout each): the base's, and the base's without the two convs.
     stored = json.loads((tmp_path / LATENCY_TABLE).read_text())
     tables = [LatencyTable(data) for group in stored["tables"].values() for data in group]
@@ -333,12 +348,6 @@ def test_a_network_without_a_layer_is_predicted_in_the_tables_of_the_base_withou
     assert all(t.covers("ssd_vgg_lite", (64, 64), model_widths(without, "ssd_vgg_lite")) for t in reduced.values())
     assert ratio == pytest.approx(fastest_prediction(whole, model_widths(small, "ssd_vgg_lite"))[1]
                                   / fastest_prediction(reduced, model_widths(without, "ssd_vgg_lite"))[1])
-
-
-def replace_model(ckpt, model):
-    import dataclasses
-
-    return dataclasses.replace(ckpt, model=model)
 
 
 def test_torch_runtime_is_the_gpus():
@@ -355,7 +364,7 @@ def test_select_by_latency_reaches_the_target_on_fast_widths(lite, table):
     from compression.errors import StageError
 
     # The selection's logic on the measured sites alone (the prediction tests above are about timing).
-    table = LatencyTable({**table.data, "fixed_ms": 0.0, "scale": 1.0})
+    table = LatencyTable({**table.data, "knots": [[0.0, 0.0], [1.0, 1.0]]})
     dg = build_dependency_graph(lite)
     layers = resolve_layers(lite, "ssd_vgg_lite", prunable_layers("ssd_vgg_lite"), dg=dg)
     scores = rank_filters("l1_norm", lite, dg, layers)

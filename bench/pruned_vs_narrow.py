@@ -4,14 +4,15 @@ model in the first place (Liu et al., ICLR 2019, "Rethinking the value of networ
     .venv/bin/python bench/pruned_vs_narrow.py --pruned CKPT [CKPT ...] --narrow CKPT [CKPT ...]
         [--result pruned_vs_narrow]
 
-The i-th ``--pruned`` checkpoint is set against the i-th ``--narrow`` one (pair i, the same seed): a model pruned
-from a wide base (``bench/latency_controls.py --keep``: ``latency_<seed>``), and a dense model of the narrow
-width trained for as many epochs (a base pretrained at that width as the wide one was, then
-``bench/latency_controls.py --methods dense``: ``dense_<seed>``). For each pair: both models' test VOC07
-mAP@0.5 and validation mAP as their stages stored them (every choice made on validation), their FLOPs and
-parameters, and how much faster the pruned model runs than the narrow one (> 1: the pruned one is faster)
-in ONNX Runtime at batch 32 on ``export.threads`` threads, the two timed in alternation on the same test
-images: the network alone and end to end (post-processing included, at each model's own score threshold).
+The i-th ``--pruned`` checkpoint is set against the i-th ``--narrow`` one (pair i, the same seed): a
+model pruned from a wide base (``bench/latency_controls.py --keep``: ``latency_<seed>``), and a dense
+model of the narrow width trained for as many epochs (a base pretrained at that width as the wide one
+was, then ``bench/latency_controls.py --methods dense``: ``dense_<seed>``), or the narrow model pruned
+too, to compare the two routes. For each pair: both models' test VOC07 mAP@0.5 and validation mAP as
+their stages stored them (every choice made on validation), their FLOPs and parameters, and how much
+faster the pruned model runs than the narrow one (> 1: the pruned one is faster) in ONNX Runtime at batch
+32 on ``export.threads`` threads, the two timed in alternation on the same test images: the network alone
+and end to end (post-processing included, at each model's own score threshold).
 Writes bench/results/<--result>.json; run bench/report.py afterwards.
 """
 
@@ -57,7 +58,7 @@ def summarise(rows: list[dict[str, Any]], threads: int) -> str:
     lines = markdown_rows(rows, COLUMNS)
     lines += ["", f"- layouts: pruned / narrow; speedups: the narrow model's time over the pruned one's (ONNX Runtime, "
                   f"batch 32, {threads} thread(s), timed in alternation)",
-              f"- pruned: test mAP {mean_sd([r['pruned_metric'] for r in rows])}; narrow dense: "
+              f"- pruned: test mAP {mean_sd([r['pruned_metric'] for r in rows])}; narrow: "
               f"{mean_sd([r['narrow_metric'] for r in rows])}; pruned minus narrow, same seed: "
               f"{mean_sd([r['gap_points'] for r in rows], digits=2)} points",
               f"- the pruned model runs {mean_sd([r['network_speedup'] for r in rows], digits=2)}x (network) and "
@@ -95,7 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pruned", type=Path, nargs="+", required=True, help="pruned wide checkpoints, one per seed")
     parser.add_argument("--narrow", type=Path, nargs="+", required=True,
-                        help="narrow dense checkpoints trained as long, in the same seed order")
+                        help="narrow checkpoints trained as long, in the same seed order")
     parser.add_argument("--result", default="pruned_vs_narrow")
     args = parser.parse_args()
 

@@ -21,7 +21,8 @@ ORDER = ["controls", "pretrain", "compress", "overhead", "quality", "speedup", "
          "compress_latency_3x_sensitivity", "latency_controls", "latency_controls_1_5x", "latency_controls_1_75x",
          "latency_controls_2x_long", "latency_vs_flops_1_5x", "speedup_models_1_75x", "latency_pareto", "latency_alternatives",
          "latency_alternatives_1_75x", "latency_controls_w025", "latency_controls_w025_3_5x", "latency_controls_w025_rm",
-         "speedup_models_w025", "speedup_w025", "speedup_w025_rm", "gpu",
+         "speedup_models_w025", "speedup_w025", "speedup_w025_rm", "latency_controls_w0125_dense",
+         "pruned_vs_narrow_w025_rm", "gpu",
          "budget", "budget_latency", "budget_latency_long", "budget_latency_2x_long"]
 TITLES = {
     "controls": "Controls: the seed method against a dense model trained as long, other criteria, scratch",
@@ -53,6 +54,10 @@ TITLES = {
     "speedup_w025": "Real CPU speedup of the wider model's pruned models",
     "speedup_w025_rm": "Real CPU speedup of the wider model without conv1_2, pruned to 3.2x (seed 0), against its "
                        "dense control",
+    "latency_controls_w0125_dense": "The narrow model trained as long: the preset's width 0.125, pretrained as the wider "
+                                    "base was, then dense controls over seeds",
+    "pruned_vs_narrow_w025_rm": "Pruning the wide model or training the narrow one: the wider model without conv1_2, "
+                                "pruned to 3.2x, against the narrow dense model trained as long, side by side",
     "latency_controls_2x_long": "The same at a 2x latency target with 24 retraining epochs instead of 12",
     "latency_alternatives_1_75x": "Layer removal on top of filter pruning: the speedup section's latency-targeted model "
                                   "without conv1_2 (and conv3_3), against itself trained as long, over seeds",
@@ -78,7 +83,9 @@ measure the current method (BatchNorm-aware stage 2, early stopping on validatio
 validation split), and so do the latency sections from `latency_controls` on and the speedup section (its
 models are those of `speedup_models_1_75x`). The `_w025` sections prune ssd_vgg_lite at width 0.25 (twice
 the preset's), pretrained with `bench/pretrain.py --set model.width_mult=0.25 --keep
-bench/checkpoints/base_w025.safetensors`.
+bench/checkpoints/base_w025.safetensors`; the narrow model they are set against in `pruned_vs_narrow_w025_rm`
+was pretrained the same way at the preset's width (`bench/pretrain.py --keep
+bench/checkpoints/base_w0125.safetensors`).
 The quality and budget sections were measured before those changes and are history: they have no dense
 control trained for the same epochs.
 """

@@ -22,7 +22,8 @@ ORDER = ["controls", "pretrain", "compress", "overhead", "quality", "speedup", "
          "latency_controls_2x_long", "latency_vs_flops_1_5x", "speedup_models_1_75x", "latency_pareto", "latency_alternatives",
          "latency_alternatives_1_75x", "latency_controls_w025", "latency_controls_w025_3_5x", "latency_controls_w025_rm",
          "speedup_models_w025", "speedup_w025", "speedup_w025_rm", "latency_controls_w0125_dense",
-         "pruned_vs_narrow_w025_rm", "gpu",
+         "pruned_vs_narrow_w025_rm", "latency_controls_w0125_1_75x", "narrow_pruned_vs_dense",
+         "wide_pruned_vs_narrow_pruned", "gpu",
          "budget", "budget_latency", "budget_latency_long", "budget_latency_2x_long"]
 TITLES = {
     "controls": "Controls: the seed method against a dense model trained as long, other criteria, scratch",
@@ -58,6 +59,12 @@ TITLES = {
                                     "base was, then dense controls over seeds",
     "pruned_vs_narrow_w025_rm": "Pruning the wide model or training the narrow one: the wider model without conv1_2, "
                                 "pruned to 3.2x, against the narrow dense model trained as long, side by side",
+    "latency_controls_w0125_1_75x": "The narrow model pruned instead: the same base, a 1.75x latency target, over "
+                                    "seeds",
+    "narrow_pruned_vs_dense": "The narrow model pruned to 1.75x against its dense controls trained as long, side by "
+                              "side",
+    "wide_pruned_vs_narrow_pruned": "The two routes side by side: the wide model without conv1_2 pruned to 3.2x "
+                                    "against the narrow model pruned to 1.75x",
     "latency_controls_2x_long": "The same at a 2x latency target with 24 retraining epochs instead of 12",
     "latency_alternatives_1_75x": "Layer removal on top of filter pruning: the speedup section's latency-targeted model "
                                   "without conv1_2 (and conv3_3), against itself trained as long, over seeds",

@@ -75,18 +75,19 @@ def check_pairs(pruned: list[Path], narrow: list[Path]) -> str | None:
 
     if len(pruned) != len(narrow):
         return f"--pruned names {len(pruned)} checkpoint(s) and --narrow {len(narrow)}: give one narrow per pruned"
+    metadata = {}
     for flag, paths in (("--pruned", pruned), ("--narrow", narrow)):
         for path in paths:
             if not path.is_file():
                 return f"{flag} {path}: no such checkpoint"
             try:
-                metrics = read_metadata(path).get("metrics") or {}
+                metadata[path] = read_metadata(path)
             except CheckpointError as exc:
                 return f"{flag}: {exc}"
-            if not {"flops", "params"} <= set(metrics):
+            if not {"flops", "params"} <= set(metadata[path].get("metrics") or {}):
                 return f"{flag} {path}: stores no FLOPs or parameter count (not a stage's checkpoint)"
     for ours, theirs in zip(pruned, narrow, strict=True):
-        sizes = [read_metadata(p)["model_args"].get("image_size") for p in (ours, theirs)]
+        sizes = [metadata[p]["model_args"].get("image_size") for p in (ours, theirs)]
         if sizes[0] != sizes[1]:
             return f"{ours} and {theirs}: input sizes {sizes[0]} and {sizes[1]} differ; they are timed on the same images"
     return None

@@ -175,8 +175,8 @@ def test_a_table_measured_on_a_busy_machine_still_predicts_the_pruned_time(lite,
     measured = measure_network_ms(pruned, batch_size=8, threads=1, warmup=3, runs=15)
     with pytest.raises(ValueError, match="at least one session"):
         measure_network_ms(pruned, batch_size=8, sessions=0)
-    # On failure, say how busy the machine was: the table's three timings of the whole network disagreeing
-    # (network_drift) means the load changed while it was measured.
+    # On failure, say how busy the machine was: the table's timings of one whole network disagreeing
+    # (network_drift) mean the load changed while it was measured.
     assert abs(predicted / measured - 1) <= PREDICTION_TOLERANCE, (predicted, measured, busy.data["network_drift"])
 
 
